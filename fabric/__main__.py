@@ -1,0 +1,5 @@
+"""``python -m fabric`` runs the CLI."""
+
+from fabric.cli import main
+
+main()

@@ -1,0 +1,107 @@
+"""Connecting to Redis, and the one place where redis-py's errors become fabric's.
+
+Every other module calls ``error_code`` instead of matching error strings, and lets ``translated`` turn
+redis-py exceptions into the ``fabric.errors`` tree with a message that names the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+
+from fabric.errors import (
+    AuthenticationFailed,
+    FabricError,
+    PermissionDenied,
+    RedisError,
+    RedisOutOfMemory,
+    RedisUnavailable,
+)
+
+__all__ = ["DEFAULT_URL", "connect", "error_code", "redact", "resolve_url", "translate", "translated"]
+
+DEFAULT_URL = "redis://localhost:6379/0"
+URL_ENV = "FABRIC_REDIS_URL"
+
+
+def resolve_url(url: str | None) -> str:
+    """The URL given, else ``$FABRIC_REDIS_URL``, else the default local address."""
+    return url or os.environ.get(URL_ENV) or DEFAULT_URL
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def connect(url: str | None = None, *, max_connections: int = 32) -> aioredis.Redis:
+    """An asyncio Redis client (hiredis parser, bytes replies) for a ``redis://`` or ``rediss://`` URL."""
+    url = resolve_url(url)
+    try:
+        return aioredis.Redis.from_url(
+            url,
+            decode_responses=False,
+            max_connections=max_connections,
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+            health_check_interval=30,
+        )
+    except ValueError as exc:
+        raise RedisError(f"bad Redis URL {redact(url)!r}: {exc}; expected redis://[:password@]host:port/db") from exc
+
+
+def error_code(exc: BaseException) -> str:
+    """The leading upper-case word of a Redis error reply (``BUSYGROUP``, ``NOGROUP``, ``OOM``...), or ''."""
+    text = str(exc)
+    # Errors raised inside a script arrive wrapped: "Error running script ...: @user_script:..: NOGROUP ..."
+    for word in text.replace(":", " ").split():
+        if word.isupper() and len(word) > 2 and word.isalpha():
+            return word
+    return ""
+
+
+def translate(exc: BaseException, url: str | None = None) -> FabricError:
+    """The fabric error for a redis-py exception (or the exception itself when it already is one)."""
+    if isinstance(exc, FabricError):
+        return exc
+    where = f" at {redact(resolve_url(url))}" if url is not None else ""
+    code = error_code(exc)
+    if isinstance(exc, rex.AuthenticationError) or code in {"WRONGPASS", "NOAUTH"}:
+        return AuthenticationFailed(
+            f"Redis{where} rejected the credentials ({exc}): put the right password in the URL "
+            "(redis://:PASSWORD@host:port or redis://USER:PASSWORD@host:port)"
+        )
+    if isinstance(exc, rex.NoPermissionError) or code == "NOPERM":
+        return PermissionDenied(
+            f"the Redis user may not do this{where} ({exc}): grant it the stream, script and key "
+            "permissions listed in README (ACL SETUSER ... ~ns:* +@stream +@scripting ...)"
+        )
+    if isinstance(exc, rex.OutOfMemoryError) or code == "OOM":
+        return RedisOutOfMemory(
+            f"Redis{where} is out of memory and refuses writes: raise maxmemory, trim retention, "
+            "or add consumers to drain the backlog"
+        )
+    if isinstance(exc, (rex.ConnectionError, rex.TimeoutError, OSError)):
+        return RedisUnavailable(
+            f"cannot reach Redis{where} ({exc}): is redis-server running? "
+            "Pass --redis-url or set FABRIC_REDIS_URL"
+        )
+    return RedisError(f"Redis{where} answered with an error: {exc}")
+
+
+@contextmanager
+def translated(url: str | None = None) -> Iterator[None]:
+    """Re-raise redis-py exceptions inside the block as fabric errors, chained with ``from``."""
+    try:
+        yield
+    except (rex.RedisError, OSError) as exc:
+        raise translate(exc, url) from exc

@@ -1,0 +1,96 @@
+"""The wire format: how an event becomes the fields of a stream entry, and back.
+
+An entry has exactly four fields, all plain strings or bytes (README, "Wire format"):
+
+``type``  the event type's tag, e.g. ``Tick``
+``v``     the format version of this layout, ``1``
+``enc``   ``msgpack`` (default) or ``json``
+``data``  the event encoded with ``enc``: a map of field name → value that also holds ``type``
+
+Encoders and decoders are built once per type and reused (msgspec's own advice).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from fabric.errors import DecodeError, EventTooLarge, UnknownEventType
+from fabric.events import Event, event_type
+
+__all__ = ["FORMAT_VERSION", "Codec", "Encoded", "decode_fields"]
+
+FORMAT_VERSION = 1
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
+
+Codec = Literal["msgpack", "json"]
+
+
+class Encoded(msgspec.Struct, frozen=True, array_like=True):
+    """An event ready for XADD: its tag, codec and payload."""
+
+    type: str
+    enc: str
+    data: bytes
+
+
+_encoders = {"msgpack": msgspec.msgpack.Encoder(), "json": msgspec.json.Encoder()}
+_decoders: dict[tuple[str, bytes], msgspec.msgpack.Decoder[Event] | msgspec.json.Decoder[Event]] = {}
+
+
+def encode(event: Event, enc: Codec = "msgpack", max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Encoded:
+    """Encode an event for a stream entry; raise ``EventTooLarge`` past ``max_payload_bytes``."""
+    data = _encoders[enc].encode(event)
+    if len(data) > max_payload_bytes:
+        raise EventTooLarge(
+            f"{type(event).__name__} {event.event_id} encodes to {len(data)} bytes, over the "
+            f"{max_payload_bytes}-byte limit: split it, or raise max_payload_bytes in the publisher config"
+        )
+    return Encoded(str(type(event).__struct_config__.tag), enc, data)
+
+
+def _decoder(
+    name: str, enc: bytes
+) -> msgspec.msgpack.Decoder[Event] | msgspec.json.Decoder[Event]:
+    key = (name, enc)
+    dec = _decoders.get(key)
+    if dec is None:
+        cls = event_type(name)
+        if cls is None:
+            raise UnknownEventType(
+                f"unknown event type {name!r}: import the module that defines it in this worker "
+                "(fabric worker --import MODULE)"
+            )
+        if enc == b"msgpack":
+            dec = msgspec.msgpack.Decoder(cls)
+        elif enc == b"json":
+            dec = msgspec.json.Decoder(cls)
+        else:
+            raise DecodeError(f"unknown encoding {enc!r}: fabric writes 'msgpack' or 'json'")
+        _decoders[key] = dec
+    return dec
+
+
+def decode_fields(fields: dict[bytes, bytes]) -> Event:
+    """Decode and validate an entry's fields; raise ``DecodeError`` (with the raw fields) if they are bad."""
+    try:
+        version = fields[b"v"]
+        name = fields[b"type"]
+        enc = fields[b"enc"]
+        data = fields[b"data"]
+    except KeyError as exc:
+        raise DecodeError(f"entry lacks the {exc.args[0].decode()!r} field: not written by fabric", fields) from None
+    if version != b"1":
+        raise DecodeError(
+            f"format version {version.decode(errors='replace')!r} is not {FORMAT_VERSION}: "
+            "the writer is newer than this reader; upgrade fabric on this worker",
+            fields,
+        )
+    try:
+        return _decoder(name.decode(errors="replace"), enc).decode(data)
+    except DecodeError as exc:
+        exc.fields = fields
+        raise
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"{name.decode(errors='replace')}: {exc}", fields) from None

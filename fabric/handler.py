@@ -1,0 +1,105 @@
+"""The handler contract: a plain ``async def handle(event[, ctx])`` returning None, an event or a list.
+
+Everything else (timeouts, later retry policy, breakers, metrics, log context) wraps a handler as middleware:
+a function from ``HandlerFn`` to ``HandlerFn``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from fabric.errors import HandlerLoadError
+from fabric.events import Event
+
+__all__ = ["Context", "HandlerFn", "Middleware", "as_handler", "load_handler", "timeout", "wrap"]
+
+
+class Context(msgspec.Struct, frozen=True, kw_only=True):
+    """Delivery facts a handler may ask for with a second parameter."""
+
+    stream: str
+    topic: str
+    priority: str
+    symbol: str | None
+    entry_id: str
+    delivery_count: int
+    group: str
+    consumer: str
+
+
+HandlerFn = Callable[[Event, Context], Awaitable[list[Event]]]
+Middleware = Callable[[HandlerFn], HandlerFn]
+
+
+def _outputs(result: Any, name: str) -> list[Event]:
+    if result is None:
+        return []
+    if isinstance(result, Event):
+        return [result]
+    if isinstance(result, (list, tuple)) and all(isinstance(e, Event) for e in result):
+        return list(result)
+    raise TypeError(f"handler {name} returned {type(result).__name__}: return None, an Event or a list of Events")
+
+
+def as_handler(fn: Callable[..., Any], name: str | None = None) -> HandlerFn:
+    """Adapt ``async def f(event)`` or ``async def f(event, ctx)`` to the uniform ``HandlerFn``."""
+    name = name or getattr(fn, "__qualname__", repr(fn))
+    if not inspect.iscoroutinefunction(fn):
+        raise HandlerLoadError(f"handler {name} is not an async function: declare it with 'async def'")
+    params = [
+        p for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(params) not in (1, 2):
+        raise HandlerLoadError(f"handler {name} takes {len(params)} arguments: expected (event) or (event, ctx)")
+
+    if len(params) == 1:
+        async def handle(event: Event, ctx: Context) -> list[Event]:
+            return _outputs(await fn(event), name)
+    else:
+        async def handle(event: Event, ctx: Context) -> list[Event]:
+            return _outputs(await fn(event, ctx), name)
+
+    handle.__qualname__ = name
+    return handle
+
+
+def load_handler(ref: str) -> tuple[str, HandlerFn]:
+    """Import ``MODULE:FUNCTION`` and adapt it; return (ref, handler)."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise HandlerLoadError(f"handler {ref!r} is not MODULE:FUNCTION (for example handlers.bars:on_tick)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HandlerLoadError(f"cannot import {module_name!r} for handler {ref!r}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise HandlerLoadError(f"module {module_name!r} has no {attr!r}: check the handler name {ref!r}")
+    return ref, as_handler(fn, ref)
+
+
+def timeout(seconds: float) -> Middleware:
+    """Fail a handler call that runs longer than ``seconds`` (it then counts as a failed delivery)."""
+
+    def middleware(inner: HandlerFn) -> HandlerFn:
+        async def handle(event: Event, ctx: Context) -> list[Event]:
+            async with asyncio.timeout(seconds):
+                return await inner(event, ctx)
+
+        return handle
+
+    return middleware
+
+
+def wrap(handler: HandlerFn, middleware: Sequence[Middleware]) -> HandlerFn:
+    """Apply middleware, the first in the list outermost."""
+    for m in reversed(middleware):
+        handler = m(handler)
+    return handler

@@ -1,0 +1,154 @@
+"""Every Redis key fabric uses, built here and nowhere else.
+
+``ns`` is the namespace (``fabric`` by default; tests use a fresh one each). ``TAG`` is the hash tag that
+decides the Redis Cluster slot: ``{SYMBOL}`` for events with a symbol, ``{~TOPIC}`` for those without. Every
+key that one script or one call touches together shares a TAG, so the same code runs on a single Redis and on
+a cluster: one symbol's streams of every topic and priority, their failure records, their dead letters and the
+dedup marks of their events all live in one slot; different symbols spread over the cluster.
+
+=================================  ===========  ==========================  ===================================
+key                                type         written by                  read by
+=================================  ===========  ==========================  ===================================
+``ns:s:TOPIC:PRIORITY:TAG``        stream       publisher (publish.lua),    worker (XREADGROUP, XAUTOCLAIM),
+                                                worker outputs (commit.lua) retention (trim.lua), CLI
+``ns:d:TAG:EVENT_ID``              string, TTL  publish.lua / commit.lua    the same scripts (idempotent publish)
+``ns:f:TOPIC:PRIORITY:TAG``        hash         worker on failure           worker when dead-lettering;
+                                                (fail.lua)                  field ``GROUP/ENTRY_ID``
+``ns:dlq:TAG``                     stream       deadletter.lua              deadletter module, CLI
+``ns:topic:TOPIC``                 set          publisher, first time it    worker discovery, CLI
+                                                writes a stream
+``ns:dlqs``                        set          worker, before its first    deadletter module, CLI
+                                                dead letter to a dlq key
+``ns:counters``                    hash         worker, retention           CLI, metrics
+=================================  ===========  ==========================  ===================================
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import NamedTuple
+
+__all__ = ["Keys", "Priority", "StreamRef", "check_name", "check_symbol"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+_SYMBOL = re.compile(r"^[A-Za-z0-9_.\-/]{1,64}$")
+_STREAM = re.compile(r"^(?P<ns>.+):s:(?P<topic>[^:]+):(?P<priority>[a-z]+):\{(?P<tag>[^}]+)\}$")
+
+
+class Priority(enum.IntEnum):
+    """Delivery priority; a higher value is served first (see ``lanes.py`` for the rule)."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    CRITICAL = 3
+
+    @classmethod
+    def parse(cls, value: str | int | Priority) -> Priority:
+        """Accept ``"high"``, ``"HIGH"``, ``2`` or a ``Priority``."""
+        if isinstance(value, Priority):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[value.strip().upper()]
+        except KeyError:
+            names = ", ".join(p.name.lower() for p in cls)
+            raise ValueError(f"unknown priority {value!r}: use one of {names}") from None
+
+    @property
+    def label(self) -> str:
+        """The lower-case name used in keys and output."""
+        return self.name.lower()
+
+
+class StreamRef(NamedTuple):
+    """What a stream key stands for."""
+
+    key: str
+    topic: str
+    priority: Priority
+    symbol: str | None
+
+
+def check_name(kind: str, value: str) -> str:
+    """Validate a topic, group or consumer name; return it."""
+    if not _NAME.match(value):
+        raise ValueError(f"invalid {kind} {value!r}: use 1-100 characters of letters, digits, '_', '.', '-'")
+    return value
+
+
+def check_symbol(value: str) -> str:
+    """Validate a symbol (letters, digits, ``_ . - /``); return it."""
+    if not _SYMBOL.match(value):
+        raise ValueError(f"invalid symbol {value!r}: use 1-64 characters of letters, digits, '_', '.', '-', '/'")
+    return value
+
+
+class Keys:
+    """Builds and parses the key names of one namespace."""
+
+    def __init__(self, ns: str = "fabric") -> None:
+        self.ns = check_name("namespace", ns)
+        self._streams: dict[tuple[str, Priority, str | None], str] = {}
+
+    @staticmethod
+    def tag(topic: str, symbol: str | None) -> str:
+        """The hash tag (with braces) that places a stream and its companions in one cluster slot."""
+        return "{" + symbol + "}" if symbol else "{~" + topic + "}"
+
+    def stream(self, topic: str, priority: Priority, symbol: str | None) -> str:
+        """The stream of one topic, priority and symbol (cached: this is on the publish hot path)."""
+        k = (topic, priority, symbol)
+        key = self._streams.get(k)
+        if key is None:
+            check_name("topic", topic)
+            if symbol is not None:
+                check_symbol(symbol)
+            key = f"{self.ns}:s:{topic}:{priority.label}:{self.tag(topic, symbol)}"
+            self._streams[k] = key
+        return key
+
+    def parse_stream(self, key: str | bytes) -> StreamRef:
+        """Recover topic, priority and symbol from a stream key."""
+        text = key.decode() if isinstance(key, bytes) else key
+        m = _STREAM.match(text)
+        if not m or m["ns"] != self.ns:
+            raise ValueError(f"{text!r} is not a fabric stream key of namespace {self.ns!r}")
+        tag = m["tag"]
+        symbol = None if tag.startswith("~") else tag
+        return StreamRef(text, m["topic"], Priority[m["priority"].upper()], symbol)
+
+    @staticmethod
+    def tag_of(stream_key: str) -> str:
+        """The hash tag (with braces) of a stream key."""
+        return stream_key[stream_key.rindex("{") :]
+
+    def dedup(self, stream_key: str, event_id: str) -> str:
+        """The idempotency mark of one event, in its stream's slot."""
+        return f"{self.ns}:d:{self.tag_of(stream_key)}:{event_id}"
+
+    def failures(self, stream_key: str) -> str:
+        """The hash of failure records for a stream's entries (field ``GROUP/ENTRY_ID``)."""
+        return f"{self.ns}:f:" + stream_key[len(self.ns) + 3 :]
+
+    def dlq(self, stream_key: str) -> str:
+        """The dead-letter stream for entries of a stream (shared by the stream's slot)."""
+        return f"{self.ns}:dlq:{self.tag_of(stream_key)}"
+
+    def topic_registry(self, topic: str) -> str:
+        """The set of stream keys that exist for a topic."""
+        return f"{self.ns}:topic:{topic}"
+
+    def topic_pattern(self) -> str:
+        """SCAN pattern matching every topic registry."""
+        return f"{self.ns}:topic:*"
+
+    def dlq_registry(self) -> str:
+        """The set of dead-letter stream keys."""
+        return f"{self.ns}:dlqs"
+
+    def counters(self) -> str:
+        """The hash of operational counters (trimmed-while-pending, dropped by hard cap)."""
+        return f"{self.ns}:counters"

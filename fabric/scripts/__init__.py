@@ -1,0 +1,44 @@
+"""Lua scripts, one operation each, loaded from the ``.lua`` files beside this module.
+
+Each script's header names its KEYS and ARGV. ``Script`` runs one by SHA and loads it on NOSCRIPT (after a
+Redis restart or SCRIPT FLUSH); a script either ran whole or not at all, so the retry is safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+__all__ = ["CLAIM", "COMMIT", "DEADLETTER", "FAIL", "PUBLISH", "RECLAIM", "REPLAY", "TOUCH", "TRIM", "Script"]
+
+
+class Script:
+    """One Lua script, run with EVALSHA."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = resources.files(__package__).joinpath(f"{name}.lua").read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def __call__(self, client: Redis, keys: list[str], args: list[Any]) -> Any:
+        """Run the script; load it first if the server does not know it."""
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+
+
+PUBLISH = Script("publish")
+COMMIT = Script("commit")
+FAIL = Script("fail")
+DEADLETTER = Script("deadletter")
+TOUCH = Script("touch")
+RECLAIM = Script("reclaim")
+TRIM = Script("trim")
+CLAIM = Script("claim")
+REPLAY = Script("replay")

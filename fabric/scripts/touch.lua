@@ -1,0 +1,25 @@
+-- touch.lua: keep entries this consumer holds fresh (idle time reset), or release them to others.
+-- KEYS[i]   a stream
+-- ARGV[1]   group   ARGV[2] consumer   ARGV[3] idle ms to set (0: a heartbeat; large: release now)
+-- ARGV[4..] per stream i in order: the number of ids n, then n entry ids
+-- Only entries still pending for this consumer are touched; the others are returned as lost, per stream.
+local group, consumer, idle = ARGV[1], ARGV[2], ARGV[3]
+local lost = {}
+local a = 4
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[a])
+  local mine, gone = {}, {}
+  for j = a + 1, a + n do
+    if #redis.call('XPENDING', KEYS[i], group, ARGV[j], ARGV[j], 1, consumer) > 0 then
+      mine[#mine + 1] = ARGV[j]
+    else
+      gone[#gone + 1] = ARGV[j]
+    end
+  end
+  if #mine > 0 then
+    redis.call('XCLAIM', KEYS[i], group, consumer, 0, 'IDLE', idle, 'JUSTID', unpack(mine))
+  end
+  lost[i] = gone
+  a = a + n + 1
+end
+return lost
