@@ -146,8 +146,8 @@ class Worker:
             await self.client.ping()
         await self.discover()
         self._joined.set()
+        reader = asyncio.create_task(self._read_loop())
         loops = [
-            self._read_loop(),
             self._every(self.config.reclaim_interval_ms, self.reclaim),
             self._every(self.config.discover_interval_ms, self.discover),
             self._retry_loop(),
@@ -158,12 +158,12 @@ class Worker:
         heartbeat = asyncio.create_task(self._every(self.config.heartbeat_ms, self.heartbeat))
         committer = asyncio.create_task(self._commit_loop())
         dispatchers = [asyncio.create_task(self._dispatch_loop()) for _ in range(self.config.concurrency)]
-        watched = [*background, heartbeat, committer, *dispatchers]
+        watched = [reader, *background, heartbeat, committer, *dispatchers]
         stopper = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait([stopper, *watched], return_when=asyncio.FIRST_COMPLETED)
         crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
         try:
-            await self._drain(background, dispatchers, committer)
+            await self._drain(reader, background, dispatchers, committer)
         finally:
             for t in (heartbeat, stopper):
                 t.cancel()
@@ -172,12 +172,17 @@ class Worker:
             raise crashed[0].exception()  # type: ignore[misc]
 
     async def _drain(
-        self, background: list[asyncio.Task[None]], dispatchers: list[asyncio.Task[None]],
-        committer: asyncio.Task[None],
+        self, reader: asyncio.Task[None], background: list[asyncio.Task[None]],
+        dispatchers: list[asyncio.Task[None]], committer: asyncio.Task[None],
     ) -> None:
+        # The reader ends after its current read returns, so entries Redis handed over are seen (and
+        # released below) rather than left pending until a reclaim; it is cancelled only if it hangs.
+        self._stop.set()
+        await asyncio.wait([reader], timeout=self.config.block_ms / 1000 + 1)
+        reader.cancel()
         for t in background:
             t.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await asyncio.gather(reader, *background, return_exceptions=True)
         unstarted = self._lanes.close() + self._retries.clear()
         _, late = await asyncio.wait(dispatchers, timeout=self.config.grace_s) if dispatchers else (set(), set())
         for t in late:
@@ -231,7 +236,7 @@ class Worker:
 
     async def _read_loop(self) -> None:
         delay = ERROR_BACKOFF_S[0]
-        while True:
+        while not self._stop.is_set():
             lanes = self._lanes
             streams = {s: b">" for s, ref in self._streams.items() if lanes.room(ref.priority) > 0}
             if not streams:
