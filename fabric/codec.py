@@ -35,7 +35,10 @@ class Encoded(msgspec.Struct, frozen=True, array_like=True):
     data: bytes
 
 
-_encoders = {"msgpack": msgspec.msgpack.Encoder(), "json": msgspec.json.Encoder()}
+_encoders: dict[str, msgspec.msgpack.Encoder | msgspec.json.Encoder] = {
+    "msgpack": msgspec.msgpack.Encoder(),
+    "json": msgspec.json.Encoder(),
+}
 _decoders: dict[tuple[str, bytes], msgspec.msgpack.Decoder[Event] | msgspec.json.Decoder[Event]] = {}
 
 

@@ -41,7 +41,7 @@ class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         raise ConfigError(f"{type(self).__name__}.{field}: {reason}")
 
 
-class Retention(_Config):
+class Retention(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How much of a topic's streams to keep; 0 means no limit of that kind.
 
     ``max_len`` and ``max_age_ms`` never remove entries some group has not acknowledged. ``hard_max_len``
@@ -58,7 +58,7 @@ class Retention(_Config):
             self._fail("hard_max_len", f"{self.hard_max_len} is below max_len {self.max_len}: raise it")
 
 
-class PublisherConfig(_Config):
+class PublisherConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How a publisher batches, bounds and deduplicates."""
 
     max_batch: int = DEFAULT_MAX_BATCH
@@ -85,7 +85,7 @@ class PublisherConfig(_Config):
             self._fail("retries", "resending without dedup could duplicate events: set retries = 0 or a window")
 
 
-class WorkerConfig(_Config):
+class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One consumer group's worker: what it reads, how hard it works, how it fails."""
 
     group: str
@@ -143,7 +143,7 @@ class WorkerConfig(_Config):
             self._fail("reclaim_idle_ms", "too small to refresh held entries in time: use at least 30")
 
 
-class FabricConfig(_Config):
+class FabricConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A whole ``config/*.toml`` file."""
 
     redis_url: str | None = None

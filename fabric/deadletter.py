@@ -6,9 +6,10 @@ acknowledging it is one atomic script (``deadletter.lua``), and so is replaying 
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from typing import Any
 
 import msgspec
+from redis.asyncio import Redis
 
 from fabric import scripts
 from fabric.keys import Keys
@@ -84,9 +85,11 @@ async def move(
 async def list_dead_letters(client: Redis, keys: Keys, *, count: int = 100) -> list[DeadLetter]:
     """Up to ``count`` dead letters of every dead-letter stream, oldest first within each."""
     out: list[DeadLetter] = []
-    for dlq in sorted(await client.smembers(keys.dlq_registry())):
+    registry: Any = await client.smembers(keys.dlq_registry())
+    for dlq in sorted(registry):
         name = dlq.decode()
-        for entry_id, raw in await client.xrange(name, count=count - len(out)):
+        entries: Any = await client.xrange(name, count=count - len(out))
+        for entry_id, raw in entries:
             out.append(DeadLetter.parse(name, entry_id, raw))
         if len(out) >= count:
             break

@@ -224,7 +224,7 @@ class Position(msgspec.Struct, frozen=True, kw_only=True):
     market_price: float = 0.0
 
 
-class Tick(Event):
+class Tick(Event, frozen=True, kw_only=True):
     """Top of book: best bid and ask with their sizes."""
 
     symbol: str
@@ -235,7 +235,7 @@ class Tick(Event):
     exchange: str = ""
 
 
-class Bar(Event):
+class Bar(Event, frozen=True, kw_only=True):
     """OHLCV over one interval (``timeframe`` like ``1s``, ``1m``) starting at ``start_ns``."""
 
     symbol: str
@@ -249,7 +249,7 @@ class Bar(Event):
     trades: int = 0
 
 
-class OrderBook(Event):
+class OrderBook(Event, frozen=True, kw_only=True):
     """A snapshot of book levels, best first on each side."""
 
     symbol: str
@@ -257,7 +257,7 @@ class OrderBook(Event):
     asks: list[BookLevel] = []
 
 
-class Trade(Event):
+class Trade(Event, frozen=True, kw_only=True):
     """A print on the tape."""
 
     symbol: str
@@ -267,7 +267,7 @@ class Trade(Event):
     trade_id: str = ""
 
 
-class Liquidation(Event):
+class Liquidation(Event, frozen=True, kw_only=True):
     """A forced close of a position on the venue."""
 
     symbol: str
@@ -276,7 +276,7 @@ class Liquidation(Event):
     quantity: Positive
 
 
-class Indicator(Event):
+class Indicator(Event, frozen=True, kw_only=True):
     """One named indicator value (``rsi_14``, ``sma_20``) on a timeframe."""
 
     symbol: str
@@ -285,7 +285,7 @@ class Indicator(Event):
     timeframe: str = ""
 
 
-class Features(Event):
+class Features(Event, frozen=True, kw_only=True):
     """A feature vector for a model: name → value."""
 
     symbol: str
@@ -293,7 +293,7 @@ class Features(Event):
     timeframe: str = ""
 
 
-class Prediction(Event):
+class Prediction(Event, frozen=True, kw_only=True):
     """A model's view of where the price goes over ``horizon_s``."""
 
     symbol: str
@@ -305,7 +305,7 @@ class Prediction(Event):
     stop: float | None = None
 
 
-class Signal(Event):
+class Signal(Event, frozen=True, kw_only=True):
     """A strategy's recommendation with its strength in [0, 1]."""
 
     symbol: str
@@ -316,7 +316,7 @@ class Signal(Event):
     stop: float | None = None
 
 
-class Order(Event):
+class Order(Event, frozen=True, kw_only=True):
     """An instruction to trade; ``price`` for LIMIT, ``stop_price`` for STOP."""
 
     default_priority: ClassVar[Priority] = Priority.HIGH
@@ -331,7 +331,7 @@ class Order(Event):
     strategy: str = ""
 
 
-class Fill(Event):
+class Fill(Event, frozen=True, kw_only=True):
     """An execution of (part of) an order."""
 
     default_priority: ClassVar[Priority] = Priority.HIGH
@@ -345,7 +345,7 @@ class Fill(Event):
     fill_id: str = ""
 
 
-class PortfolioUpdate(Event):
+class PortfolioUpdate(Event, frozen=True, kw_only=True):
     """The portfolio after a change: cash, positions and PnL."""
 
     cash: float
@@ -355,7 +355,7 @@ class PortfolioUpdate(Event):
     unrealized_pnl: float = 0.0
 
 
-class Alert(Event):
+class Alert(Event, frozen=True, kw_only=True):
     """Something an operator should look at."""
 
     default_priority: ClassVar[Priority] = Priority.HIGH
@@ -365,7 +365,7 @@ class Alert(Event):
     source: str = ""
 
 
-class ComponentStatus(Event):
+class ComponentStatus(Event, frozen=True, kw_only=True):
     """A component's lifecycle state (``starting``, ``running``, ``draining``, ``stopped``, ``failed``)."""
 
     component: str
@@ -373,7 +373,7 @@ class ComponentStatus(Event):
     detail: str = ""
 
 
-class BreakerStateChanged(Event):
+class BreakerStateChanged(Event, frozen=True, kw_only=True):
     """A circuit breaker moved between CLOSED, OPEN and HALF_OPEN."""
 
     default_priority: ClassVar[Priority] = Priority.CRITICAL

@@ -49,7 +49,11 @@ def _outputs(result: Any, name: str) -> list[Event]:
 
 def as_handler(fn: Callable[..., Any], name: str | None = None) -> HandlerFn:
     """Adapt ``async def f(event)`` or ``async def f(event, ctx)`` to the uniform ``HandlerFn``."""
-    name = name or getattr(fn, "__qualname__", repr(fn))
+    label: str = name or str(getattr(fn, "__qualname__", repr(fn)))
+    return _adapt(fn, label)
+
+
+def _adapt(fn: Callable[..., Any], name: str) -> HandlerFn:
     if not inspect.iscoroutinefunction(fn):
         raise HandlerLoadError(f"handler {name} is not an async function: declare it with 'async def'")
     params = [

@@ -8,6 +8,7 @@ past it. Only ``hard_max_len`` may drop such entries, and every one it drops is 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -44,7 +45,8 @@ async def trim_stream(client: Redis, keys: Keys, stream: str, retention: Retenti
 async def trim_topic(client: Redis, keys: Keys, topic: str, retention: Retention) -> TrimResult:
     """Apply ``retention`` to every stream of a topic."""
     removed = dropped = 0
-    for stream in sorted(await client.smembers(keys.topic_registry(topic))):
+    members: Any = await client.smembers(keys.topic_registry(topic))
+    for stream in sorted(members):
         r, d = await trim_stream(client, keys, stream.decode(), retention)
         removed, dropped = removed + r, dropped + d
     return removed, dropped

@@ -5,6 +5,7 @@ retries are never taken over; a dead worker's are reclaimed by the others)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import random
@@ -18,7 +19,7 @@ T = TypeVar("T")
 def backoff_ms(deliveries: int, base_ms: int, max_ms: int) -> float:
     """Delay before delivery ``deliveries + 1``: ``base * 2^(deliveries-1)`` capped at ``max``, then a uniform
     draw from its upper half (equal jitter: it still grows, and retries of many entries spread out)."""
-    ceiling = min(max_ms, base_ms * 2 ** max(0, deliveries - 1))
+    ceiling = float(min(max_ms, base_ms * 2 ** max(0, deliveries - 1)))
     return ceiling / 2 + random.random() * ceiling / 2
 
 
@@ -55,10 +56,8 @@ class RetryTimer(Generic[T]):
                     ready.append(heapq.heappop(self._heap)[2])
                 return ready
             wait = self._heap[0][0] - now if self._heap else None
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), wait)
-            except TimeoutError:
-                pass
 
     def clear(self) -> list[T]:
         """Drop and return every parked item."""

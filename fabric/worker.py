@@ -25,6 +25,7 @@ import os
 import socket
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -189,7 +190,8 @@ class Worker:
             t.cancel()
         await asyncio.gather(*dispatchers, return_exceptions=True)
         if late:
-            log.warning("%d handlers still running after %.1fs grace: left pending", len(late), self.config.grace_s)
+            log.warning("%d handlers still running after %.1fs grace: left pending",
+                        len(late), self.config.grace_s)
         await self._commits.put(None)
         await committer
         with contextlib.suppress(FabricError, rex.RedisError, OSError):
@@ -248,7 +250,7 @@ class Worker:
             count = max(8, min(lanes.room(ref.priority) for ref in map(self._streams.__getitem__, streams))
                         // len(streams))
             try:
-                reply = await self.client.xreadgroup(
+                reply: Any = await self.client.xreadgroup(
                     self.group, self.consumer, streams, count=count, block=self.config.block_ms  # type: ignore[arg-type]
                 )
                 delay = ERROR_BACKOFF_S[0]
@@ -288,7 +290,8 @@ class Worker:
         ref = d.stream
         ctx = Context(
             stream=ref.key, topic=ref.topic, priority=ref.priority.label, symbol=ref.symbol,
-            entry_id=d.entry_id.decode(), delivery_count=d.deliveries, group=self.group, consumer=self.consumer,
+            entry_id=d.entry_id.decode(), delivery_count=d.deliveries, group=self.group,
+            consumer=self.consumer,
         )
         try:
             outputs = self._outputs(event, await self._handler(event, ctx))
@@ -332,8 +335,9 @@ class Worker:
             self._held[ref.key].discard(d.entry_id)
             return
         cfg = self.config
-        delay = after_s if after_s is not None else backoff_ms(d.deliveries, cfg.backoff_base_ms, cfg.backoff_max_ms) / 1000
-        self._retries.park(d, delay)
+        if after_s is None:
+            after_s = backoff_ms(d.deliveries, cfg.backoff_base_ms, cfg.backoff_max_ms) / 1000
+        self._retries.park(d, after_s)
 
     async def _dead_letter(self, d: Delivery, error_type: str, message: str) -> None:
         moved = await self._retrying(lambda: deadletter.move(
@@ -472,8 +476,8 @@ class Worker:
             for d in due:
                 by_stream[d.stream.key].append(d)
             for stream, ds in by_stream.items():
-                claimed = await self._retrying(lambda s=stream, ds=ds: scripts.CLAIM(
-                    self.client, [s], [self.group, self.consumer, *(d.entry_id for d in ds)]))
+                args = [self.group, self.consumer, *(d.entry_id for d in ds)]
+                claimed = await self._retrying(partial(scripts.CLAIM, self.client, [stream], args))
                 got = {entry_id: int(count) for entry_id, _, count in claimed}
                 for d in ds:
                     if d.entry_id in got:

@@ -27,10 +27,10 @@ class Script:
     async def __call__(self, client: Redis, keys: list[str], args: list[Any]) -> Any:
         """Run the script; load it first if the server does not know it."""
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 PUBLISH = Script("publish")
