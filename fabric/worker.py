@@ -193,7 +193,11 @@ class Worker:
             log.warning("%d handlers still running after %.1fs grace: left pending",
                         len(late), self.config.grace_s)
         await self._commits.put(None)
-        await committer
+        _, stuck = await asyncio.wait([committer], timeout=self.config.grace_s)
+        if stuck:  # Redis unreachable: what was not committed stays pending and will be redelivered
+            log.warning("commits did not complete within %.1fs grace: their entries stay pending", self.config.grace_s)
+            committer.cancel()
+            await asyncio.gather(committer, return_exceptions=True)
         with contextlib.suppress(FabricError, rex.RedisError, OSError):
             await self._touch(self._held, RELEASE_IDLE_MS)
         log.info("drained: %d unstarted entries and %d unfinished returned to the group",
