@@ -83,7 +83,7 @@ def translate(exc: BaseException, url: str | None = None) -> FabricError:
     if isinstance(exc, rex.NoPermissionError) or code == "NOPERM":
         return PermissionDenied(
             f"the Redis user may not do this{where} ({exc}): grant it the stream, script and key "
-            "permissions listed in README (ACL SETUSER ... ~ns:* +@stream +@scripting ...)"
+            "permissions README lists under 'Redis permissions'"
         )
     if isinstance(exc, rex.OutOfMemoryError) or code == "OOM":
         return RedisOutOfMemory(

@@ -170,7 +170,7 @@ class Publisher:
             ids = await self._write(items)
         except Exception as exc:  # every failure reaches every caller whose events were in the batch
             err = exc if isinstance(exc, FabricError) else translate(exc)
-            log.warning("publish of %d events failed: %s", len(items), err)
+            log.debug("publish of %d events failed: %s", len(items), err)  # the callers get the error
             for req in batch:
                 if not req.future.done():
                     req.future.set_exception(err)

@@ -1,0 +1,71 @@
+"""Redis errors reach users as fabric errors that name the cause and the fix."""
+
+import asyncio
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fabric import Publisher, Worker, WorkerConfig
+from fabric.client import connect
+from fabric.errors import PermissionDenied
+from fabric.events import Tick
+from fabric.handler import as_handler
+from tests.waiting import eventually
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_acl_rules(namespace: str) -> list[str]:
+    line = next(x for x in README.read_text().splitlines() if x.startswith("ACL SETUSER fabric on"))
+    rules = line.split()[4:]
+    return [r.replace("~fabric:*", f"~{namespace}:*") for r in rules]
+
+
+def url_for(redis_url: str, user: str, password: str) -> str:
+    return re.sub(r"redis://", f"redis://{user}:{password}@", redis_url)
+
+
+@pytest.fixture
+async def acl_user(redis_url):
+    admin = connect(redis_url)
+    user = f"u{uuid.uuid4().hex[:8]}"
+    yield admin, user
+    await admin.execute_command("ACL", "DELUSER", user)
+    await admin.aclose()
+
+
+@pytest.mark.real_only
+async def test_the_permissions_readme_lists_are_enough_to_publish_and_handle(acl_user, redis_url, keys):
+    admin, user = acl_user
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">pw", *readme_acl_rules(keys.ns))
+    client = connect(url_for(redis_url, user, "pw"))
+    seen: list[str] = []
+
+    async def handle(event: Tick) -> None:
+        seen.append(event.event_id)
+
+    worker = Worker(client, as_handler(handle), WorkerConfig(group="g", topics=["tick"], block_ms=50), keys=keys)
+    async with Publisher(client, keys=keys) as pub:
+        await pub.publish(Tick(symbol="A", bid=1, ask=2))
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: asyncio.sleep(0, result=len(seen) == 1), what="the event handled")
+    finally:
+        worker.stop()
+        await task
+        await client.aclose()
+
+
+@pytest.mark.real_only
+async def test_a_missing_key_permission_is_reported_as_permission_denied(acl_user, redis_url, keys):
+    admin, user = acl_user
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~elsewhere:*", "+@all")
+    client = connect(url_for(redis_url, user, "pw"))
+    try:
+        async with Publisher(client, keys=keys) as pub:
+            with pytest.raises(PermissionDenied, match="Redis permissions"):
+                await pub.publish(Tick(symbol="A", bid=1, ask=2))
+    finally:
+        await client.aclose()
