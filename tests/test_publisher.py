@@ -1,0 +1,383 @@
+"""The publisher: entries and their wire fields, order, dedup, routing, backpressure and Redis errors."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+
+import msgspec
+import pytest
+
+from fabric import Publisher, PublisherConfig, connect
+from fabric.codec import decode_fields
+from fabric.errors import (
+    AuthenticationFailed,
+    EventTooLarge,
+    PublishError,
+    RedisOutOfMemory,
+    RedisUnavailable,
+)
+from fabric.events import Alert, Order, Severity, Side, Tick
+from fabric.keys import Priority
+from tests.conftest import RedisServer
+
+ENTRY_ID = re.compile(r"^\d+-\d+$")
+
+
+def tick(symbol: str = "BTC-USD", **kwargs: object) -> Tick:
+    return Tick(symbol=symbol, bid=100.0, ask=100.5, **kwargs)  # type: ignore[arg-type]
+
+
+async def entries(client, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
+    """Every entry of a stream as (id, fields)."""
+    return [(i.decode(), f) for i, f in await client.xrange(stream)]
+
+
+# ---- what an entry looks like ------------------------------------------------------------------------
+
+
+async def test_publish_returns_the_entry_id(redis, keys):
+    # given a publisher
+    async with Publisher(redis, keys=keys) as pub:
+        # when an event is published
+        entry_id = await pub.publish(tick())
+    # then its entry id is returned and is the stream's only entry
+    assert entry_id is not None and ENTRY_ID.match(entry_id)
+    stream = keys.stream("tick", Priority.NORMAL, "BTC-USD")
+    assert [i for i, _ in await entries(redis, stream)] == [entry_id]
+
+
+async def test_entry_has_exactly_the_four_wire_fields(redis, keys):
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish(tick())
+    [(_, fields)] = await entries(redis, keys.stream("tick", Priority.NORMAL, "BTC-USD"))
+    assert set(fields) == {b"type", b"v", b"enc", b"data"}
+    assert (fields[b"type"], fields[b"v"], fields[b"enc"]) == (b"Tick", b"1", b"msgpack")
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+async def test_published_entry_decodes_to_the_event(redis, keys, encoding):
+    # given a publisher writing one encoding
+    event = tick()
+    async with Publisher(redis, PublisherConfig(encoding=encoding), keys=keys) as pub:
+        await pub.publish(event)
+    # when the entry is read back and decoded
+    [(_, fields)] = await entries(redis, keys.stream("tick", Priority.NORMAL, "BTC-USD"))
+    # then it is the published event, labelled with that encoding
+    assert fields[b"enc"] == encoding.encode()
+    assert decode_fields(fields) == event
+
+
+async def test_publish_many_preserves_order_and_returns_ids(redis, keys):
+    # given events published in one call, in more batches than one
+    events = [tick() for _ in range(25)]
+    async with Publisher(redis, PublisherConfig(max_batch=4, max_buffer=8), keys=keys) as pub:
+        ids = await pub.publish_many(events)
+    # then the ids are returned in order and the stream holds the events in that order
+    stored = await entries(redis, keys.stream("tick", Priority.NORMAL, "BTC-USD"))
+    assert ids == [i for i, _ in stored]
+    assert [decode_fields(f).event_id for _, f in stored] == [e.event_id for e in events]
+
+
+async def test_publish_many_of_nothing_returns_nothing(redis, keys):
+    async with Publisher(redis, keys=keys) as pub:
+        assert await pub.publish_many([]) == []
+
+
+# ---- dedup -------------------------------------------------------------------------------------------
+
+
+async def test_same_event_twice_in_the_window_creates_one_entry(redis, keys):
+    # given an event published once
+    event = tick()
+    async with Publisher(redis, keys=keys) as pub:
+        first = await pub.publish(event)
+        # when it is published again within the dedup window
+        second = await pub.publish(event)
+    # then the second publish returns None and adds no entry
+    assert first is not None
+    assert second is None
+    assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "BTC-USD")) == 1
+
+
+async def test_duplicate_inside_one_batch_is_dropped(redis, keys):
+    event = tick()
+    async with Publisher(redis, keys=keys) as pub:
+        ids = await pub.publish_many([event, event])
+    assert ids[0] is not None and ids[1] is None
+    assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "BTC-USD")) == 1
+
+
+async def test_dedup_mark_expires_with_the_window(redis, keys):
+    # given an event published with a 60 s window
+    event = tick()
+    async with Publisher(redis, PublisherConfig(dedup_window_ms=60_000), keys=keys) as pub:
+        await pub.publish(event)
+    # then its mark lives in the stream's slot and carries a TTL within the window
+    mark = keys.dedup(keys.stream("tick", Priority.NORMAL, "BTC-USD"), event.event_id)
+    assert 0 < await redis.pttl(mark) <= 60_000
+
+
+async def test_without_dedup_the_same_event_creates_two_entries(redis, keys):
+    # given a publisher with dedup off
+    event = tick()
+    async with Publisher(redis, PublisherConfig(dedup_window_ms=0, retries=0), keys=keys) as pub:
+        # when the same event is published twice
+        first = await pub.publish(event)
+        second = await pub.publish(event)
+    # then both are written and no dedup mark exists
+    assert first is not None and second is not None and first != second
+    stream = keys.stream("tick", Priority.NORMAL, "BTC-USD")
+    assert await redis.xlen(stream) == 2
+    assert not await redis.exists(keys.dedup(stream, event.event_id))
+
+
+# ---- routing -----------------------------------------------------------------------------------------
+
+
+async def test_topic_registry_lists_the_stream(redis, keys):
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish(tick())
+    members = await redis.smembers(keys.topic_registry("tick"))
+    assert members == {keys.stream("tick", Priority.NORMAL, "BTC-USD").encode()}
+
+
+async def test_topic_registry_lists_every_stream_of_the_topic(redis, keys):
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish_many([tick("A"), tick("B")])
+        await pub.publish(tick("A"), priority="high")
+    members = await redis.smembers(keys.topic_registry("tick"))
+    assert members == {
+        keys.stream("tick", Priority.NORMAL, "A").encode(),
+        keys.stream("tick", Priority.NORMAL, "B").encode(),
+        keys.stream("tick", Priority.HIGH, "A").encode(),
+    }
+
+
+async def test_events_go_to_per_symbol_streams(redis, keys):
+    # when ticks of two symbols are published
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish_many([tick("A"), tick("B"), tick("A")])
+    # then each symbol has its own stream
+    assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "A")) == 2
+    assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "B")) == 1
+
+
+async def test_priorities_go_to_per_priority_streams(redis, keys):
+    # when the same kind of event is published at three priorities
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish(tick(), priority=Priority.LOW)
+        await pub.publish(tick(), priority="critical")
+        await pub.publish(tick())
+    # then each priority has its own stream
+    for p in (Priority.LOW, Priority.NORMAL, Priority.CRITICAL):
+        assert await redis.xlen(keys.stream("tick", p, "BTC-USD")) == 1
+    assert not await redis.exists(keys.stream("tick", Priority.HIGH, "BTC-USD"))
+
+
+async def test_event_default_priority_and_topic_are_used(redis, keys):
+    order = Order(symbol="A", order_id="o1", side=Side.BUY, quantity=1.0)
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish(order)
+    assert await redis.xlen(keys.stream("order", Priority.HIGH, "A")) == 1
+
+
+async def test_event_without_symbol_goes_to_the_topic_tagged_stream(redis, keys):
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish(Alert(severity=Severity.WARNING, message="m"))
+    assert await redis.xlen(keys.stream("alert", Priority.HIGH, None)) == 1
+
+
+async def test_topic_argument_overrides_the_default_topic(redis, keys):
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish(tick(), topic="quotes")
+    assert await redis.xlen(keys.stream("quotes", Priority.NORMAL, "BTC-USD")) == 1
+
+
+async def test_invalid_topic_raises_publish_error_before_writing(redis, keys):
+    async with Publisher(redis, keys=keys) as pub:
+        with pytest.raises(PublishError, match="invalid topic"):
+            await pub.publish(tick(), topic="bad topic")
+    assert await redis.keys(f"{keys.ns}:*") == []
+
+
+# ---- backpressure and limits -------------------------------------------------------------------------
+
+
+async def test_backpressure_completes_every_concurrent_publish(redis, keys):
+    # given a publisher whose buffer holds only 2 events
+    events = [tick() for _ in range(200)]
+    async with Publisher(redis, PublisherConfig(max_batch=2, max_buffer=2), keys=keys) as pub:
+        # when 200 publishes run at once
+        ids = await asyncio.gather(*(pub.publish(e) for e in events))
+    # then every one completed with its own entry and nothing was dropped
+    assert None not in ids
+    assert len(set(ids)) == 200
+    stream = keys.stream("tick", Priority.NORMAL, "BTC-USD")
+    stored = {decode_fields(f).event_id for _, f in await entries(redis, stream)}
+    assert stored == {e.event_id for e in events}
+
+
+async def test_backpressure_completes_concurrent_publish_many_calls(redis, keys):
+    batches = [[tick() for _ in range(7)] for _ in range(20)]
+    async with Publisher(redis, PublisherConfig(max_batch=3, max_buffer=5), keys=keys) as pub:
+        results = await asyncio.gather(*(pub.publish_many(b) for b in batches))
+    assert all(None not in r and len(r) == 7 for r in results)
+    assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "BTC-USD")) == 140
+
+
+async def test_event_too_large_is_raised_before_anything_is_written(redis, keys):
+    # given a publisher with a small payload limit, and a batch whose last event exceeds it
+    events = [tick(), tick(), tick(exchange="x" * 1000)]
+    async with Publisher(redis, PublisherConfig(max_payload_bytes=500), keys=keys) as pub:
+        # when the batch is published
+        with pytest.raises(EventTooLarge):
+            await pub.publish_many(events)
+    # then nothing at all was written
+    assert await redis.keys(f"{keys.ns}:*") == []
+
+
+async def test_publisher_is_usable_after_event_too_large(redis, keys):
+    async with Publisher(redis, PublisherConfig(max_payload_bytes=500), keys=keys) as pub:
+        with pytest.raises(EventTooLarge):
+            await pub.publish(tick(exchange="x" * 1000))
+        assert await pub.publish(tick()) is not None
+
+
+# ---- a reader in another language ---------------------------------------------------------------------
+
+
+def _as_field_map(raw: object) -> dict[bytes, bytes]:
+    """Fields as a map, whether the client paired them up or left RESP's flat list."""
+    if isinstance(raw, dict):
+        return raw
+    flat = list(raw)  # type: ignore[call-overload]
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+async def test_plain_redis_and_generic_msgpack_reader_sees_the_documented_fields(redis, keys):
+    # given a published Tick
+    event = Tick(symbol="ETH-USD", bid=2000.25, ask=2000.5, bid_size=1.5, ask_size=2.0, exchange="X")
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish(event)
+    # when a reader uses only XRANGE and a schema-less msgpack decode
+    stream = f"{keys.ns}:s:tick:normal:{{ETH-USD}}"
+    [(entry_id, raw)] = await redis.execute_command("XRANGE", stream, "-", "+")
+    fields = _as_field_map(raw)
+    data = msgspec.msgpack.decode(fields[b"data"])
+    # then it finds the documented envelope and the event as a plain map
+    assert ENTRY_ID.match(entry_id.decode())
+    assert (fields[b"type"], fields[b"v"], fields[b"enc"]) == (b"Tick", b"1", b"msgpack")
+    assert isinstance(data, dict)
+    assert data["type"] == "Tick"
+    assert data["event_id"] == event.event_id and re.fullmatch(r"[0-9a-f]{32}", data["event_id"])
+    assert data["ts_ns"] == event.ts_ns
+    assert (data["symbol"], data["bid"], data["ask"]) == ("ETH-USD", 2000.25, 2000.5)
+    assert (data["bid_size"], data["ask_size"], data["exchange"]) == (1.5, 2.0, "X")
+    assert {"correlation_id", "causation_id", "producer", "schema_version"} <= data.keys()
+
+
+async def test_generic_reader_sees_enums_as_strings_and_missing_options_as_nil(redis, keys):
+    # given a published Alert (no symbol) and an Order (enum side, no limit price)
+    alert = Alert(severity=Severity.WARNING, message="m")
+    order = Order(symbol="A", order_id="o1", side=Side.SELL, quantity=2.0)
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish(alert)
+        await pub.publish(order)
+    # when both are read with XRANGE and a schema-less msgpack decode
+    decoded = []
+    for stream in (keys.stream("alert", Priority.HIGH, None), keys.stream("order", Priority.HIGH, "A")):
+        [(_, raw)] = await redis.execute_command("XRANGE", stream, "-", "+")
+        decoded.append(msgspec.msgpack.decode(_as_field_map(raw)[b"data"]))
+    alert_data, order_data = decoded
+    # then enums are their string values and absent optional values are nil
+    assert (alert_data["symbol"], alert_data["severity"]) == (None, "WARNING")
+    assert (order_data["side"], order_data["order_type"], order_data["price"]) == ("SELL", "MARKET", None)
+
+
+# ---- Redis errors (real server only) -----------------------------------------------------------------
+
+
+@pytest.mark.real_only
+async def test_unreachable_redis_raises_redis_unavailable_saying_how_to_fix():
+    # given a client for a port nothing listens on
+    client = connect("redis://127.0.0.1:1/0")
+    try:
+        async with Publisher(client, PublisherConfig(dedup_window_ms=0, retries=0)) as pub:
+            # when an event is published
+            with pytest.raises(RedisUnavailable) as info:
+                await pub.publish(tick())
+    finally:
+        await client.aclose()
+    # then the error says what to check and how to point fabric elsewhere
+    message = str(info.value)
+    assert "is redis-server running?" in message
+    assert "FABRIC_REDIS_URL" in message
+
+
+@pytest.mark.real_only
+async def test_wrong_password_raises_authentication_failed(redis, redis_url, keys):
+    # given an ACL user with a password
+    user = f"u_{uuid.uuid4().hex[:12]}"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">secret", "~*", "+@all")
+    client = connect(redis_url.replace("redis://", f"redis://{user}:wrong@"))
+    try:
+        async with Publisher(client, keys=keys) as pub:
+            # when it publishes with the wrong password
+            with pytest.raises(AuthenticationFailed) as info:
+                await pub.publish(tick())
+    finally:
+        await client.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)
+    # then the error says where the password goes
+    assert "password" in str(info.value)
+
+
+@pytest.mark.real_only
+async def test_right_password_publishes(redis, redis_url, keys):
+    user = f"u_{uuid.uuid4().hex[:12]}"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">secret", "~*", "+@all")
+    client = connect(redis_url.replace("redis://", f"redis://{user}:secret@"))
+    try:
+        async with Publisher(client, keys=keys) as pub:
+            assert await pub.publish(tick()) is not None
+    finally:
+        await client.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)
+
+
+@pytest.fixture
+def small_server(tmp_path):
+    """A redis-server of its own, so filling its memory leaves the session server alone."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.mark.real_only
+async def test_out_of_memory_is_reported_and_publisher_recovers_after_flush(small_server, keys):
+    # given a server that refuses writes past its memory limit (noeviction). The limit is set relative to
+    # the empty server's own usage (about 1 MB above it), so the test does not depend on the build's baseline
+    client = connect(small_server.url)
+    try:
+        used = (await client.info("memory"))["used_memory"]
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", str(used + (1 << 20)))
+        async with Publisher(client, keys=keys) as pub:
+            # when events are published until Redis refuses one
+            error = None
+            for _ in range(2_000):  # 2000 x 16 KiB is far past the limit
+                try:
+                    await pub.publish(tick(exchange="x" * 16_384))
+                except RedisOutOfMemory as exc:
+                    error = exc
+                    break
+            # then the caller got RedisOutOfMemory, saying what to do
+            assert error is not None, "publishing 32 MiB never hit maxmemory"
+            assert "maxmemory" in str(error)
+            # and once memory is freed the same publisher works again
+            await client.flushall()
+            assert await pub.publish(tick()) is not None
+    finally:
+        await client.aclose()
