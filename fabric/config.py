@@ -52,8 +52,9 @@ class Retention(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
     hard_max_len: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.max_len, self.max_age_ms, self.hard_max_len) < 0:
-            self._fail("max_len", "retention limits must be 0 (none) or positive")
+        for name in ("max_len", "max_age_ms", "hard_max_len"):
+            if getattr(self, name) < 0:
+                self._fail(name, "retention limits must be 0 (none) or positive")
         if self.hard_max_len and self.max_len and self.hard_max_len < self.max_len:
             self._fail("hard_max_len", f"{self.hard_max_len} is below max_len {self.max_len}: raise it")
 
@@ -139,6 +140,8 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
                 self._fail(name, "must be at least 1")
         if self.backoff_max_ms < self.backoff_base_ms:
             self._fail("backoff_max_ms", "is below backoff_base_ms")
+        if len(self.priority_weights) != len(Priority) or min(self.priority_weights) < 1:
+            self._fail("priority_weights", "give one positive integer per priority (low, normal, high, critical)")
         if self.reclaim_idle_ms < 30:
             self._fail("reclaim_idle_ms", "too small to refresh held entries in time: use at least 30")
 
@@ -151,6 +154,12 @@ class FabricConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     publisher: PublisherConfig = PublisherConfig()
     retention: dict[str, Retention] = {}
 
+    def __post_init__(self) -> None:
+        try:
+            check_name("namespace", self.namespace)
+        except ValueError as exc:
+            raise ConfigError(f"FabricConfig.namespace: {exc}") from None
+
 
 def load_config(path: str | Path) -> FabricConfig:
     """Read and validate a TOML config; raise ``ConfigError`` naming the file, field and reason."""
@@ -162,4 +171,6 @@ def load_config(path: str | Path) -> FabricConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

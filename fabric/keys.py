@@ -11,7 +11,7 @@ key                                type         written by                  read
 =================================  ===========  ==========================  ===================================
 ``ns:s:TOPIC:PRIORITY:TAG``        stream       publisher (publish.lua),    worker (XREADGROUP, XAUTOCLAIM),
                                                 worker outputs (commit.lua) retention (trim.lua), CLI
-``ns:d:TAG:EVENT_ID``              string, TTL  publish.lua / commit.lua    the same scripts (idempotent publish)
+``ns:d:TOPIC:TAG:EVENT_ID``        string, TTL  publish.lua                 publish.lua (idempotent publish)
 ``ns:f:TOPIC:PRIORITY:TAG``        hash         worker on failure           worker when dead-lettering;
                                                 (fail.lua)                  field ``GROUP/ENTRY_ID``
 ``ns:dlq:TAG``                     stream       deadletter.lua              deadletter module, CLI
@@ -114,7 +114,7 @@ class Keys:
         """Recover topic, priority and symbol from a stream key."""
         text = key.decode() if isinstance(key, bytes) else key
         m = _STREAM.match(text)
-        if not m or m["ns"] != self.ns:
+        if not m or m["ns"] != self.ns or m["priority"].upper() not in Priority.__members__:
             raise ValueError(f"{text!r} is not a fabric stream key of namespace {self.ns!r}")
         tag = m["tag"]
         symbol = None if tag.startswith("~") else tag
@@ -126,8 +126,9 @@ class Keys:
         return stream_key[stream_key.rindex("{") :]
 
     def dedup(self, stream_key: str, event_id: str) -> str:
-        """The idempotency mark of one event, in its stream's slot."""
-        return f"{self.ns}:d:{self.tag_of(stream_key)}:{event_id}"
+        """The idempotency mark of one event published to a topic, in its stream's slot."""
+        topic = stream_key[len(self.ns) + 3 : stream_key.index(":", len(self.ns) + 3)]
+        return f"{self.ns}:d:{topic}:{self.tag_of(stream_key)}:{event_id}"
 
     def failures(self, stream_key: str) -> str:
         """The hash of failure records for a stream's entries (field ``GROUP/ENTRY_ID``)."""

@@ -2,7 +2,8 @@
 
 Cost per event, measured by design: one msgspec encode, two dict lookups and a few list appends in Python; on
 the wire, one EVALSHA carries a whole batch (``max_batch`` events), so a batch costs one round trip. The first
-event a process publishes to a new stream adds one SADD to the topic's registry, once.
+event a process publishes to a new stream adds one SADD to the topic's registry (repeated every 30 s, so that
+a registry lost with a Redis restart comes back).
 
 ``publish`` and ``publish_many`` return once Redis has confirmed the entries (their ids; None for an event
 already published within the dedup window) or raise the ``FabricError`` that explains why it did not.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 from types import TracebackType
@@ -32,6 +34,8 @@ from fabric.keys import Keys, Priority
 __all__ = ["Publisher"]
 
 log = logging.getLogger("fabric.publisher")
+
+REGISTRY_REFRESH_S = 30.0
 
 _Item = tuple[str, str, Encoded]  # stream key, dedup key, encoded event
 
@@ -53,6 +57,7 @@ class Publisher:
         self.keys = keys or Keys()
         self._routes: dict[tuple[str, Priority, str | None], tuple[str, str]] = {}
         self._registered: set[str] = set()
+        self._registered_at = time.monotonic()
         self._queue: deque[_Request] = deque()
         self._buffered = 0
         self._wake = asyncio.Event()
@@ -119,9 +124,13 @@ class Publisher:
             self._buffered += len(chunk)
             futures.append(fut)
             self._kick()
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
         results: list[str | None] = []
-        for fut in futures:
-            results.extend(await fut)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                # Earlier chunks may have landed; republishing all of them is safe within the dedup window.
+                raise outcome
+            results.extend(outcome)
         return results
 
     def _kick(self) -> None:
@@ -202,6 +211,10 @@ class Publisher:
                 await asyncio.sleep(0.05 * 2**attempt)
 
     async def _register(self, streams: set[str]) -> None:
+        now = time.monotonic()
+        if now - self._registered_at > REGISTRY_REFRESH_S:  # re-announce: the registry may have been lost
+            self._registered.clear()
+            self._registered_at = now
         new = streams - self._registered
         if not new:
             return

@@ -89,7 +89,7 @@ def test_companion_keys_carry_the_stream_hash_tag(symbol):
     stream = keys.stream("tick", Priority.HIGH, symbol)
     tag = Keys.tag("tick", symbol)
     assert Keys.tag_of(stream) == tag
-    assert keys.dedup(stream, "e1") == f"ns:d:{tag}:e1"
+    assert keys.dedup(stream, "e1") == f"ns:d:tick:{tag}:e1"
     assert keys.failures(stream) == f"ns:f:tick:high:{tag}"
     assert keys.dlq(stream) == f"ns:dlq:{tag}"
 

@@ -119,6 +119,17 @@ async def test_dedup_mark_expires_with_the_window(redis, keys):
     assert 0 < await redis.pttl(mark) <= 60_000
 
 
+async def test_the_same_event_published_to_two_topics_lands_in_both(redis, keys):
+    # given one event
+    event = tick()
+    async with Publisher(redis, keys=keys) as pub:
+        # when it is published to two topics
+        first = await pub.publish(event, topic="tick")
+        second = await pub.publish(event, topic="quotes")
+    # then dedup (per topic) lets both through
+    assert first is not None and second is not None
+
+
 async def test_without_dedup_the_same_event_creates_two_entries(redis, keys):
     # given a publisher with dedup off
     event = tick()

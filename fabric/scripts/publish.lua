@@ -1,6 +1,6 @@
 -- publish.lua: append events to their streams, each at most once per dedup window.
 -- KEYS[2i-1]  stream of event i                      (ns:s:TOPIC:PRIORITY:TAG)
--- KEYS[2i]    dedup mark of event i                  (ns:d:TAG:EVENT_ID)
+-- KEYS[2i]    dedup mark of event i                  (ns:d:TOPIC:TAG:EVENT_ID)
 -- ARGV[1]     dedup window, ms (0: no dedup, the marks are not written)
 -- ARGV[2]     wire format version
 -- ARGV[3i..3i+2]  type, enc, data of event i
