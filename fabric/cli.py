@@ -155,7 +155,7 @@ def worker(
     imports: Imports = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run a worker until SIGTERM/SIGINT, then drain gracefully and exit 0."""
+    """Run a worker until SIGTERM/SIGINT, then drain gracefully and exit 0 (a second signal: at once, exit 1)."""
     from fabric.runner import run_worker
 
     _logging(verbose)
@@ -168,11 +168,13 @@ def worker(
             block_ms=block_ms, grace_s=grace_s, handler_timeout_s=handler_timeout_s,
         )
         name, fn = load_handler(handler)
-        run_worker(redis_url, fn, config, namespace=namespace, handler_name=name)
+        graceful = run_worker(redis_url, fn, config, namespace=namespace, handler_name=name)
     except ConfigError as exc:
         _fail(str(exc))
     except FabricError as exc:
         _fail(str(exc))
+    if not graceful:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -82,7 +82,10 @@ def load_handler(ref: str) -> tuple[str, HandlerFn]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise HandlerLoadError(f"cannot import {module_name!r} for handler {ref!r}: {exc}") from exc
+        raise HandlerLoadError(
+            f"cannot import {module_name!r} for handler {ref!r} ({exc}): run from the directory that holds the "
+            "module, or add it to PYTHONPATH"
+        ) from exc
     fn = getattr(module, attr, None)
     if fn is None:
         raise HandlerLoadError(f"module {module_name!r} has no {attr!r}: check the handler name {ref!r}")

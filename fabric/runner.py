@@ -32,8 +32,8 @@ async def serve(
     namespace: str = "fabric",
     handler_name: str = "handler",
     middleware: Sequence[Middleware] = (),
-) -> None:
-    """Run one worker until SIGTERM/SIGINT, then drain and return."""
+) -> bool:
+    """Run one worker until SIGTERM/SIGINT, then drain; return False if a second signal cut the drain short."""
     client = connect(url)
     worker = Worker(client, handler, config, keys=Keys(namespace), handler_name=handler_name,
                     middleware=middleware)
@@ -57,12 +57,19 @@ async def serve(
             log.info("worker %s of group %s on topics %s", worker.consumer, config.group, ", ".join(config.topics))
             await worker.run()
             log.info("stopped: %s", worker.stats)
+            return True
+    except asyncio.CancelledError:
+        if signals < 2 or main is None:
+            raise
+        main.uncancel()
+        log.warning("stopped at once on a second signal: unfinished entries stay pending for the group")
+        return False
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await client.aclose()
 
 
-def run_worker(url: str | None, handler: HandlerFn, config: WorkerConfig, **kwargs: object) -> None:
-    """``serve`` on a fresh uvloop event loop."""
-    uvloop.run(serve(url, handler, config, **kwargs))  # type: ignore[arg-type]
+def run_worker(url: str | None, handler: HandlerFn, config: WorkerConfig, **kwargs: object) -> bool:
+    """``serve`` on a fresh uvloop event loop; True when it drained gracefully."""
+    return uvloop.run(serve(url, handler, config, **kwargs))  # type: ignore[arg-type]

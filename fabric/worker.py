@@ -161,14 +161,21 @@ class Worker:
         dispatchers = [asyncio.create_task(self._dispatch_loop()) for _ in range(self.config.concurrency)]
         watched = [reader, *background, heartbeat, committer, *dispatchers]
         stopper = asyncio.create_task(self._stop.wait())
-        done, _ = await asyncio.wait([stopper, *watched], return_when=asyncio.FIRST_COMPLETED)
-        crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
         try:
-            await self._drain(reader, background, dispatchers, committer)
-        finally:
-            for t in (heartbeat, stopper):
-                t.cancel()
-            await asyncio.gather(heartbeat, stopper, return_exceptions=True)
+            done, _ = await asyncio.wait([stopper, *watched], return_when=asyncio.FIRST_COMPLETED)
+            crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
+            try:
+                await self._drain(reader, background, dispatchers, committer)
+            finally:
+                for t in (heartbeat, stopper):
+                    t.cancel()
+                await asyncio.gather(heartbeat, stopper, return_exceptions=True)
+        except asyncio.CancelledError:  # stopped at once: everything unfinished stays pending in Redis
+            stopper.cancel()
+            for task in watched:
+                task.cancel()
+            await asyncio.gather(*watched, stopper, return_exceptions=True)
+            raise
         if crashed:
             raise crashed[0].exception()  # type: ignore[misc]
 

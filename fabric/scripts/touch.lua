@@ -17,7 +17,12 @@ for i = 1, #KEYS do
     end
   end
   if #mine > 0 then
-    redis.call('XCLAIM', KEYS[i], group, consumer, 0, 'IDLE', idle, 'JUSTID', unpack(mine))
+    local args = {KEYS[i], group, consumer, 0}
+    for _, id in ipairs(mine) do args[#args + 1] = id end
+    args[#args + 1] = 'IDLE'
+    args[#args + 1] = idle
+    args[#args + 1] = 'JUSTID'
+    redis.call('XCLAIM', unpack(args))
   end
   lost[i] = gone
   a = a + n + 1
