@@ -19,7 +19,6 @@ Outcomes: success commits; ``Reject``, a decode failure, or a failure at ``max_d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -191,7 +190,8 @@ class Worker:
         for t in background:
             t.cancel()
         await asyncio.gather(reader, *background, return_exceptions=True)
-        unstarted = self._lanes.close() + self._retries.clear()
+        unstarted = self._lanes.close()
+        self._retries.clear()  # parked after a failure: their next delivery is a real retry
         _, late = await asyncio.wait(dispatchers, timeout=self.config.grace_s) if dispatchers else (set(), set())
         for t in late:
             t.cancel()
@@ -205,10 +205,24 @@ class Worker:
             log.warning("commits did not complete within %.1fs grace: their entries stay pending", self.config.grace_s)
             committer.cancel()
             await asyncio.gather(committer, return_exceptions=True)
-        with contextlib.suppress(FabricError, rex.RedisError, OSError):
-            await self._touch(self._held, RELEASE_IDLE_MS)
-        log.info("drained: %d unstarted entries and %d unfinished returned to the group",
-                 len(unstarted), sum(map(len, self._held.values())) - len(unstarted))
+        try:
+            released = await self._release(unstarted)
+        except (FabricError, rex.RedisError, OSError) as exc:
+            log.warning("could not hand entries back (they return after reclaim_idle_ms): %s", exc)
+        else:
+            log.info("drained: %d entries handed back to the group", released)
+
+    async def _release(self, unstarted: list[Delivery]) -> int:
+        """Give every held entry back to the group now; unstarted ones keep their delivery count."""
+        counts = {(d.stream.key, d.entry_id): d.deliveries - 1 for d in unstarted}
+        released = 0
+        for stream, ids in self._held.items():
+            args: list[Any] = [self.group, self.consumer, RELEASE_IDLE_MS]
+            for entry_id in ids:
+                args += (entry_id, counts.get((stream, entry_id), -1))
+            if ids:
+                released += int(await scripts.RELEASE(self.client, [stream], args))
+        return released
 
     async def _every(self, interval_ms: int, step: Callable[[], Awaitable[Any]]) -> None:
         """Run ``step`` every ``interval_ms``; log and back off on Redis errors instead of dying."""
@@ -433,16 +447,11 @@ class Worker:
 
     async def heartbeat(self) -> None:
         """Reset the idle time of every entry this worker holds (buffered, in flight, parked, committing)."""
-        await self._touch(self._held, 0)
-
-    async def _touch(self, held: dict[str, set[bytes]], idle_ms: int) -> None:
-        for stream, ids in list(held.items()):
+        for stream, ids in list(self._held.items()):
             pending = list(ids)
             for i in range(0, len(pending), TOUCH_CHUNK):
                 chunk = pending[i : i + TOUCH_CHUNK]
-                lost = await scripts.TOUCH(
-                    self.client, [stream], [self.group, self.consumer, idle_ms, len(chunk), *chunk]
-                )
+                lost = await scripts.TOUCH(self.client, [stream], [self.group, self.consumer, 0, len(chunk), *chunk])
                 for entry_id in lost[0] if lost else ():
                     ids.discard(entry_id)
 

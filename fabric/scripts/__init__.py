@@ -13,7 +13,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-__all__ = ["CLAIM", "COMMIT", "DEADLETTER", "FAIL", "PUBLISH", "RECLAIM", "REPLAY", "TOUCH", "TRIM", "Script"]
+__all__ = [
+    "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "TOUCH", "TRIM", "Script",
+]
 
 
 class Script:
@@ -42,3 +44,4 @@ RECLAIM = Script("reclaim")
 TRIM = Script("trim")
 CLAIM = Script("claim")
 REPLAY = Script("replay")
+RELEASE = Script("release")

@@ -1,6 +1,6 @@
--- touch.lua: keep entries this consumer holds fresh (idle time reset), or release them to others.
+-- touch.lua: keep entries this consumer holds fresh: reset their idle time (a heartbeat).
 -- KEYS[i]   a stream
--- ARGV[1]   group   ARGV[2] consumer   ARGV[3] idle ms to set (0: a heartbeat; large: release now)
+-- ARGV[1]   group   ARGV[2] consumer   ARGV[3] idle ms to set (0)
 -- ARGV[4..] per stream i in order: the number of ids n, then n entry ids
 -- Only entries still pending for this consumer are touched; the others are returned as lost, per stream.
 local group, consumer, idle = ARGV[1], ARGV[2], ARGV[3]

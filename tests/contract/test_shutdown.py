@@ -1,0 +1,51 @@
+"""What a graceful stop hands back to the group, and at what delivery count."""
+
+import asyncio
+
+import pytest
+
+from fabric import Publisher, Worker, WorkerConfig
+from fabric.events import Tick
+from fabric.handler import as_handler
+from tests.waiting import eventually
+
+
+@pytest.mark.real_only
+async def test_entries_read_ahead_but_never_started_go_back_with_their_delivery_count(redis, keys):
+    # given a worker holding one entry in its handler and 19 read ahead, never started
+    gate = asyncio.Event()
+    started: list[str] = []
+
+    async def stuck(event: Tick) -> None:
+        started.append(event.event_id)
+        await gate.wait()
+
+    first = Worker(redis, as_handler(stuck), WorkerConfig(group="g", topics=["tick"], block_ms=50, concurrency=1,
+                                                          grace_s=0.05, consumer="first"), keys=keys)
+    async with Publisher(redis, keys=keys) as pub:
+        ids = [e.event_id for e in [Tick(symbol="A", bid=1, ask=2) for _ in range(20)]]
+        await pub.publish_many([Tick(symbol="A", bid=1, ask=2, event_id=i) for i in ids])
+    run = asyncio.create_task(first.run())
+    await eventually(lambda: asyncio.sleep(0, result=len(started) == 1), what="one entry in the handler")
+
+    # when it stops gracefully (the stuck handler outlives the grace period)
+    first.stop()
+    await run
+
+    # then a second worker with a long reclaim time takes all 20 over at once, the 19 unstarted at delivery 1
+    counts: dict[str, int] = {}
+
+    async def record(event: Tick, ctx) -> None:
+        counts[event.event_id] = ctx.delivery_count
+
+    second = Worker(redis, as_handler(record), WorkerConfig(group="g", topics=["tick"], block_ms=50,
+                                                            reclaim_idle_ms=600_000, reclaim_interval_ms=50,
+                                                            consumer="second"), keys=keys)
+    run = asyncio.create_task(second.run())
+    try:
+        await eventually(lambda: asyncio.sleep(0, result=len(counts) == 20), what="all 20 taken over")
+    finally:
+        second.stop()
+        await run
+    assert counts[started[0]] == 2
+    assert all(counts[i] == 1 for i in ids if i != started[0])
