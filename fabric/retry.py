@@ -30,6 +30,7 @@ class RetryTimer(Generic[T]):
         self._heap: list[tuple[float, int, T]] = []
         self._seq = itertools.count()
         self._changed = asyncio.Event()
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -45,9 +46,9 @@ class RetryTimer(Generic[T]):
         self._changed.set()
 
     async def due(self) -> list[T]:
-        """Wait until at least one item is due; return all that are."""
+        """Wait until at least one item is due; return all that are, or [] once closed."""
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closed:
             self._changed.clear()
             now = loop.time()
             if self._heap and self._heap[0][0] <= now:
@@ -58,9 +59,12 @@ class RetryTimer(Generic[T]):
             wait = self._heap[0][0] - now if self._heap else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), wait)
+        return []
 
-    def clear(self) -> list[T]:
-        """Drop and return every parked item."""
+    def close(self) -> list[T]:
+        """Drop and return every parked item; ``due`` returns [] from now on."""
+        self._closed = True
+        self._changed.set()
         items = self.items()
         self._heap.clear()
         return items

@@ -19,6 +19,7 @@ Outcomes: success commits; ``Reject``, a decode failure, or a failure at ``max_d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -51,6 +52,7 @@ RELEASE_IDLE_MS = 86_400_000
 TOUCH_CHUNK = 1_000
 RECLAIM_COUNT = 100
 ERROR_BACKOFF_S = (0.1, 5.0)
+CANCEL_WAIT_S = 2.0
 
 
 def default_consumer_name() -> str:
@@ -84,6 +86,30 @@ class WorkerStats(msgspec.Struct, kw_only=True):
 
 
 _Commit = tuple[Delivery, list[tuple[str, Encoded]]]
+
+
+def _raise_if_cancelled(exc: BaseException) -> None:
+    """A cancelled Redis call can surface as a connection error; never let a retry loop swallow the cancel."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from exc
+
+
+async def _finish(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> set[asyncio.Task[Any]]:
+    """Let tasks end within ``timeout_s``, then cancel the rest; return those cancelled. Never hangs: a task that
+    ignores its cancellation is abandoned after ``CANCEL_WAIT_S`` with a warning."""
+    if not tasks:
+        return set()
+    late: set[asyncio.Task[Any]] = set(tasks)
+    if timeout_s > 0:
+        _, late = await asyncio.wait(tasks, timeout=timeout_s)
+    for t in late:
+        t.cancel()
+    if late:
+        _, stuck = await asyncio.wait(late, timeout=CANCEL_WAIT_S)
+        if stuck:
+            log.warning("%d tasks ignored their cancellation and were abandoned", len(stuck))
+    return late
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
@@ -122,6 +148,7 @@ class Worker:
         self._registered: set[str] = set()
         self._cursors: dict[str, bytes] = {}
         self._stop = asyncio.Event()
+        self._halt = asyncio.Event()  # set last, at the end of a drain: stops the heartbeat
         self._joined = asyncio.Event()
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -148,14 +175,14 @@ class Worker:
         self._joined.set()
         reader = asyncio.create_task(self._read_loop())
         loops = [
-            self._every(self.config.reclaim_interval_ms, self.reclaim),
-            self._every(self.config.discover_interval_ms, self.discover),
+            self._every(self.config.reclaim_interval_ms, self.reclaim, self._stop),
+            self._every(self.config.discover_interval_ms, self.discover, self._stop),
             self._retry_loop(),
         ]
         if self.config.retention:
-            loops.append(self._every(self.config.trim_interval_ms, self.trim))
+            loops.append(self._every(self.config.trim_interval_ms, self.trim, self._stop))
         background = [asyncio.create_task(c) for c in loops]
-        heartbeat = asyncio.create_task(self._every(self.config.heartbeat_ms, self.heartbeat))
+        heartbeat = asyncio.create_task(self._every(self.config.heartbeat_ms, self.heartbeat, self._halt))
         committer = asyncio.create_task(self._commit_loop())
         dispatchers = [asyncio.create_task(self._dispatch_loop()) for _ in range(self.config.concurrency)]
         watched = [reader, *background, heartbeat, committer, *dispatchers]
@@ -166,14 +193,13 @@ class Worker:
             try:
                 await self._drain(reader, background, dispatchers, committer)
             finally:
-                for t in (heartbeat, stopper):
-                    t.cancel()
-                await asyncio.gather(heartbeat, stopper, return_exceptions=True)
+                self._halt.set()
+                stopper.cancel()
+                await _finish([heartbeat, stopper], CANCEL_WAIT_S)
         except asyncio.CancelledError:  # stopped at once: everything unfinished stays pending in Redis
-            stopper.cancel()
-            for task in watched:
-                task.cancel()
-            await asyncio.gather(*watched, stopper, return_exceptions=True)
+            self._stop.set()
+            self._halt.set()
+            await _finish([*watched, stopper], 0)
             raise
         if crashed:
             raise crashed[0].exception()  # type: ignore[misc]
@@ -182,32 +208,21 @@ class Worker:
         self, reader: asyncio.Task[None], background: list[asyncio.Task[None]],
         dispatchers: list[asyncio.Task[None]], committer: asyncio.Task[None],
     ) -> None:
-        # The reader ends after its current read returns, so entries Redis handed over are seen (and
-        # released below) rather than left pending until a reclaim; it is cancelled only if it hangs.
+        # The reader and the loops end by themselves on _stop (the reader after its current read returns, so
+        # entries Redis handed over are seen and released below); they are cancelled only if they hang.
         self._stop.set()
-        await asyncio.wait([reader], timeout=self.config.block_ms / 1000 + 1)
-        reader.cancel()
-        for t in background:
-            t.cancel()
-        await asyncio.gather(reader, *background, return_exceptions=True)
+        self._retries.close()  # parked after a failure: their next delivery is a real retry, by anyone
+        await _finish([reader, *background], self.config.block_ms / 1000 + 1)
         unstarted = self._lanes.close()
-        self._retries.clear()  # parked after a failure: their next delivery is a real retry
-        _, late = await asyncio.wait(dispatchers, timeout=self.config.grace_s) if dispatchers else (set(), set())
-        for t in late:
-            t.cancel()
-        await asyncio.gather(*dispatchers, return_exceptions=True)
-        if late:
-            log.warning("%d handlers still running after %.1fs grace: left pending",
-                        len(late), self.config.grace_s)
+        if await _finish(dispatchers, self.config.grace_s):
+            log.warning("handlers still running after %.1fs grace: their entries stay pending", self.config.grace_s)
         await self._commits.put(None)
-        _, stuck = await asyncio.wait([committer], timeout=self.config.grace_s)
-        if stuck:  # Redis unreachable: what was not committed stays pending and will be redelivered
+        if await _finish([committer], self.config.grace_s):  # Redis unreachable: redelivered later
             log.warning("commits did not complete within %.1fs grace: their entries stay pending", self.config.grace_s)
-            committer.cancel()
-            await asyncio.gather(committer, return_exceptions=True)
         try:
             released = await self._release(unstarted)
         except (FabricError, rex.RedisError, OSError) as exc:
+            _raise_if_cancelled(exc)
             log.warning("could not hand entries back (they return after reclaim_idle_ms): %s", exc)
         else:
             log.info("drained: %d entries handed back to the group", released)
@@ -224,18 +239,19 @@ class Worker:
                 released += int(await scripts.RELEASE(self.client, [stream], args))
         return released
 
-    async def _every(self, interval_ms: int, step: Callable[[], Awaitable[Any]]) -> None:
-        """Run ``step`` every ``interval_ms``; log and back off on Redis errors instead of dying."""
+    async def _every(self, interval_ms: int, step: Callable[[], Awaitable[Any]], until: asyncio.Event) -> None:
+        """Run ``step`` every ``interval_ms`` until ``until`` is set; log and back off on Redis errors."""
         delay = ERROR_BACKOFF_S[0]
-        while True:
+        while not until.is_set():
             try:
                 await step()
-                delay = ERROR_BACKOFF_S[0]
-                await asyncio.sleep(interval_ms / 1000)
+                delay, pause = ERROR_BACKOFF_S[0], interval_ms / 1000
             except (FabricError, rex.RedisError, OSError) as exc:
+                _raise_if_cancelled(exc)
                 log.warning("%s failed, retrying in %.1fs: %s", getattr(step, "__name__", step), delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, ERROR_BACKOFF_S[1])
+                pause, delay = delay, min(delay * 2, ERROR_BACKOFF_S[1])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(until.wait(), pause)
 
     # ---- joining streams -------------------------------------------------------------------------
 
@@ -280,6 +296,7 @@ class Worker:
                 )
                 delay = ERROR_BACKOFF_S[0]
             except rex.ResponseError as exc:
+                _raise_if_cancelled(exc)
                 if error_code(exc) != "NOGROUP":
                     raise
                 log.warning("group %s or a stream was deleted under this worker: rejoining", self.group)
@@ -287,6 +304,7 @@ class Worker:
                 await self.discover()
                 continue
             except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+                _raise_if_cancelled(exc)
                 log.warning("read failed, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, ERROR_BACKOFF_S[1])
@@ -430,6 +448,7 @@ class Worker:
             try:
                 return await call()
             except (rex.ConnectionError, rex.TimeoutError, rex.OutOfMemoryError, OSError) as exc:
+                _raise_if_cancelled(exc)
                 log.warning("write failed, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, ERROR_BACKOFF_S[1])
@@ -490,8 +509,7 @@ class Worker:
                     len(ids), stream, self.group, b", ".join(ids[:10]).decode())
 
     async def _retry_loop(self) -> None:
-        while True:
-            due = await self._retries.due()
+        while due := await self._retries.due():
             by_stream: defaultdict[str, list[Delivery]] = defaultdict(list)
             for d in due:
                 by_stream[d.stream.key].append(d)

@@ -55,13 +55,19 @@ local dropped = 0
 if hard > 0 and len > hard then
   local hard_cut = nth_id(math.min(len - hard, limit))
   if cut == nil or less(cut, hard_cut) then
+    local unacked = {}  -- each dropped entry counts once, however many groups had not acknowledged it
     for _, g in ipairs(groups) do
       local info = {}
       for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-      dropped = dropped + #redis.call('XPENDING', stream, info['name'], '-', '(' .. hard_cut, limit)
-      dropped = dropped + #redis.call('XRANGE', stream, '(' .. info['last-delivered-id'], '(' .. hard_cut,
-        'COUNT', limit)
+      for _, p in ipairs(redis.call('XPENDING', stream, info['name'], '-', '(' .. hard_cut, limit)) do
+        unacked[p[1]] = true
+      end
+      for _, e in ipairs(redis.call('XRANGE', stream, '(' .. info['last-delivered-id'], '(' .. hard_cut,
+          'COUNT', limit)) do
+        unacked[e[1]] = true
+      end
     end
+    for _ in pairs(unacked) do dropped = dropped + 1 end
     cut = hard_cut
     if dropped > 0 then
       redis.call('HINCRBY', KEYS[2], 'dropped_by_cap:' .. stream, dropped)
