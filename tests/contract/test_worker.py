@@ -1,0 +1,610 @@
+"""The worker's contract: what a group of workers promises about the entries of its streams.
+
+Each test runs real ``Worker`` objects in-process against the ``redis`` fixture (a real redis-server and
+fakeredis); behaviour that depends on blocking reads or idle times is ``real_only``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from fabric import Priority, Publisher, Reject, Retry, Worker, WorkerConfig
+from fabric.codec import decode_fields
+from fabric.deadletter import list_dead_letters
+from fabric.events import Bar, Event, Tick
+from fabric.handler import Context, as_handler
+from fabric.keys import Keys
+from tests.waiting import eventually
+
+GROUP = "g"
+STOP_TIMEOUT_S = 10.0
+
+FAST = {
+    "block_ms": 50,
+    "reclaim_idle_ms": 300,
+    "reclaim_interval_ms": 50,
+    "discover_interval_ms": 50,
+    "backoff_base_ms": 20,
+    "backoff_max_ms": 100,
+}
+
+
+def config(**overrides: Any) -> WorkerConfig:
+    """A worker config of group ``g`` on topic ``tick`` with test-sized timings."""
+    return WorkerConfig(**{"group": GROUP, "topics": ["tick"], **FAST, **overrides})
+
+
+def make_worker(
+    redis: Any, keys: Keys, fn: Callable[..., Awaitable[Any]], *, name: str = "test-handler", **overrides: Any
+) -> Worker:
+    return Worker(redis, as_handler(fn, name), config(**overrides), keys=keys, handler_name=name)
+
+
+@contextlib.asynccontextmanager
+async def running(*workers: Worker) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """Run workers in this loop until the block ends, then stop them and wait; a crash fails the test."""
+    tasks = [asyncio.create_task(w.run(), name=f"worker-{w.consumer}") for w in workers]
+    try:
+        for w, t in zip(workers, tasks, strict=True):
+            joined = asyncio.create_task(w.wait_joined())
+            await asyncio.wait({joined, t}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            joined.cancel()
+            await asyncio.gather(joined, return_exceptions=True)
+            if t.done():
+                break
+        yield tasks
+    finally:
+        for w in workers:
+            w.stop()
+        await stopped(tasks)
+
+
+async def stopped(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for ``run()`` tasks after ``stop()``: fail (never hang) if one does not return, raise its crash."""
+    _, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+    for t in stuck:
+        t.cancel()
+    if stuck:
+        await asyncio.wait(stuck, timeout=STOP_TIMEOUT_S)
+        raise AssertionError(f"{len(stuck)} worker run() did not return within {STOP_TIMEOUT_S}s of stop()")
+    for t in tasks:
+        if t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+
+
+def ticks(n: int, symbol: str = "A") -> list[Tick]:
+    return [Tick(symbol=symbol, bid=100.0 + i, ask=100.5 + i) for i in range(n)]
+
+
+async def publish(redis: Any, keys: Keys, events: list[Tick], priority: Priority | None = None) -> list[str]:
+    async with Publisher(redis, keys=keys) as pub:
+        ids = await pub.publish_many(events, priority=priority)
+    assert None not in ids
+    return [i for i in ids if i is not None]
+
+
+def stream_of(keys: Keys, symbol: str = "A", priority: Priority = Priority.NORMAL, topic: str = "tick") -> str:
+    return keys.stream(topic, priority, symbol)
+
+
+async def pending(redis: Any, stream: str, group: str = GROUP) -> int:
+    return int((await redis.xpending(stream, group))["pending"])
+
+
+async def pending_of(redis: Any, stream: str, entry_id: bytes | str, group: str = GROUP) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = await redis.xpending_range(stream, group, entry_id, entry_id, 1)
+    return rows
+
+
+def at_least(n: int, value: Callable[[], int]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return value() >= n
+
+    return check
+
+
+def is_zero(value: Callable[[], Awaitable[int]]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await value() == 0
+
+    return check
+
+
+# ---- 1, 2: handled once, acked ---------------------------------------------------------------------
+
+
+async def test_published_event_is_handled_once_and_acked(redis, keys):
+    # given ten published ticks
+    events = ticks(10)
+    await publish(redis, keys, events)
+    seen: Counter[str] = Counter()
+
+    async def handle(event: Event) -> None:
+        seen[event.event_id] += 1
+
+    worker = make_worker(redis, keys, handle)
+    # when a worker runs until all are committed
+    async with running(worker):
+        await eventually(at_least(10, lambda: worker.stats.handled), what="10 commits")
+        await eventually(is_zero(lambda: pending(redis, stream_of(keys))), what="nothing pending")
+    # then each was handled exactly once and the group has nothing pending
+    assert seen == Counter({e.event_id: 1 for e in events})
+    assert worker.stats.handled == 10
+    assert await pending(redis, stream_of(keys)) == 0
+
+
+async def test_batch_of_500_across_5_symbols_handled_exactly_once(redis, keys):
+    # given 500 events over 5 symbols published in one batch
+    symbols = ["S0", "S1", "S2", "S3", "S4"]
+    events = [e for s in symbols for e in ticks(100, s)]
+    await publish(redis, keys, events)
+    seen: Counter[str] = Counter()
+
+    async def handle(event: Event) -> None:
+        seen[event.event_id] += 1
+
+    worker = make_worker(redis, keys, handle)
+    # when a worker handles them
+    async with running(worker):
+        await eventually(at_least(500, lambda: worker.stats.handled), what="500 commits")
+    # then every event was handled exactly once, on every symbol's stream, and nothing is pending
+    assert seen == Counter({e.event_id: 1 for e in events})
+    assert worker.streams == sorted(stream_of(keys, s) for s in symbols)
+    for s in symbols:
+        assert await pending(redis, stream_of(keys, s)) == 0
+
+
+# ---- 3: outputs and ack together, refused when taken over ------------------------------------------
+
+
+def bar_from(tick: Tick) -> Bar:
+    return Bar(symbol=tick.symbol, timeframe="1s", start_ns=tick.ts_ns, open=tick.bid, high=tick.ask,
+               low=tick.bid, close=tick.ask)
+
+
+async def test_output_is_written_with_lineage_and_input_acked(redis, keys):
+    # given a tick and a handler that turns it into a bar
+    [tick] = ticks(1)
+    await publish(redis, keys, [tick])
+
+    async def handle(event: Tick) -> Bar:
+        return bar_from(event)
+
+    worker = make_worker(redis, keys, handle, name="bars")
+    # when the worker handles it
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.handled), what="the commit")
+    # then the bar is on the bar topic's stream with the tick as root and cause, and the tick is acked
+    out = await redis.xrange(stream_of(keys, topic="bar"))
+    assert len(out) == 1
+    bar = decode_fields(out[0][1])
+    assert isinstance(bar, Bar)
+    assert bar.symbol == "A"
+    assert bar.correlation_id == tick.event_id
+    assert bar.causation_id == tick.event_id
+    assert bar.producer == "bars"
+    assert await pending(redis, stream_of(keys)) == 0
+
+
+async def test_commit_is_refused_when_entry_was_taken_over(redis, keys):
+    # given a handler that, while running, sees its entry taken over by consumer "other"
+    await publish(redis, keys, ticks(1))
+    calls = 0
+
+    async def handle(event: Tick, ctx: Context) -> Bar:
+        nonlocal calls
+        calls += 1
+        await redis.xclaim(ctx.stream, ctx.group, "other", 0, [ctx.entry_id])
+        return bar_from(event)
+
+    # (reclaim idle long: this worker must not take the entry back from "other" during the test)
+    worker = make_worker(redis, keys, handle, reclaim_idle_ms=60_000)
+    # when the handler returns an output
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.refused), what="the refused commit")
+    # then nothing was written, the input is still pending for "other", and only the refusal was counted
+    assert calls == 1
+    assert await redis.xlen(stream_of(keys, topic="bar")) == 0
+    [entry] = await redis.xrange(stream_of(keys))
+    [row] = await pending_of(redis, stream_of(keys), entry[0])
+    assert row["consumer"] == b"other"
+    assert worker.stats.refused == 1
+    assert worker.stats.handled == 0
+
+
+# ---- 4: priority -----------------------------------------------------------------------------------
+
+
+async def test_critical_entries_are_served_first_by_the_lane_weights(redis, keys):
+    # given 50 low then 50 critical ticks waiting before any worker runs
+    n = 50
+    await publish(redis, keys, ticks(n), Priority.LOW)
+    await publish(redis, keys, ticks(n), Priority.CRITICAL)
+    order: list[str] = []
+
+    async def handle(event: Event, ctx: Context) -> None:
+        order.append(ctx.priority)
+
+    worker = make_worker(redis, keys, handle, concurrency=1)
+    # when one worker with one handler slot starts
+    async with running(worker):
+        await eventually(at_least(2 * n, lambda: worker.stats.handled), what="all 100 handled")
+    # then the first is critical, and while both lanes wait, each critical costs only w_low/w_crit of a low
+    # (smooth weighted round robin, lanes.py): all criticals are done within n + ceil(n * w_low / w_crit)
+    weights = worker.config.priority_weights
+    bound = n + math.ceil(n * weights[Priority.LOW] / weights[Priority.CRITICAL])
+    assert len(order) == 2 * n
+    assert order[0] == "critical"
+    last_critical = max(i for i, p in enumerate(order) if p == "critical") + 1
+    assert last_critical <= bound, order
+    assert order[bound:] == ["low"] * (2 * n - bound)
+
+
+async def test_low_priority_is_not_starved_by_continuous_critical_traffic(redis, keys):
+    # given a worker handling a continuous stream of critical ticks
+    lows: set[str] = set()
+    criticals = 0
+
+    async def handle(event: Event, ctx: Context) -> None:
+        nonlocal criticals
+        if ctx.priority == "low":
+            lows.add(event.event_id)
+        else:
+            criticals += 1
+
+    worker = make_worker(redis, keys, handle, concurrency=1)
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        async with Publisher(redis, keys=keys) as pub:
+            while not stop.is_set():
+                await pub.publish_many(ticks(50, "A"), priority=Priority.CRITICAL)
+
+    async with running(worker):
+        flooder = asyncio.create_task(flood())
+        try:
+            await eventually(at_least(100, lambda: criticals), what="critical traffic flowing")
+            # when low ticks are published once, while the flood goes on
+            low = ticks(20, "A")
+            await publish(redis, keys, low, Priority.LOW)
+            before = criticals
+
+            async def all_lows() -> bool:
+                return lows == {e.event_id for e in low}
+
+            # then every low one is handled, and critical ones kept being handled meanwhile
+            await eventually(all_lows, what="every low tick handled under critical flood")
+            assert criticals > before
+            assert not flooder.done()
+        finally:
+            stop.set()
+            await flooder
+
+
+# ---- 5: discovery ----------------------------------------------------------------------------------
+
+
+async def test_new_symbol_stream_is_joined_while_running(redis, keys):
+    # given a running worker reading the only stream that exists
+    await publish(redis, keys, ticks(1, "OLD"))
+    seen: list[str | None] = []
+
+    async def handle(event: Event) -> None:
+        seen.append(event.symbol)
+
+    worker = make_worker(redis, keys, handle)
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.handled), what="the first event")
+        assert worker.streams == [stream_of(keys, "OLD")]
+        # when an event of a new symbol is published
+        await publish(redis, keys, ticks(1, "NEW"))
+        # then the worker joins the new stream and handles it
+        await eventually(at_least(2, lambda: worker.stats.handled), what="the new symbol's event")
+    assert seen == ["OLD", "NEW"]
+    assert stream_of(keys, "NEW") in worker.streams
+    assert await pending(redis, stream_of(keys, "NEW")) == 0
+
+
+# ---- 6, 7, 8: failures, dead letters, signals ------------------------------------------------------
+
+
+async def test_failing_twice_then_succeeding_is_handled_once(redis, keys):
+    # given a handler that fails on its first two deliveries
+    await publish(redis, keys, ticks(1))
+    deliveries: list[int] = []
+    successes = 0
+
+    async def handle(event: Event, ctx: Context) -> None:
+        nonlocal successes
+        deliveries.append(ctx.delivery_count)
+        if len(deliveries) <= 2:
+            raise ValueError("flaky")
+        successes += 1
+
+    worker = make_worker(redis, keys, handle, max_deliveries=5)
+    # when the worker runs
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.handled), what="the commit")
+    # then the third delivery succeeded and was committed once; no dead letter, no failure record left
+    assert deliveries == [1, 2, 3]
+    assert successes == 1
+    assert worker.stats.failed == 2
+    assert worker.stats.dead_lettered == 0
+    assert await list_dead_letters(redis, keys) == []
+    assert await pending(redis, stream_of(keys)) == 0
+    assert await redis.hlen(keys.failures(stream_of(keys))) == 0
+
+
+async def test_always_failing_becomes_one_dead_letter_after_max_deliveries(redis, keys):
+    # given an event whose handler always fails
+    [entry_id] = await publish(redis, keys, ticks(1))
+    [(_, original)] = await redis.xrange(stream_of(keys))
+    deliveries: list[int] = []
+
+    async def handle(event: Event, ctx: Context) -> None:
+        deliveries.append(ctx.delivery_count)
+        raise ValueError("cannot price this tick")
+
+    worker = make_worker(redis, keys, handle, name="pricer", max_deliveries=3)
+    # when the worker runs
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.dead_lettered), what="the dead letter")
+    # then exactly one dead letter holds the facts and the original fields, and the entry is acked
+    assert deliveries == [1, 2, 3]
+    [letter] = await list_dead_letters(redis, keys)
+    assert letter.origin_stream == stream_of(keys)
+    assert letter.origin_id == entry_id
+    assert letter.group == GROUP
+    assert letter.consumer == worker.consumer
+    assert letter.handler == "pricer"
+    assert letter.error_type == "ValueError"
+    assert letter.error == "cannot price this tick"
+    assert letter.deliveries == 3
+    assert 0 < letter.first_failure_ms <= letter.last_failure_ms
+    assert letter.fields == {k.decode(): v for k, v in original.items()}
+    assert await pending(redis, stream_of(keys)) == 0
+    assert await redis.hlen(keys.failures(stream_of(keys))) == 0
+
+
+GARBAGE = [
+    pytest.param({b"type": b"Tick", b"v": b"1", b"enc": b"msgpack", b"data": b"\xff\x00garbage"},
+                 {"DecodeError"}, id="bad-payload"),
+    pytest.param({b"type": b"Tick", b"v": b"1", b"enc": b"msgpack"}, {"DecodeError"}, id="missing-field"),
+    pytest.param({b"type": b"Tick", b"v": b"2", b"enc": b"msgpack", b"data": b"\x80"},
+                 {"DecodeError"}, id="newer-version"),
+    pytest.param({b"type": b"NoSuchEvent", b"v": b"1", b"enc": b"msgpack", b"data": b"\x80"},
+                 {"UnknownEventType"}, id="unknown-type"),
+]
+
+
+@pytest.mark.parametrize(("fields", "error_types"), GARBAGE)
+async def test_undecodable_entry_is_dead_lettered_at_once_and_work_goes_on(redis, keys, fields, error_types):
+    # given a stream the worker reads, holding a good event, an entry not written by fabric, then more events
+    [before] = ticks(1)
+    await publish(redis, keys, [before])
+    garbage_id = await redis.xadd(stream_of(keys), fields)
+    after = ticks(3)
+    await publish(redis, keys, after)
+    seen: list[str] = []
+
+    async def handle(event: Event) -> None:
+        seen.append(event.event_id)
+
+    worker = make_worker(redis, keys, handle)
+    # when the worker runs
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.dead_lettered), what="the dead letter")
+        await eventually(at_least(4, lambda: worker.stats.handled), what="the good events")
+    # then the garbage is a dead letter on its first delivery with its bytes intact, and the good ones handled
+    [letter] = await list_dead_letters(redis, keys)
+    assert letter.origin_id == garbage_id.decode()
+    assert letter.error_type in error_types
+    assert letter.error
+    assert letter.deliveries == 1
+    assert letter.fields == {k.decode(): v for k, v in fields.items()}
+    assert sorted(seen) == sorted([before.event_id, *(e.event_id for e in after)])
+    assert worker.stats.failed == 0
+    assert await pending(redis, stream_of(keys)) == 0
+
+
+async def test_reject_dead_letters_at_once(redis, keys):
+    # given a handler that rejects its input
+    await publish(redis, keys, ticks(1))
+    calls = 0
+
+    async def handle(event: Event) -> None:
+        nonlocal calls
+        calls += 1
+        raise Reject("negative spread")
+
+    worker = make_worker(redis, keys, handle, max_deliveries=5)
+    # when the worker handles it
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.dead_lettered), what="the dead letter")
+    # then it is dead-lettered on the first delivery, with the reason, and acked
+    assert calls == 1
+    [letter] = await list_dead_letters(redis, keys)
+    assert letter.error_type == "Reject"
+    assert letter.error == "negative spread"
+    assert letter.deliveries == 1
+    assert await pending(redis, stream_of(keys)) == 0
+
+
+async def test_retry_redelivers_then_succeeds(redis, keys):
+    # given a handler that asks for a retry on its first delivery
+    await publish(redis, keys, ticks(1))
+    deliveries: list[int] = []
+
+    async def handle(event: Event, ctx: Context) -> None:
+        deliveries.append(ctx.delivery_count)
+        if ctx.delivery_count == 1:
+            raise Retry(after_ms=50, reason="venue busy")
+
+    worker = make_worker(redis, keys, handle, max_deliveries=5)
+    # when the worker runs
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.handled), what="the commit")
+    # then it was delivered again (count 2) and committed, with no dead letter
+    assert deliveries == [1, 2]
+    assert worker.stats.handled == 1
+    assert await list_dead_letters(redis, keys) == []
+    assert await pending(redis, stream_of(keys)) == 0
+
+
+# ---- 9, 10, 11: live and dead consumers (idle times: real server only) -----------------------------
+
+
+@pytest.mark.real_only
+async def test_slow_handler_in_live_worker_is_not_reclaimed_by_another(redis, keys):
+    # given two live workers of one group and a handler that takes three reclaim idle times
+    await publish(redis, keys, ticks(1))
+    idle_ms = FAST["reclaim_idle_ms"]
+    calls: list[str] = []
+    never = asyncio.Event()
+
+    async def handle(event: Event, ctx: Context) -> None:
+        calls.append(ctx.consumer)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(never.wait(), 3 * idle_ms / 1000)
+
+    a = make_worker(redis, keys, handle, consumer="a")
+    b = make_worker(redis, keys, handle, consumer="b")
+    # when the event is handled
+    async with running(a, b):
+        await eventually(at_least(1, lambda: a.stats.handled + b.stats.handled), what="the commit")
+    # then it was handled exactly once: the holder's heartbeat kept the other from reclaiming it
+    assert len(calls) == 1
+    assert a.stats.handled + b.stats.handled == 1
+    assert a.stats.reclaimed == b.stats.reclaimed == 0
+    assert a.stats.refused == b.stats.refused == 0
+    assert await pending(redis, stream_of(keys)) == 0
+
+
+@pytest.mark.real_only
+async def test_entries_of_a_dead_consumer_are_reclaimed_and_handled(redis, keys):
+    # given entries read by consumer "dead", which never acks them
+    n = 5
+    events = ticks(n)
+    await publish(redis, keys, events)
+    stream = stream_of(keys)
+    await redis.xgroup_create(stream, GROUP, id="0")
+    reply = await redis.xreadgroup(GROUP, "dead", {stream: ">"}, count=n)
+    assert len(reply[0][1]) == n
+    seen: dict[str, int] = {}
+
+    async def handle(event: Event, ctx: Context) -> None:
+        seen[event.event_id] = ctx.delivery_count
+
+    worker = make_worker(redis, keys, handle)
+    # when a live worker runs past reclaim_idle_ms
+    async with running(worker):
+        await eventually(at_least(n, lambda: worker.stats.handled), what="the reclaimed entries handled")
+    # then it took them over (a second delivery each) and handled them
+    assert seen == {e.event_id: 2 for e in events}
+    assert worker.stats.reclaimed >= n
+    assert await pending(redis, stream) == 0
+
+
+@pytest.mark.real_only
+async def test_pending_entry_trimmed_from_stream_is_counted(redis, keys):
+    # given an entry pending for consumer "dead" and then deleted from its stream
+    [entry_id] = await publish(redis, keys, ticks(1))
+    stream = stream_of(keys)
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xreadgroup(GROUP, "dead", {stream: ">"}, count=1)
+    assert await redis.xdel(stream, entry_id) == 1
+    calls = 0
+
+    async def handle(event: Event) -> None:
+        nonlocal calls
+        calls += 1
+
+    worker = make_worker(redis, keys, handle)
+    field = f"trimmed_pending:{stream}"
+
+    async def counted() -> bytes | None:
+        value: bytes | None = await redis.hget(keys.counters(), field)
+        return value
+
+    # when a live worker's reclaim finds it
+    async with running(worker):
+        await eventually(counted, what="the trimmed_pending counter")
+    # then it is counted once, in the stats and in the counters hash, and nothing was handled
+    assert worker.stats.trimmed_pending == 1
+    assert await redis.hget(keys.counters(), field) == b"1"
+    assert calls == 0
+    assert await pending(redis, stream) == 0
+
+
+# ---- 12: graceful stop -----------------------------------------------------------------------------
+
+
+async def test_stop_under_load_loses_nothing_and_leaks_no_task(redis, keys):
+    # given many events and a slow-ish handler
+    n = 2000
+    events = ticks(n)
+    await publish(redis, keys, events)
+    stream = stream_of(keys)
+    done: Counter[str] = Counter()
+
+    async def handle(event: Event) -> None:
+        await asyncio.sleep(0.005)
+        done[event.event_id] += 1
+
+    worker = make_worker(redis, keys, handle, concurrency=8)
+    before = asyncio.all_tasks()
+    task = asyncio.create_task(worker.run())
+    await eventually(at_least(50, lambda: worker.stats.handled), what="work under way")
+    # when the worker is stopped mid-run
+    worker.stop()
+    await stopped([task])  # then run returns without error
+    # and every entry is acked (handled once), still pending, or not yet delivered: nothing is lost
+    assert all(c == 1 for c in done.values())
+    assert worker.stats.handled == len(done)
+    assert worker.stats.handled < n
+    groups = await redis.xinfo_groups(stream)
+    [group] = [g for g in groups if g["name"] == GROUP.encode()]
+    undelivered = len(await redis.xrange(stream, f"({group['last-delivered-id'].decode()}", "+"))
+    assert worker.stats.handled + await pending(redis, stream) + undelivered == n
+    # and every task the worker created is done
+    assert {t for t in asyncio.all_tasks() if t not in before} == set()
+
+
+async def test_stop_returns_even_if_a_step_swallows_its_cancellation(redis, keys):
+    # given a running worker whose reclaim step, once, swallows the cancellation that ends it: what Python
+    # 3.11's asyncio.wait_for does when the cancel lands as the inner call completes (redis-py wraps every
+    # send in wait_for when socket_timeout is set)
+    worker = make_worker(redis, keys, lambda_none)
+    original = worker.reclaim
+    swallowing = asyncio.Event()
+
+    async def reclaim() -> int:
+        if swallowing.is_set():
+            return await original()
+        swallowing.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return 0
+
+    worker.reclaim = reclaim  # type: ignore[method-assign]
+    task = asyncio.create_task(worker.run())
+    await eventually(lambda: _is_set(swallowing), what="the reclaim step under way")
+    # when the worker is stopped
+    worker.stop()
+    # then run() still returns
+    await stopped([task])
+
+
+async def lambda_none(event: Event) -> None:
+    return None
+
+
+async def _is_set(event: asyncio.Event) -> bool:
+    return event.is_set()
