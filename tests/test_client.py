@@ -13,6 +13,7 @@ from fabric.errors import PermissionDenied
 from fabric.events import Tick
 from fabric.handler import as_handler
 from tests.waiting import eventually
+from tests.workers import running
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -49,12 +50,10 @@ async def test_the_permissions_readme_lists_are_enough_to_publish_and_handle(acl
     worker = Worker(client, as_handler(handle), WorkerConfig(group="g", topics=["tick"], block_ms=50), keys=keys)
     async with Publisher(client, keys=keys) as pub:
         await pub.publish(Tick(symbol="A", bid=1, ask=2))
-    task = asyncio.create_task(worker.run())
     try:
-        await eventually(lambda: asyncio.sleep(0, result=len(seen) == 1), what="the event handled")
+        async with running(worker):
+            await eventually(lambda: asyncio.sleep(0, result=len(seen) == 1), what="the event handled")
     finally:
-        worker.stop()
-        await task
         await client.aclose()
 
 

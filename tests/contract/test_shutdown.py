@@ -8,6 +8,7 @@ from fabric import Publisher, Worker, WorkerConfig
 from fabric.events import Tick
 from fabric.handler import as_handler
 from tests.waiting import eventually
+from tests.workers import running
 
 
 @pytest.mark.real_only
@@ -41,11 +42,7 @@ async def test_entries_read_ahead_but_never_started_go_back_with_their_delivery_
     second = Worker(redis, as_handler(record), WorkerConfig(group="g", topics=["tick"], block_ms=50,
                                                             reclaim_idle_ms=600_000, reclaim_interval_ms=50,
                                                             consumer="second"), keys=keys)
-    run = asyncio.create_task(second.run())
-    try:
+    async with running(second):
         await eventually(lambda: asyncio.sleep(0, result=len(counts) == 20), what="all 20 taken over")
-    finally:
-        second.stop()
-        await run
     assert counts[started[0]] == 2
     assert all(counts[i] == 1 for i in ids if i != started[0])
