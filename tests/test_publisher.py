@@ -9,7 +9,7 @@ import uuid
 import msgspec
 import pytest
 
-from fabric import Publisher, PublisherConfig, connect
+from fabric import Publisher, PublisherConfig, connect, scripts
 from fabric.codec import decode_fields
 from fabric.errors import (
     AuthenticationFailed,
@@ -392,3 +392,25 @@ async def test_out_of_memory_is_reported_and_publisher_recovers_after_flush(smal
             assert await pub.publish(tick()) is not None
     finally:
         await client.aclose()
+
+
+# ---- round trips ---------------------------------------------------------------------------------------
+
+
+async def _calls(redis, command: str) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+@pytest.mark.real_only
+async def test_a_batch_costs_one_script_call_and_a_new_stream_one_registration(redis, keys):
+    # given a publisher with batches of 500, its script loaded (as after its first call), 1,000 events, 4 symbols
+    await redis.script_load(scripts.PUBLISH.source)
+    events = [tick(symbol=f"S{i % 4}") for i in range(1000)]
+    before = (await _calls(redis, "evalsha"), await _calls(redis, "sadd"))
+    # when they are published
+    async with Publisher(redis, PublisherConfig(max_batch=500), keys=keys) as pub:
+        await pub.publish_many(events)
+    # then Redis saw two script calls (one per batch) and one SADD per new stream, nothing per event
+    after = (await _calls(redis, "evalsha"), await _calls(redis, "sadd"))
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 4)
