@@ -17,7 +17,7 @@ import msgspec
 import typer
 
 from fabric.client import connect, translated
-from fabric.config import PublisherConfig, WorkerConfig
+from fabric.config import FabricConfig, PublisherConfig, WorkerConfig, load_config
 from fabric.errors import ConfigError, FabricError
 from fabric.events import Event, event_type, event_types
 from fabric.handler import load_handler
@@ -31,7 +31,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 RedisUrl = Annotated[str | None, typer.Option("--redis-url", envvar="FABRIC_REDIS_URL",
                                               help="redis://[:password@]host:port/db")]
-Namespace = Annotated[str, typer.Option("--namespace", envvar="FABRIC_NAMESPACE", help="Key prefix.")]
+Namespace = Annotated[str | None, typer.Option("--namespace", envvar="FABRIC_NAMESPACE",
+                                                help="Key prefix (default: the config file's, else fabric).")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", envvar="FABRIC_CONFIG",
+                                                 help="A config/*.toml: Redis URL, namespace, publisher, retention.")]
 Imports = Annotated[list[str] | None, typer.Option("--import", help="Import a module that defines event types.")]
 PUBLISH_CHUNK = 1_000
 
@@ -47,6 +50,12 @@ def _import(modules: list[str] | None) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             _fail(f"cannot import {name!r}: {exc}")
+
+
+def _settings(path: Path | None, redis_url: str | None, namespace: str | None) -> tuple[FabricConfig, str | None, str]:
+    """The config file (or defaults), with the command line's URL and namespace taking precedence."""
+    config = load_config(path) if path else FabricConfig()
+    return config, redis_url or config.redis_url, namespace or config.namespace
 
 
 def _logging(verbose: bool) -> None:
@@ -89,14 +98,14 @@ def _events(lines: Iterator[str], bad: list[str]) -> Iterator[list[Event]]:
         yield chunk
 
 
-async def _publish(url: str | None, ns: str, topic: str | None, priority: Priority | None,
-                   lines: Iterator[str], bad: list[str]) -> tuple[int, int]:
+async def _publish(url: str | None, ns: str, config: PublisherConfig, topic: str | None,
+                   priority: Priority | None, lines: Iterator[str], bad: list[str]) -> tuple[int, int]:
     client = connect(url)
     published = duplicates = 0
     try:
         with translated(url):
             await client.ping()
-            async with Publisher(client, PublisherConfig(), Keys(ns)) as pub:
+            async with Publisher(client, config, Keys(ns)) as pub:
                 for chunk in _events(lines, bad):
                     ids = await pub.publish_many(chunk, topic, priority)
                     published += sum(1 for i in ids if i is not None)
@@ -112,14 +121,16 @@ def publish(
     priority: Annotated[str | None, typer.Option(help="low, normal, high or critical.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="JSON lines; default stdin.")] = None,
     redis_url: RedisUrl = None,
-    namespace: Namespace = "fabric",
+    namespace: Namespace = None,
+    config_file: ConfigFile = None,
     imports: Imports = None,
 ) -> None:
     """Publish events given as JSON lines (each with a "type" field); bad lines are reported by number."""
     _import(imports)
     try:
         prio = Priority.parse(priority) if priority else None
-    except ValueError as exc:
+        settings, redis_url, ns = _settings(config_file, redis_url, namespace)
+    except (ValueError, ConfigError) as exc:
         _fail(str(exc))
     bad: list[str] = []
     try:
@@ -128,7 +139,9 @@ def publish(
         _fail(f"cannot read {file}: {exc.strerror}")
     try:
         with stream:
-            published, dups = asyncio.run(_publish(redis_url, namespace, topic, prio, iter(stream), bad))
+            published, dups = asyncio.run(
+                _publish(redis_url, ns, settings.publisher, topic, prio, iter(stream), bad)
+            )
     except FabricError as exc:
         _fail(str(exc))
     typer.echo(f"published {published} events" + (f" ({dups} duplicates skipped)" if dups else "")
@@ -151,7 +164,8 @@ def worker(
     grace_s: float = 10.0,
     handler_timeout_s: float | None = None,
     redis_url: RedisUrl = None,
-    namespace: Namespace = "fabric",
+    namespace: Namespace = None,
+    config_file: ConfigFile = None,
     imports: Imports = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -162,15 +176,15 @@ def worker(
     _import(imports)
     sys.path.insert(0, str(Path.cwd()))
     try:
+        settings, redis_url, ns = _settings(config_file, redis_url, namespace)
         config = WorkerConfig(
             group=group, topics=topic, consumer=consumer, concurrency=concurrency,
             max_deliveries=max_deliveries, output_topic=output_topic, reclaim_idle_ms=reclaim_idle_ms,
             block_ms=block_ms, grace_s=grace_s, handler_timeout_s=handler_timeout_s,
+            retention={t: r for t, r in settings.retention.items() if t in topic},
         )
         name, fn = load_handler(handler)
-        graceful = run_worker(redis_url, fn, config, namespace=namespace, handler_name=name)
-    except ConfigError as exc:
-        _fail(str(exc))
+        graceful = run_worker(redis_url, fn, config, namespace=ns, handler_name=name)
     except FabricError as exc:
         _fail(str(exc))
     if not graceful:

@@ -107,6 +107,27 @@ async def test_publish_uses_fabric_redis_url_when_no_option_is_given(redis, redi
     assert sorted(await published_ids(redis, keys)) == sorted(i for _, i in good)
 
 
+async def test_publish_takes_url_and_namespace_from_a_config_file(redis, redis_url, keys, tmp_path) -> None:
+    # given a config file naming the server and the namespace, and no --redis-url or --namespace
+    config = tmp_path / "fabric.toml"
+    config.write_text(f'redis_url = "{redis_url}"\nnamespace = "{keys.ns}"\n')
+    line, event_id = tick_line()
+    # when publishing with --config
+    result = await fabric("publish", "--topic", "tick", "--config", str(config),
+                          env=subprocess_env(redis_url, keys.ns), stdin=line + "\n")
+    # then the event lands in that namespace on that server
+    assert result.returncode == 0, result.stderr
+    assert await published_ids(redis, keys) == [event_id]
+
+
+async def test_a_bad_config_file_is_one_line_error_naming_the_field(redis_url, keys, tmp_path) -> None:
+    config = tmp_path / "fabric.toml"
+    config.write_text("[publisher]\nmax_batch = 0\n")
+    result = await fabric(*worker_args(keys.ns, redis_url), "--config", str(config),
+                          env=subprocess_env(redis_url, keys.ns))
+    assert_one_line_error(result, "max_batch")
+
+
 # ---- errors: one line, a hint, no traceback -------------------------------------------------------------
 
 
