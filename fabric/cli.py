@@ -21,7 +21,7 @@ from fabric.config import FabricConfig, PublisherConfig, WorkerConfig, load_conf
 from fabric.errors import ConfigError, FabricError
 from fabric.events import Event, event_type, event_types
 from fabric.handler import load_handler
-from fabric.keys import Keys, Priority
+from fabric.keys import Keys, Priority, check_name
 from fabric.publisher import Publisher
 
 __all__ = ["app", "main"]
@@ -48,14 +48,19 @@ def _import(modules: list[str] | None) -> None:
     for name in modules or ():
         try:
             importlib.import_module(name)
-        except ImportError as exc:
-            _fail(f"cannot import {name!r}: {exc}")
+        except Exception as exc:  # a module may fail in any way while it runs; say which and why
+            _fail(f"cannot import {name!r} ({type(exc).__name__}: {exc}): check the module, and PYTHONPATH")
 
 
 def _settings(path: Path | None, redis_url: str | None, namespace: str | None) -> tuple[FabricConfig, str | None, str]:
     """The config file (or defaults), with the command line's URL and namespace taking precedence."""
     config = load_config(path) if path else FabricConfig()
-    return config, redis_url or config.redis_url, namespace or config.namespace
+    ns = namespace or config.namespace
+    try:
+        check_name("namespace", ns)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return config, redis_url or config.redis_url, ns
 
 
 def _logging(verbose: bool) -> None:

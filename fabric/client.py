@@ -27,6 +27,9 @@ __all__ = ["DEFAULT_URL", "connect", "error_code", "redact", "resolve_url", "tra
 
 DEFAULT_URL = "redis://localhost:6379/0"
 URL_ENV = "FABRIC_REDIS_URL"
+SOCKET_TIMEOUT_S = 30.0
+"""No reply within this long means the connection is dead (WorkerConfig caps block_ms well below it)."""
+POOL_WAIT_S = 30.0
 
 
 def resolve_url(url: str | None) -> str:
@@ -47,14 +50,19 @@ def connect(url: str | None = None, *, max_connections: int = 32) -> aioredis.Re
     """An asyncio Redis client (hiredis parser, bytes replies) for a ``redis://`` or ``rediss://`` URL."""
     url = resolve_url(url)
     try:
-        return aioredis.Redis.from_url(
+        # A blocking pool makes a burst of calls wait for a connection instead of failing "Too many connections";
+        # the socket timeout (above any block_ms) ends calls on a half-open connection instead of waiting hours.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
             decode_responses=False,
             max_connections=max_connections,
+            timeout=POOL_WAIT_S,
             socket_connect_timeout=5,
+            socket_timeout=SOCKET_TIMEOUT_S,
             socket_keepalive=True,
             health_check_interval=30,
         )
+        return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
     except ValueError as exc:
         raise RedisError(f"bad Redis URL {redact(url)!r}: {exc}; expected redis://[:password@]host:port/db") from exc
 

@@ -1,6 +1,6 @@
 """The wire format: how an event becomes the fields of a stream entry, and back.
 
-An entry has exactly four fields, all plain strings or bytes (README, "Wire format"):
+An entry has four fields, all plain strings or bytes (README, "Wire format"; a replay adds ``for_group``):
 
 ``type``  the event type's tag, e.g. ``Tick``
 ``v``     the format version of this layout, ``1``

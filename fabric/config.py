@@ -34,6 +34,8 @@ DEFAULT_RECLAIM_INTERVAL_MS = 1_000
 DEFAULT_DISCOVER_INTERVAL_MS = 1_000
 DEFAULT_TRIM_INTERVAL_MS = 10_000
 DEFAULT_GRACE_S = 10.0
+DEFAULT_HANDLER_TIMEOUT_S = 60.0
+MAX_BLOCK_MS = 10_000
 
 
 class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -109,7 +111,8 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     trim_interval_ms: int = DEFAULT_TRIM_INTERVAL_MS
     grace_s: float = DEFAULT_GRACE_S
     """On SIGTERM, how long in-flight handlers may take to finish."""
-    handler_timeout_s: float | None = None
+    handler_timeout_s: float | None = DEFAULT_HANDLER_TIMEOUT_S
+    """A handler call running longer fails (and is retried); None: no limit, a hung handler holds its entry."""
     priority_weights: tuple[int, int, int, int] = DEFAULT_WEIGHTS
     """Lane weights: low, normal, high, critical (see ``lanes.py``)."""
     output_topic: str | None = None
@@ -125,6 +128,10 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         return max(1, self.reclaim_idle_ms // 3)
 
     def __post_init__(self) -> None:
+        self._check_names()
+        self._check_limits()
+
+    def _check_names(self) -> None:
         try:
             check_name("group", self.group)
             for t in self.topics:
@@ -135,13 +142,20 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
             raise ConfigError(f"WorkerConfig: {exc}") from None
         if not self.topics:
             self._fail("topics", "name at least one topic to read")
-        for name in ("concurrency", "prefetch", "commit_batch", "max_deliveries", "block_ms"):
+
+    def _check_limits(self) -> None:
+        for name in ("concurrency", "prefetch", "commit_batch", "max_deliveries", "block_ms", "reclaim_interval_ms",
+                     "discover_interval_ms", "trim_interval_ms"):
             if getattr(self, name) < 1:
                 self._fail(name, "must be at least 1")
         if self.backoff_max_ms < self.backoff_base_ms:
             self._fail("backoff_max_ms", "is below backoff_base_ms")
         if len(self.priority_weights) != len(Priority) or min(self.priority_weights) < 1:
             self._fail("priority_weights", "give one positive integer per priority (low, normal, high, critical)")
+        if self.block_ms > MAX_BLOCK_MS:
+            self._fail("block_ms", f"{self.block_ms} is over {MAX_BLOCK_MS}: longer looks like a dead connection")
+        if self.handler_timeout_s is not None and self.handler_timeout_s <= 0:
+            self._fail("handler_timeout_s", "must be positive, or unset for no limit")
         if self.reclaim_idle_ms < 30:
             self._fail("reclaim_idle_ms", "too small to refresh held entries in time: use at least 30")
 

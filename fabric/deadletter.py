@@ -70,10 +70,17 @@ async def move(
     error_type: str,
     error: str,
     deliveries: int,
+    registered: set[str] | None = None,
 ) -> bytes | None:
-    """Dead-letter one pending entry and ack it atomically; None if this consumer no longer owns it."""
+    """Dead-letter one pending entry and ack it atomically; None if this consumer no longer owns it.
+
+    The dead-letter stream is added to ``keys.dlq_registry()`` first, unless it is in ``registered`` (a cache the
+    caller keeps, so that a worker pays that round trip once per dead-letter stream)."""
     dlq = keys.dlq(stream)
-    await client.sadd(keys.dlq_registry(), dlq)
+    if registered is None or dlq not in registered:
+        await client.sadd(keys.dlq_registry(), dlq)
+        if registered is not None:
+            registered.add(dlq)
     result: bytes | None = await scripts.DEADLETTER(
         client,
         [stream, keys.failures(stream), dlq],

@@ -78,13 +78,13 @@ def load_handler(ref: str) -> tuple[str, HandlerFn]:
     """Import ``MODULE:FUNCTION`` and adapt it; return (ref, handler)."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
-        raise HandlerLoadError(f"handler {ref!r} is not MODULE:FUNCTION (for example handlers.bars:on_tick)")
+        raise HandlerLoadError(f"handler {ref!r} is not MODULE:FUNCTION (for example handlers.quotes:mid_price)")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # an ImportError, or anything the module raised while it ran
         raise HandlerLoadError(
-            f"cannot import {module_name!r} for handler {ref!r} ({exc}): run from the directory that holds the "
-            "module, or add it to PYTHONPATH"
+            f"cannot import {module_name!r} for handler {ref!r} ({type(exc).__name__}: {exc}): run from the "
+            "directory that holds the module, or add it to PYTHONPATH"
         ) from exc
     fn = getattr(module, attr, None)
     if fn is None:

@@ -1,10 +1,11 @@
 """Every Redis key fabric uses, built here and nowhere else.
 
 ``ns`` is the namespace (``fabric`` by default; tests use a fresh one each). ``TAG`` is the hash tag that
-decides the Redis Cluster slot: ``{SYMBOL}`` for events with a symbol, ``{~TOPIC}`` for those without. Every
-key that one script or one call touches together shares a TAG, so the same code runs on a single Redis and on
-a cluster: one symbol's streams of every topic and priority, their failure records, their dead letters and the
-dedup marks of their events all live in one slot; different symbols spread over the cluster.
+decides the Redis Cluster slot: ``{SYMBOL}`` for events with a symbol, ``{~TOPIC}`` for those without. One
+symbol's streams of every topic and priority, their failure records, their dead letters and the dedup marks
+of their events all live in one slot, so each per-entry script touches one slot; different symbols spread
+over a cluster. (Calls that span tags on a single Redis, such as a publish batch of many symbols, are split by
+slot on a cluster; the layout stays as it is.)
 
 =================================  ===========  ==========================  ===================================
 key                                type         written by                  read by

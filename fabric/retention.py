@@ -30,14 +30,13 @@ async def trim_stream(client: Redis, keys: Keys, stream: str, retention: Retenti
     removed = dropped = 0
     while True:
         r, d = await scripts.TRIM(
-            client,
-            [stream, keys.counters()],
-            [retention.max_len, retention.max_age_ms, retention.hard_max_len, TRIM_STEP],
+            client, [stream], [retention.max_len, retention.max_age_ms, retention.hard_max_len, TRIM_STEP]
         )
         removed, dropped = removed + int(r), dropped + int(d)
         if int(r) < TRIM_STEP:
             break
     if dropped:
+        await client.hincrby(keys.counters(), f"dropped_by_cap:{stream}", dropped)
         log.warning("hard cap on %s dropped %d entries some group had not acknowledged", stream, dropped)
     return removed, dropped
 

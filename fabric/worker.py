@@ -39,7 +39,7 @@ from fabric.config import WorkerConfig
 from fabric.errors import DecodeError, FabricError, Reject, Retry
 from fabric.events import Event
 from fabric.handler import Context, HandlerFn, Middleware, timeout, wrap
-from fabric.keys import Keys, StreamRef
+from fabric.keys import Keys, Priority, StreamRef
 from fabric.lanes import Lanes
 from fabric.retention import trim_stream
 from fabric.retry import RetryTimer, backoff_ms
@@ -53,6 +53,10 @@ TOUCH_CHUNK = 1_000
 RECLAIM_COUNT = 100
 ERROR_BACKOFF_S = (0.1, 5.0)
 CANCEL_WAIT_S = 2.0
+GONE = frozenset({"NOGROUP", "UNBLOCKED"})
+"""Replies that mean the group or stream no longer exists."""
+TRANSIENT = frozenset({"BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"})
+"""Replies that mean: the same write will work later."""
 
 
 def default_consumer_name() -> str:
@@ -133,6 +137,7 @@ class Worker:
         self.config = config
         self.keys = keys or Keys()
         self.group = config.group
+        self._group_bytes = config.group.encode()
         self.consumer = config.consumer or default_consumer_name()
         self.handler_name = handler_name
         chain = list(middleware)
@@ -147,6 +152,10 @@ class Worker:
         self._retries: RetryTimer[Delivery] = RetryTimer()
         self._registered: set[str] = set()
         self._cursors: dict[str, bytes] = {}
+        self._skipped: set[str] = set()
+        self._dlqs: set[str] = set()
+        self._max_held = config.prefetch * len(Priority) + config.concurrency
+        """Past this many held entries (read ahead, in flight, parked, committing) the reader pauses."""
         self._stop = asyncio.Event()
         self._halt = asyncio.Event()  # set last, at the end of a drain: stops the heartbeat
         self._joined = asyncio.Event()
@@ -191,7 +200,7 @@ class Worker:
             done, _ = await asyncio.wait([stopper, *watched], return_when=asyncio.FIRST_COMPLETED)
             crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
             try:
-                await self._drain(reader, background, dispatchers, committer)
+                await self._drain(reader, background, dispatchers, committer, heartbeat)
             finally:
                 self._halt.set()
                 stopper.cancel()
@@ -206,7 +215,7 @@ class Worker:
 
     async def _drain(
         self, reader: asyncio.Task[None], background: list[asyncio.Task[None]],
-        dispatchers: list[asyncio.Task[None]], committer: asyncio.Task[None],
+        dispatchers: list[asyncio.Task[None]], committer: asyncio.Task[None], heartbeat: asyncio.Task[None],
     ) -> None:
         # The reader and the loops end by themselves on _stop (the reader after its current read returns, so
         # entries Redis handed over are seen and released below); they are cancelled only if they hang.
@@ -219,9 +228,12 @@ class Worker:
         await self._commits.put(None)
         if await _finish([committer], self.config.grace_s):  # Redis unreachable: redelivered later
             log.warning("commits did not complete within %.1fs grace: their entries stay pending", self.config.grace_s)
+        self._halt.set()  # a heartbeat after the hand-back would undo it
+        await _finish([heartbeat], CANCEL_WAIT_S)
         try:
-            released = await self._release(unstarted)
-        except (FabricError, rex.RedisError, OSError) as exc:
+            async with asyncio.timeout(self.config.grace_s):
+                released = await self._release(unstarted)
+        except (FabricError, rex.RedisError, OSError, TimeoutError) as exc:
             _raise_if_cancelled(exc)
             log.warning("could not hand entries back (they return after reclaim_idle_ms): %s", exc)
         else:
@@ -261,19 +273,26 @@ class Worker:
             for topic in self.config.topics:
                 pipe.smembers(self.keys.topic_registry(topic))
             members = await pipe.execute()
-        new = sorted({m.decode() for ms in members for m in ms} - self._streams.keys())
-        if not new:
+        refs = {}
+        for name in sorted({m.decode(errors="replace") for ms in members for m in ms} - self._streams.keys()):
+            try:
+                refs[name] = self.keys.parse_stream(name)
+            except ValueError as exc:
+                if name not in self._skipped:
+                    self._skipped.add(name)
+                    log.error("skipping %s in a topic registry: %s", name, exc)
+        if not refs:
             return []
         async with self.client.pipeline(transaction=False) as pipe:
-            for stream in new:
+            for stream in refs:
                 pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
             results = await pipe.execute(raise_on_error=False)
-        for stream, result in zip(new, results, strict=True):
+        for (stream, ref), result in zip(refs.items(), results, strict=True):
             if isinstance(result, Exception) and error_code(result) != "BUSYGROUP":
                 raise result
-            self._streams[stream] = self.keys.parse_stream(stream)
-        log.info("joined group %s on %d new streams", self.group, len(new))
-        return new
+            self._streams[stream] = ref
+        log.info("joined group %s on %d new streams", self.group, len(refs))
+        return list(refs)
 
     # ---- reading and handling --------------------------------------------------------------------
 
@@ -281,6 +300,9 @@ class Worker:
         delay = ERROR_BACKOFF_S[0]
         while not self._stop.is_set():
             lanes = self._lanes
+            if self._held_total() >= self._max_held:  # parked retries and pending commits count too
+                await asyncio.sleep(self.config.block_ms / 1000 / 10)
+                continue
             streams = {s: b">" for s, ref in self._streams.items() if lanes.room(ref.priority) > 0}
             if not streams:
                 if self._streams:
@@ -297,11 +319,12 @@ class Worker:
                 delay = ERROR_BACKOFF_S[0]
             except rex.ResponseError as exc:
                 _raise_if_cancelled(exc)
-                if error_code(exc) != "NOGROUP":
-                    raise
-                log.warning("group %s or a stream was deleted under this worker: rejoining", self.group)
-                self._streams.clear()
-                await self.discover()
+                if error_code(exc) in GONE:
+                    self._group_gone(exc)
+                else:
+                    log.warning("read refused, retrying in %.1fs: %s", delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, ERROR_BACKOFF_S[1])
                 continue
             except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
                 _raise_if_cancelled(exc)
@@ -316,12 +339,19 @@ class Worker:
                     held.add(entry_id)
                     lanes.put(ref.priority, Delivery(ref, entry_id, fields, 1))
 
+    def _held_total(self) -> int:
+        return sum(len(ids) for ids in self._held.values())
+
     async def _dispatch_loop(self) -> None:
         while (d := await self._lanes.get()) is not None:
             await self.process(d)
 
     async def process(self, d: Delivery) -> None:
         """Handle one delivery to its end: commit, park for retry, or dead-letter."""
+        target = d.fields.get(b"for_group")
+        if target is not None and target != self._group_bytes:  # a replay meant for another group
+            self._commits.put_nowait((d, []))
+            return
         if d.deliveries > self.config.max_deliveries:
             await self._dead_letter(d, "", "")
             return
@@ -386,6 +416,7 @@ class Worker:
         moved = await self._retrying(lambda: deadletter.move(
             self.client, self.keys, d.stream.key, d.entry_id, group=self.group, consumer=self.consumer,
             handler=self.handler_name, error_type=error_type, error=message, deliveries=d.deliveries,
+            registered=self._dlqs,
         ))
         self._held[d.stream.key].discard(d.entry_id)
         if moved:
@@ -432,6 +463,10 @@ class Worker:
                 args += (ix(out_stream), enc.type, enc.enc, enc.data)
         await self._register({s for _, outs in batch for s, _ in outs})
         results = await self._retrying(lambda: scripts.COMMIT(self.client, keys, args))
+        if results is None:  # the group is gone: nothing to ack; the rejoin delivers these again
+            for d, _ in batch:
+                self._held[d.stream.key].discard(d.entry_id)
+            return
         for (d, _), ok in zip(batch, results, strict=True):
             self._held[d.stream.key].discard(d.entry_id)
             if ok:
@@ -442,16 +477,34 @@ class Worker:
                             d.stream.key, d.entry_id.decode())
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Retry a write through connection loss and OOM: the entries stay pending (and fresh) meanwhile."""
+        """Run a write, retrying through connection loss, OOM and transient refusals (the entries stay pending and
+        fresh meanwhile). Returns None when the group or stream is gone: the write cannot apply any more."""
         delay = ERROR_BACKOFF_S[0]
         while True:
             try:
                 return await call()
-            except (rex.ConnectionError, rex.TimeoutError, rex.OutOfMemoryError, OSError) as exc:
+            except rex.ResponseError as exc:
+                _raise_if_cancelled(exc)
+                code = error_code(exc)
+                if code in GONE:
+                    self._group_gone(exc)
+                    return None
+                if code not in TRANSIENT and not isinstance(exc, rex.OutOfMemoryError):
+                    raise
+                log.warning("write refused, retrying in %.1fs: %s", delay, exc)
+            except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
                 _raise_if_cancelled(exc)
                 log.warning("write failed, retrying in %.1fs: %s", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, ERROR_BACKOFF_S[1])
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, ERROR_BACKOFF_S[1])
+
+    def _group_gone(self, exc: BaseException) -> None:
+        """The group or a stream was deleted under this worker: rejoin everything on the next discovery. The
+        group is recreated from the start of each stream, so what is retained is delivered again (never lost)."""
+        log.error("group %s or one of its streams was deleted under this worker (%s): rejoining from the start "
+                  "of each stream, so retained entries will be delivered again", self.group, exc)
+        self._streams.clear()
+        self._cursors.clear()
 
     async def _register(self, streams: set[str]) -> None:
         new = streams - self._registered
@@ -516,7 +569,7 @@ class Worker:
             for stream, ds in by_stream.items():
                 args = [self.group, self.consumer, *(d.entry_id for d in ds)]
                 claimed = await self._retrying(partial(scripts.CLAIM, self.client, [stream], args))
-                got = {entry_id: int(count) for entry_id, _, count in claimed}
+                got = {entry_id: int(count) for entry_id, _, count in claimed or ()}
                 for d in ds:
                     if d.entry_id in got:
                         d.deliveries = got[d.entry_id]

@@ -196,3 +196,9 @@ async def test_publish_with_unknown_priority_is_one_line_error(redis_url, keys) 
                           env=subprocess_env(redis_url, keys.ns), stdin=tick_line()[0] + "\n")
     line = assert_one_line_error(result, "low, normal, high, critical")
     assert "urgent" in line
+
+
+async def test_an_invalid_namespace_is_one_line_error(redis_url, keys) -> None:
+    result = await fabric("publish", "--topic", "tick", "--namespace", "bad:ns", "--redis-url", redis_url,
+                          env=subprocess_env(redis_url, keys.ns), stdin="")
+    assert_one_line_error(result, "namespace")

@@ -82,11 +82,12 @@ async def test_replay_puts_original_fields_back_and_deletes_the_dead_letter(redi
     [letter] = await list_dead_letters(redis, keys)
     # when it is replayed
     new_id = await replay(redis, letter)
-    # then its origin stream has a new entry with the original fields, and the dead letter is gone
+    # then its origin stream has a new entry with the original fields, addressed to the dead letter's group,
+    # and the dead letter is gone
     assert new_id is not None
     entries = await redis.xrange(stream)
     assert [e[0] for e in entries] == [entry_id, new_id.encode()]
-    assert entries[1][1] == fields
+    assert entries[1][1] == {**fields, b"for_group": GROUP.encode()}
     assert await list_dead_letters(redis, keys) == []
     assert await redis.xlen(letter.dlq) == 0
 

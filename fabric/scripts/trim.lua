@@ -1,12 +1,13 @@
 -- trim.lua: apply one stream's retention without removing what a consumer group has not acknowledged.
 -- KEYS[1]  stream
--- KEYS[2]  counters hash (ns:counters): field "dropped_by_cap:STREAM" counts what the hard cap dropped
 -- ARGV[1]  max entries kept (0: no count limit)
 -- ARGV[2]  max age ms (0: no age limit)
 -- ARGV[3]  hard cap on entries (0: none); the only rule allowed to drop unacknowledged entries
 -- ARGV[4]  at most this many entries removed by count rules in one call (the caller loops)
 -- An entry is safe to remove once every group has acknowledged it: it is at or below each group's
--- last-delivered id and not in its pending list. Returns {entries removed, unacknowledged entries dropped}.
+-- last-delivered id and not in its pending list. Returns {entries removed, unacknowledged entries dropped};
+-- the caller counts the dropped ones (ns:counters lives in another slot). XTRIM is the only write, so the
+-- hard cap still frees memory when Redis is out of it.
 local stream = KEYS[1]
 local max_len, max_age, hard, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 
@@ -69,9 +70,6 @@ if hard > 0 and len > hard then
     end
     for _ in pairs(unacked) do dropped = dropped + 1 end
     cut = hard_cut
-    if dropped > 0 then
-      redis.call('HINCRBY', KEYS[2], 'dropped_by_cap:' .. stream, dropped)
-    end
   end
 end
 if cut == nil then return {0, dropped} end

@@ -17,7 +17,7 @@ import pytest
 
 from fabric import Priority, Publisher, Reject, Retry, Worker, WorkerConfig
 from fabric.codec import decode_fields
-from fabric.deadletter import list_dead_letters
+from fabric.deadletter import list_dead_letters, replay
 from fabric.events import Bar, Event, Tick
 from fabric.handler import Context, as_handler
 from fabric.keys import Keys
@@ -405,6 +405,34 @@ async def test_reject_dead_letters_at_once(redis, keys):
     assert await pending(redis, stream_of(keys)) == 0
 
 
+async def test_a_replayed_dead_letter_is_handled_again_only_by_its_own_group(redis, keys):
+    # given a tick handled by group "audit" and dead-lettered by group "g" (which rejected it)
+    await publish(redis, keys, ticks(1))
+    seen: Counter[str] = Counter()
+
+    async def audit(event: Event) -> None:
+        seen["audit"] += 1
+
+    async def strict(event: Event) -> None:
+        seen["g"] += 1
+        if seen["g"] == 1:
+            raise Reject("not yet")
+
+    auditor = Worker(redis, as_handler(audit), config(group="audit"), keys=keys)
+    worker = make_worker(redis, keys, strict)
+    async with running(auditor, worker):
+        await eventually(at_least(1, lambda: worker.stats.dead_lettered), what="the dead letter")
+        await eventually(at_least(1, lambda: auditor.stats.handled), what="the audit")
+        # when the dead letter is replayed
+        [letter] = await list_dead_letters(redis, keys)
+        assert await replay(redis, letter) is not None
+        # then group g handles it again, and the auditor acks the replay without handling it twice
+        await eventually(at_least(1, lambda: worker.stats.handled), what="the replay handled by g")
+        await eventually(at_least(2, lambda: auditor.stats.handled), what="the replay acked by audit")
+    assert seen == Counter({"g": 2, "audit": 1})
+    assert await pending(redis, stream_of(keys), group="audit") == 0
+
+
 async def test_retry_redelivers_then_succeeds(redis, keys):
     # given a handler that asks for a retry on its first delivery
     await publish(redis, keys, ticks(1))
@@ -576,3 +604,45 @@ async def lambda_none(event: Event) -> None:
 
 async def _is_set(event: asyncio.Event) -> bool:
     return event.is_set()
+
+
+# ---- the group's world changing under a running worker -------------------------------------------------
+
+
+async def test_a_bad_key_in_a_topic_registry_is_skipped_not_fatal(redis, keys):
+    # given a topic registry holding a key that is no fabric stream, next to a real stream
+    await redis.sadd(keys.topic_registry("tick"), f"{keys.ns}:s:tick:urgent:{{X}}", "not-a-stream")
+    await publish(redis, keys, ticks(3))
+    seen: list[str] = []
+
+    async def handle(event: Event) -> None:
+        seen.append(event.event_id)
+
+    worker = make_worker(redis, keys, handle)
+    # when a worker starts on the topic
+    async with running(worker):
+        await eventually(at_least(3, lambda: worker.stats.handled), what="the real stream handled")
+    # then it handled the real stream and joined nothing else
+    assert len(seen) == 3
+    assert worker.streams == [stream_of(keys)]
+
+
+@pytest.mark.real_only
+async def test_a_stream_deleted_under_a_running_worker_is_rejoined(redis, keys):
+    # given a worker that has handled one event of a stream
+    await publish(redis, keys, ticks(1))
+    seen: list[str] = []
+
+    async def handle(event: Event) -> None:
+        seen.append(event.event_id)
+
+    worker = make_worker(redis, keys, handle)
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.handled), what="the first event")
+        # when the stream key is deleted (its group with it) and a new event is published to it
+        await redis.delete(stream_of(keys))
+        [later] = ticks(1)
+        await publish(redis, keys, [later])
+        # then the worker rejoins and handles it
+        await eventually(lambda: asyncio.sleep(0, result=later.event_id in seen), what="the later event")
+    assert await pending(redis, stream_of(keys)) == 0
