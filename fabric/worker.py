@@ -333,7 +333,9 @@ class Worker:
                 delay = min(delay * 2, ERROR_BACKOFF_S[1])
                 continue
             for stream, entries in reply or ():
-                ref = self._streams[stream.decode()]
+                name = stream.decode()
+                # a rejoin may have cleared the map while this read was in flight; its entries are ours all the same
+                ref = self._streams.get(name) or self.keys.parse_stream(name)
                 held = self._held[ref.key]
                 for entry_id, fields in entries:
                     held.add(entry_id)
