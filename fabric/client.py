@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as rex
+from redis.asyncio.connection import Connection, SSLConnection
 
 from fabric.errors import (
     AuthenticationFailed,
@@ -30,6 +33,28 @@ URL_ENV = "FABRIC_REDIS_URL"
 SOCKET_TIMEOUT_S = 30.0
 """No reply within this long means the connection is dead (WorkerConfig caps block_ms well below it)."""
 POOL_WAIT_S = 30.0
+
+
+class _HiredisPacking:
+    """Pack commands with hiredis's C packer, as redis-py's sync client does (its asyncio client packs in
+    Python, which profiling showed to be the largest cost of a publish batch)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        head = args[0]
+        if isinstance(head, str) or b" " in head:
+            args = (*head.split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+class FastConnection(_HiredisPacking, Connection):
+    """A TCP connection that packs with hiredis."""
+
+
+class FastSSLConnection(_HiredisPacking, SSLConnection):
+    """A TLS connection that packs with hiredis."""
+
+
+_PACKING: dict[str, type[Connection]] = {"redis": FastConnection, "rediss": FastSSLConnection}
 
 
 def resolve_url(url: str | None) -> str:
@@ -52,8 +77,10 @@ def connect(url: str | None = None, *, max_connections: int = 32) -> aioredis.Re
     try:
         # A blocking pool makes a burst of calls wait for a connection instead of failing "Too many connections";
         # the socket timeout (above any block_ms) ends calls on a half-open connection instead of waiting hours.
+        packing = _PACKING.get(urlsplit(url).scheme)
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            **({"connection_class": packing} if packing else {}),
             decode_responses=False,
             max_connections=max_connections,
             timeout=POOL_WAIT_S,

@@ -1,7 +1,7 @@
 """The producer: events into their streams, in pipelined batches, each at most once per dedup window.
 
-Cost per event, measured by design: one msgspec encode, two dict lookups and a few list appends in Python; on
-the wire, one EVALSHA carries a whole batch (``max_batch`` events), so a batch costs one round trip. The first
+Cost per event: one msgspec encode, two dict lookups and a few list appends in Python, and the command
+packed by hiredis (``client.FastConnection``); on the wire, one EVALSHA carries a whole batch (``max_batch`` events), so a batch costs one round trip. The first
 event a process publishes to a new stream adds one SADD to the topic's registry (repeated every 30 s, so that
 a registry lost with a Redis restart comes back).
 

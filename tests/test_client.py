@@ -68,3 +68,17 @@ async def test_a_missing_key_permission_is_reported_as_permission_denied(acl_use
                 await pub.publish(Tick(symbol="A", bid=1, ask=2))
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("args", [
+    ("XADD", "s:{A}", "*", "type", "Tick", "data", b"\x00\xff\r\n"),
+    ("CONFIG GET", "maxmemory"),
+    (b"SCRIPT LOAD", "return 1"),
+    ("EVALSHA", "ab" * 20, 2, "k1", "k2", 0, 1.5, -7),
+])
+def test_fabric_packs_commands_byte_for_byte_as_redis_py_does(args):
+    from redis.asyncio.connection import Connection
+
+    from fabric.client import FastConnection
+
+    assert b"".join(FastConnection().pack_command(*args)) == b"".join(Connection().pack_command(*args))
