@@ -1,9 +1,9 @@
 """The producer: events into their streams, in pipelined batches, each at most once per dedup window.
 
-Cost per event: one msgspec encode, two dict lookups and a few list appends in Python, and the command
-packed by hiredis (``client.FastConnection``); on the wire, one EVALSHA carries a whole batch (``max_batch`` events), so a batch costs one round trip. The first
-event a process publishes to a new stream adds one SADD to the topic's registry (repeated every 30 s, so that
-a registry lost with a Redis restart comes back).
+Cost per event: one msgspec encode, two dict lookups and a few list appends in Python, and the command is
+packed by hiredis (``client.FastConnection``). On the wire, one EVALSHA carries a whole batch (``max_batch``
+events), so a batch costs one round trip. The first event a process publishes to a new stream adds one SADD to
+the topic's registry (repeated every 30 s, so that a registry lost with a Redis restart comes back).
 
 ``publish`` and ``publish_many`` return once Redis has confirmed the entries (their ids; None for an event
 already published within the dedup window) or raise the ``FabricError`` that explains why it did not.
