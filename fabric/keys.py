@@ -143,10 +143,6 @@ class Keys:
         """The set of stream keys that exist for a topic."""
         return f"{self.ns}:topic:{topic}"
 
-    def topic_pattern(self) -> str:
-        """SCAN pattern matching every topic registry."""
-        return f"{self.ns}:topic:*"
-
     def dlq_registry(self) -> str:
         """The set of dead-letter stream keys."""
         return f"{self.ns}:dlqs"

@@ -75,10 +75,6 @@ class Publisher:
     ) -> None:
         await self.close()
 
-    def route(self, event: Event, topic: str | None = None, priority: Priority | str | None = None) -> str:
-        """The stream key an event goes to."""
-        return self._route(event, topic, priority)[0]
-
     def _route(self, event: Event, topic: str | None, priority: Priority | str | None) -> tuple[str, str]:
         p = event.default_priority if priority is None else Priority.parse(priority)
         k = (topic or event.default_topic, p, event.symbol)

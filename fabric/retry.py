@@ -32,13 +32,6 @@ class RetryTimer(Generic[T]):
         self._changed = asyncio.Event()
         self._closed = False
 
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def items(self) -> list[T]:
-        """Everything parked, in no particular order."""
-        return [item for _, _, item in self._heap]
-
     def park(self, item: T, delay_s: float) -> None:
         """Hold ``item`` for ``delay_s`` seconds."""
         due = asyncio.get_running_loop().time() + delay_s
@@ -65,6 +58,6 @@ class RetryTimer(Generic[T]):
         """Drop and return every parked item; ``due`` returns [] from now on."""
         self._closed = True
         self._changed.set()
-        items = self.items()
+        items = [item for _, _, item in self._heap]
         self._heap.clear()
         return items

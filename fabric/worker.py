@@ -525,7 +525,7 @@ class Worker:
             pending = list(ids)
             for i in range(0, len(pending), TOUCH_CHUNK):
                 chunk = pending[i : i + TOUCH_CHUNK]
-                lost = await scripts.TOUCH(self.client, [stream], [self.group, self.consumer, 0, len(chunk), *chunk])
+                lost = await scripts.TOUCH(self.client, [stream], [self.group, self.consumer, len(chunk), *chunk])
                 for entry_id in lost[0] if lost else ():
                     ids.discard(entry_id)
 

@@ -118,7 +118,6 @@ def test_failures_key_keeps_topic_and_priority():
 def test_registry_and_counter_keys():
     keys = Keys("ns")
     assert keys.topic_registry("tick") == "ns:topic:tick"
-    assert keys.topic_pattern() == "ns:topic:*"
     assert keys.dlq_registry() == "ns:dlqs"
     assert keys.counters() == "ns:counters"
 

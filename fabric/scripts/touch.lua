@@ -1,11 +1,11 @@
 -- touch.lua: keep entries this consumer holds fresh: reset their idle time (a heartbeat).
 -- KEYS[i]   a stream
--- ARGV[1]   group   ARGV[2] consumer   ARGV[3] idle ms to set (0)
--- ARGV[4..] per stream i in order: the number of ids n, then n entry ids
+-- ARGV[1]   group   ARGV[2] consumer
+-- ARGV[3..] per stream i in order: the number of ids n, then n entry ids
 -- Only entries still pending for this consumer are touched; the others are returned as lost, per stream.
-local group, consumer, idle = ARGV[1], ARGV[2], ARGV[3]
+local group, consumer = ARGV[1], ARGV[2]
 local lost = {}
-local a = 4
+local a = 3
 for i = 1, #KEYS do
   local n = tonumber(ARGV[a])
   local mine, gone = {}, {}
@@ -19,9 +19,7 @@ for i = 1, #KEYS do
   if #mine > 0 then
     local args = {KEYS[i], group, consumer, 0}
     for _, id in ipairs(mine) do args[#args + 1] = id end
-    args[#args + 1] = 'IDLE'
-    args[#args + 1] = idle
-    args[#args + 1] = 'JUSTID'
+    args[#args + 1] = 'JUSTID'  -- a claim resets the idle time; JUSTID leaves the delivery count alone
     redis.call('XCLAIM', unpack(args))
   end
   lost[i] = gone
