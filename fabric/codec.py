@@ -19,7 +19,7 @@ import msgspec
 from fabric.errors import DecodeError, EventTooLarge, UnknownEventType
 from fabric.events import Event, event_type
 
-__all__ = ["FORMAT_VERSION", "Codec", "Encoded", "decode_fields"]
+__all__ = ["FORMAT_VERSION", "Codec", "Encoded", "decode_fields", "encode", "oversized"]
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
@@ -42,14 +42,19 @@ _encoders: dict[str, msgspec.msgpack.Encoder | msgspec.json.Encoder] = {
 _decoders: dict[tuple[str, bytes], msgspec.msgpack.Decoder[Event] | msgspec.json.Decoder[Event]] = {}
 
 
+def oversized(event: Event, size: int, max_payload_bytes: int) -> EventTooLarge:
+    """The error for an event that encodes past the payload limit."""
+    return EventTooLarge(
+        f"{type(event).__name__} {event.event_id} encodes to {size} bytes, over the "
+        f"{max_payload_bytes}-byte limit: split it, or raise max_payload_bytes in the publisher config"
+    )
+
+
 def encode(event: Event, enc: Codec = "msgpack", max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Encoded:
     """Encode an event for a stream entry; raise ``EventTooLarge`` past ``max_payload_bytes``."""
     data = _encoders[enc].encode(event)
     if len(data) > max_payload_bytes:
-        raise EventTooLarge(
-            f"{type(event).__name__} {event.event_id} encodes to {len(data)} bytes, over the "
-            f"{max_payload_bytes}-byte limit: split it, or raise max_payload_bytes in the publisher config"
-        )
+        raise oversized(event, len(data), max_payload_bytes)
     return Encoded(str(type(event).__struct_config__.tag), enc, data)
 
 

@@ -22,7 +22,7 @@ __all__ = ["FabricConfig", "PublisherConfig", "Retention", "WorkerConfig", "load
 DEFAULT_NAMESPACE = "fabric"
 DEFAULT_MAX_BATCH = 512
 DEFAULT_MAX_BUFFER = 10_000
-DEFAULT_DEDUP_WINDOW_MS = 60_000
+DEFAULT_DEDUP_WINDOW_MS = 0
 DEFAULT_CONCURRENCY = 32
 DEFAULT_PREFETCH = 1024
 DEFAULT_BLOCK_MS = 1_000
@@ -71,11 +71,13 @@ class PublisherConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=
     max_buffer: int = DEFAULT_MAX_BUFFER
     """Events waiting to be sent; ``publish`` waits (backpressure) while the buffer is full."""
     dedup_window_ms: int = DEFAULT_DEDUP_WINDOW_MS
-    """Re-publishing an ``event_id`` within this window creates no second entry; 0 turns dedup off."""
+    """Opt-in: re-publishing an ``event_id`` within this window creates no second entry (one key per event);
+    0, the default, leaves it off. Resends after a lost connection are deduplicated without it."""
     encoding: Literal["msgpack", "json"] = "msgpack"
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     retries: int = 3
-    """Resends of a batch after a connection error (safe: dedup makes a resend idempotent); 0 with no dedup."""
+    """Resends of a batch after a connection error (safe: the session's sequence numbers make a resend
+    write only what had not landed)."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -84,8 +86,6 @@ class PublisherConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=
             self._fail("max_buffer", f"{self.max_buffer} is below max_batch {self.max_batch}: raise it")
         if self.linger_ms < 0 or self.dedup_window_ms < 0 or self.retries < 0:
             self._fail("linger_ms", "linger_ms, dedup_window_ms and retries cannot be negative")
-        if self.retries and not self.dedup_window_ms:
-            self._fail("retries", "resending without dedup could duplicate events: set retries = 0 or a window")
 
 
 class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -12,7 +12,10 @@ key                                type         written by                  read
 =================================  ===========  ==========================  ===================================
 ``ns:s:TOPIC:PRIORITY:TAG``        stream       publisher (publish.lua),    worker (XREADGROUP, XAUTOCLAIM),
                                                 worker outputs (commit.lua) retention (trim.lua), CLI
-``ns:d:TOPIC:TAG:EVENT_ID``        string, TTL  publish.lua                 publish.lua (idempotent publish)
+``ns:p:TOPIC:PRIORITY:TAG``        hash, TTL    publish.lua: field          publish.lua (a resend of a batch
+                                                PRODUCER → last sequence    that landed adds nothing)
+``ns:d:TOPIC:TAG:EVENT_ID``        string, TTL  publish.lua, when           publish.lua (event_id dedup,
+                                                dedup_window_ms > 0         opt-in)
 ``ns:f:TOPIC:PRIORITY:TAG``        hash         worker on failure           worker when dead-lettering;
                                                 (fail.lua)                  field ``GROUP/ENTRY_ID``
 ``ns:dlq:TAG``                     stream       deadletter.lua              deadletter module, CLI
@@ -130,6 +133,10 @@ class Keys:
         """The idempotency mark of one event published to a topic, in its stream's slot."""
         topic = stream_key[len(self.ns) + 3 : stream_key.index(":", len(self.ns) + 3)]
         return f"{self.ns}:d:{topic}:{self.tag_of(stream_key)}:{event_id}"
+
+    def producers(self, stream_key: str) -> str:
+        """The hash of the last sequence number each producer session wrote to a stream (idempotent resends)."""
+        return f"{self.ns}:p:" + stream_key[len(self.ns) + 3 :]
 
     def failures(self, stream_key: str) -> str:
         """The hash of failure records for a stream's entries (field ``GROUP/ENTRY_ID``)."""

@@ -1,13 +1,25 @@
-"""The producer: events into their streams, in pipelined batches, each at most once per dedup window.
+"""The producer: events into their streams, in pipelined batches, each written exactly once.
 
-Cost per event: one msgspec encode, two dict lookups and a few list appends in Python, and the command is
-packed by hiredis (``client.FastConnection``). On the wire, one EVALSHA carries a whole batch (``max_batch``
-events), so a batch costs one round trip. The first event a process publishes to a new stream adds one SADD to
-the topic's registry (repeated every 30 s, so that a registry lost with a Redis restart comes back).
+Cost per event in Python: a route lookup, one msgspec encode and a tuple. A background sender packs a batch
+(up to ``max_batch`` events) into one EVALSHA of ``publish.lua`` with hiredis's C packer and writes it on the
+publisher's own connection without waiting for the reply to the previous one: up to ``MAX_IN_FLIGHT`` batches
+are on the wire, so the producer encodes the next batch while Redis appends the last. A receiver reads the
+replies in order and completes the callers' calls.
+
+Exactly once per producer session. Each ``Publisher`` is a session with its own id; it numbers its events per
+stream, and ``publish.lua`` keeps every session's last number per stream (``Keys.producers``), so:
+
+- after a connection error, every unconfirmed batch is resent in order on a new connection (up to
+  ``retries`` times): what had landed is not written twice;
+- a batch that would leave a hole in a stream (an earlier one failed, or Redis lost the session's state) is
+  refused whole (GAP) before it writes anything; the publisher waits for the replies still on the wire,
+  renews its session and resends the refused batches in order. Per-stream order is kept throughout.
 
 ``publish`` and ``publish_many`` return once Redis has confirmed the entries (their ids; None for an event
-already published within the dedup window) or raise the ``FabricError`` that explains why it did not.
-A full buffer (``max_buffer`` events waiting) makes them wait: backpressure, never a drop.
+that had already landed, or a duplicate ``event_id`` within the opt-in ``dedup_window_ms``) or raise the
+``FabricError`` that explains why not. A full buffer (``max_buffer`` events) makes them wait: backpressure,
+never a drop. The first event a session publishes to a new stream adds one SADD to the topic's registry
+(repeated every 30 s, so that a registry lost with a Redis restart comes back).
 """
 
 from __future__ import annotations
@@ -15,17 +27,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Iterable
 from types import TracebackType
+from typing import Any
 
+import hiredis
+import msgspec
 import redis.exceptions as rex
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 
 from fabric import scripts
-from fabric.client import translate
-from fabric.codec import FORMAT_VERSION, Encoded, encode
+from fabric.client import error_code, translate
+from fabric.codec import FORMAT_VERSION, oversized
 from fabric.config import PublisherConfig
 from fabric.errors import FabricError, PublishError
 from fabric.events import Event
@@ -35,9 +52,16 @@ __all__ = ["Publisher"]
 
 log = logging.getLogger("fabric.publisher")
 
+MAX_IN_FLIGHT = 4
+"""Batches written and not yet answered, on the publisher's connection."""
 REGISTRY_REFRESH_S = 30.0
+SESSION_TTL_MS = 86_400_000
+"""How long Redis keeps a session's sequence numbers after its last write to a stream."""
+RESEND = frozenset({"NOSCRIPT", "GAP"})
+"""Replies after which a batch is resent in order (it wrote nothing)."""
 
-_Item = tuple[str, str, Encoded]  # stream key, dedup key, encoded event
+_Item = tuple[str, str, bytes, str]  # stream key, type tag, payload, event_id
+_Failure = (rex.ConnectionError, rex.TimeoutError, OSError)
 
 
 class _Request:
@@ -48,24 +72,64 @@ class _Request:
         self.future = future
 
 
+class _Batch:
+    """Requests sent together; ``packed`` keeps its numbering so that a resend is recognised."""
+
+    __slots__ = ("requests", "size", "packed", "attempts")
+
+    def __init__(self, requests: list[_Request]) -> None:
+        self.requests = requests
+        self.size = sum(len(r.items) for r in requests)
+        self.packed: bytes | None = None
+        self.attempts = 0
+
+    def fail(self, error: FabricError) -> None:
+        for req in self.requests:
+            if not req.future.done():
+                req.future.set_exception(error)
+
+    def complete(self, ids: list[bytes | None]) -> None:
+        start = 0
+        for req in self.requests:
+            n = len(req.items)
+            if not req.future.done():
+                req.future.set_result([i.decode() if i is not None else None for i in ids[start : start + n]])
+            start += n
+
+
+def _new_session() -> str:
+    """12 hex digits of Unix ms (publish.lua prunes sessions by it), then 8 random ones."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(4).hex()}"
+
+
 class Publisher:
-    """Batching, idempotent publisher; use as ``async with Publisher(client) as pub``."""
+    """Batching, pipelined, exactly-once-per-session publisher; use as ``async with Publisher(client) as pub``."""
 
     def __init__(self, client: Redis, config: PublisherConfig | None = None, keys: Keys | None = None) -> None:
         self.client = client
         self.config = config or PublisherConfig()
         self.keys = keys or Keys()
-        self._routes: dict[tuple[str, Priority, str | None], tuple[str, str]] = {}
+        self._encode = (msgspec.json.Encoder() if self.config.encoding == "json" else msgspec.msgpack.Encoder()).encode
+        self._routes: dict[tuple[Any, ...], tuple[str, str]] = {}
         self._registered: set[str] = set()
         self._registered_at = time.monotonic()
-        self._queue: deque[_Request] = deque()
+        self._session = _new_session()
+        self._seq: dict[str, int] = {}
+        self._pending: deque[_Request] = deque()
+        self._pending_events = 0
+        self._resend: deque[_Batch] = deque()
+        self._inflight: deque[_Batch] = deque()
+        self._refused: list[_Batch] = []
+        self._renew = False
         self._buffered = 0
         self._wake = asyncio.Event()
+        self._sent = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._conn: AbstractConnection | None = None
 
     async def __aenter__(self) -> Publisher:
         return self
@@ -75,31 +139,34 @@ class Publisher:
     ) -> None:
         await self.close()
 
+    # ---- the caller's side -------------------------------------------------------------------------
+
     def _route(self, event: Event, topic: str | None, priority: Priority | str | None) -> tuple[str, str]:
         p = event.default_priority if priority is None else Priority.parse(priority)
-        k = (topic or event.default_topic, p, event.symbol)
-        route = self._routes.get(k)
-        if route is None:
-            try:
-                stream = self.keys.stream(*k)
-            except ValueError as exc:
-                raise PublishError(f"cannot route {type(event).__name__} {event.event_id}: {exc}") from None
-            route = (stream, self.keys.dedup(stream, ""))
-            self._routes[k] = route
-        return route
+        try:
+            stream = self.keys.stream(topic or event.default_topic, p, event.symbol)
+        except ValueError as exc:
+            raise PublishError(f"cannot route {type(event).__name__} {event.event_id}: {exc}") from None
+        return stream, str(type(event).__struct_config__.tag)
 
     def _prepare(self, events: Iterable[Event], topic: str | None, priority: Priority | str | None) -> list[_Item]:
         items = []
-        cfg = self.config
+        routes, encode, limit = self._routes, self._encode, self.config.max_payload_bytes
         for event in events:
-            stream, dedup_prefix = self._route(event, topic, priority)
-            items.append((stream, dedup_prefix + event.event_id, encode(event, cfg.encoding, cfg.max_payload_bytes)))
+            key = (event.__class__, event.symbol, topic, priority)
+            route = routes.get(key)
+            if route is None:
+                route = routes[key] = self._route(event, topic, priority)
+            data = encode(event)
+            if len(data) > limit:
+                raise oversized(event, len(data), limit)
+            items.append((route[0], route[1], data, event.event_id))
         return items
 
     async def publish(
         self, event: Event, topic: str | None = None, priority: Priority | str | None = None
     ) -> str | None:
-        """Publish one event; return its entry id, or None if it was already published in the window."""
+        """Publish one event; return its entry id (None if it had already been written)."""
         return (await self.publish_many((event,), topic, priority))[0]
 
     async def publish_many(
@@ -116,7 +183,8 @@ class Publisher:
                 self._space.clear()
                 await self._space.wait()
             fut: asyncio.Future[list[str | None]] = loop.create_future()
-            self._queue.append(_Request(chunk, fut))
+            self._pending.append(_Request(chunk, fut))
+            self._pending_events += len(chunk)
             self._buffered += len(chunk)
             futures.append(fut)
             self._kick()
@@ -124,8 +192,7 @@ class Publisher:
         results: list[str | None] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
-                # Earlier chunks may have landed; republishing all of them is safe within the dedup window.
-                raise outcome
+                raise outcome  # earlier chunks may have landed: say so by raising, as for any failed publish
             results.extend(outcome)
         return results
 
@@ -140,82 +207,225 @@ class Publisher:
         await self._idle.wait()
 
     async def close(self) -> None:
-        """Flush, then stop the background sender."""
+        """Flush, then stop the background sender and close the connection."""
         await self.flush()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._conn is not None:
+            await self._conn.disconnect()
+            self._conn = None
+
+    # ---- the background side -----------------------------------------------------------------------
 
     async def _run(self) -> None:
+        delay = 0.05
         while True:
-            if not self._queue:
-                self._idle.set()
+            while not (self._pending or self._resend):  # connect only when there is something to send
                 self._wake.clear()
                 await self._wake.wait()
-            if self.config.linger_ms and self._queued_events() < self.config.max_batch:
-                await asyncio.sleep(self.config.linger_ms / 1000)
-            batch = [self._queue.popleft()]
-            size = len(batch[0].items)
-            while self._queue and size + len(self._queue[0].items) <= self.config.max_batch:
-                req = self._queue.popleft()
-                batch.append(req)
-                size += len(req.items)
-            await self._send(batch)
-            self._buffered -= size
-            self._space.set()
-
-    def _queued_events(self) -> int:
-        return sum(len(r.items) for r in self._queue)
-
-    async def _send(self, batch: list[_Request]) -> None:
-        items = [item for req in batch for item in req.items]
-        try:
-            ids = await self._write(items)
-        except Exception as exc:  # every failure reaches every caller whose events were in the batch
-            err = exc if isinstance(exc, FabricError) else translate(exc)
-            log.debug("publish of %d events failed: %s", len(items), err)  # the callers get the error
-            for req in batch:
-                if not req.future.done():
-                    req.future.set_exception(err)
-            return
-        start = 0
-        for req in batch:
-            n = len(req.items)
-            if not req.future.done():
-                req.future.set_result([i.decode() if i is not None else None for i in ids[start : start + n]])
-            start += n
-
-    async def _write(self, items: list[_Item]) -> list[bytes | None]:
-        await self._register({stream for stream, _, _ in items})
-        keys: list[str] = []
-        args: list[str | bytes | int] = [self.config.dedup_window_ms, FORMAT_VERSION]
-        for stream, dedup, enc in items:
-            keys += (stream, dedup)
-            args += (enc.type, enc.enc, enc.data)
-        attempt = 0
-        while True:
             try:
-                result: list[bytes | None] = await scripts.PUBLISH(self.client, keys, args)
-                return result
-            except (rex.ConnectionError, rex.TimeoutError) as exc:
-                if attempt >= self.config.retries or isinstance(exc, rex.AuthenticationError):
-                    raise translate(exc) from exc
-                attempt += 1
-                log.info("publish retry %d after %s", attempt, exc)
-                await asyncio.sleep(0.05 * 2**attempt)
+                conn = await self._connection()
+                delay = 0.05
+                await self._pump(conn)
+            except Exception as exc:
+                if self._conn is not None:
+                    await self._conn.disconnect(nowait=True)  # a read cut short leaves replies unaccounted for
+                if isinstance(exc, _Failure) and not isinstance(exc, rex.AuthenticationError):
+                    _raise_if_cancelled(exc)
+                    self._connection_lost(exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                else:  # a refusal at connect (password, ACL) or a bug: every caller hears of it, nothing hangs
+                    if not isinstance(exc, rex.RedisError):
+                        log.exception("publisher failed", exc_info=exc)
+                    self._fail_all(translate(exc))
 
-    async def _register(self, streams: set[str]) -> None:
+    async def _pump(self, conn: AbstractConnection) -> None:
+        """Run the sender and the receiver until one fails; raise its error. (Not a TaskGroup: on 3.11 a
+        TaskGroup that ends by a child's error leaves its parent marked as cancelling.)"""
+        loops = [asyncio.create_task(self._send_loop(conn)), asyncio.create_task(self._receive_loop(conn))]
+        try:
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _connection(self) -> AbstractConnection:
+        if self._conn is None:
+            pool = self.client.connection_pool
+            self._conn = pool.connection_class(**pool.connection_kwargs)
+        conn = self._conn
+        if not conn.is_connected:
+            await conn.connect()  # type: ignore[no-untyped-call]
+            await conn.send_command("SCRIPT", "LOAD", scripts.PUBLISH.source)
+            await conn.read_response()
+        return conn
+
+    def _connection_lost(self, exc: BaseException) -> None:
+        """Everything unconfirmed goes back, oldest first, keeping its numbering (so what landed is recognised);
+        a batch past its retries fails: whether it landed is unknown, and the caller is told so."""
+        if not (self._refused or self._inflight or self._resend) and self._pending:
+            self._resend.append(self._form_batch())  # nothing was sent yet: the connect itself failed
+        unconfirmed = (*self._refused, *self._inflight, *self._resend)
+        self._refused, self._renew = [], False  # a refused batch is resent as it was; a gap shows again if real
+        self._inflight.clear()
+        self._resend = deque()
+        for batch in unconfirmed:
+            batch.attempts += 1
+            if batch.attempts <= self.config.retries:
+                self._resend.append(batch)
+        for batch in unconfirmed:
+            if batch.attempts > self.config.retries:
+                batch.fail(translate(exc))
+                self._done(batch)
+        again = self._resend
+        if again:
+            log.info("publish connection lost (%s): resending %d batches", exc, len(again))
+
+    def _fail_all(self, error: FabricError) -> None:
+        for batch in (*self._inflight, *self._resend, *self._refused):
+            batch.fail(error)
+            self._done(batch)
+        self._inflight.clear()
+        self._resend.clear()
+        self._refused.clear()
+        while self._pending:
+            batch = self._form_batch()
+            batch.fail(error)
+            self._done(batch)
+
+    async def _send_loop(self, conn: AbstractConnection) -> None:
+        while True:
+            while len(self._inflight) >= MAX_IN_FLIGHT or self._refused or not (self._resend or self._pending):
+                self._wake.clear()
+                await self._wake.wait()
+            linger = self.config.linger_ms
+            if linger and not self._resend and self._pending_events < self.config.max_batch:
+                await asyncio.sleep(linger / 1000)
+            batch = self._resend.popleft() if self._resend else self._form_batch()
+            self._inflight.append(batch)  # from here on, a failure resends it
+            if batch.packed is None:
+                batch.packed = self._pack(batch)
+            await self._register(batch)
+            await conn.send_packed_command(batch.packed, check_health=False)
+            self._sent.set()
+
+    async def _receive_loop(self, conn: AbstractConnection) -> None:
+        while True:
+            while not self._inflight:
+                self._sent.clear()
+                await self._sent.wait()
+            try:
+                ids = await conn.read_response()
+            except rex.ResponseError as exc:
+                self._refusal(self._inflight.popleft(), exc)
+            else:
+                batch = self._inflight.popleft()
+                batch.complete(ids)
+                self._done(batch)
+            if not self._inflight:
+                self._stall_released()
+            self._wake.set()
+
+    def _refusal(self, batch: _Batch, exc: rex.ResponseError) -> None:
+        code = error_code(exc)
+        batch.attempts += 1
+        if code in RESEND and batch.attempts <= self.config.retries + 1:
+            # Nothing of it was written. Hold new sends until the batches on the wire are answered, then send
+            # the refused ones again first, in order (renumbered under a new session after a GAP).
+            self._renew = self._renew or code == "GAP"
+            self._refused.append(batch)
+            return
+        error = PublishError(f"Redis refused a publish batch: {exc}") if code == "GAP" else translate(exc)
+        batch.fail(error)
+        self._done(batch)
+
+    def _stall_released(self) -> None:
+        """Every reply is in: the refused batches go first, renumbered under a new session after a GAP (they
+        wrote nothing; batches whose fate a lost connection left unknown keep their numbers)."""
+        refused, self._refused = self._refused, []
+        if self._renew:
+            self._renew = False
+            self._session = _new_session()
+            self._seq.clear()
+            for batch in refused:
+                batch.packed = None
+            log.info("publisher renewed its session after a sequence gap; resending %d batches", len(refused))
+        self._resend.extendleft(reversed(refused))
+
+    def _form_batch(self) -> _Batch:
+        requests = [self._pending.popleft()]
+        size = len(requests[0].items)
+        while self._pending and size + len(self._pending[0].items) <= self.config.max_batch:
+            requests.append(self._pending.popleft())
+            size += len(requests[-1].items)
+        self._pending_events -= size
+        return _Batch(requests)
+
+    def _done(self, batch: _Batch) -> None:
+        self._buffered -= batch.size
+        self._space.set()
+        if not (self._pending or self._resend or self._inflight or self._refused):
+            self._idle.set()
+
+    def _pack(self, batch: _Batch) -> bytes:
+        """One EVALSHA of publish.lua for the batch, numbering its events per stream in this session."""
+        index: dict[str, int] = {}
+        keys: list[str] = []
+        counts: list[int] = []
+        body: list[Any] = []
+        dedup: list[str] = []
+        window, enc = self.config.dedup_window_ms, self.config.encoding
+        for req in batch.requests:
+            for stream, tag, data, event_id in req.items:
+                i = index.get(stream)
+                if i is None:
+                    i = index[stream] = len(index) + 1
+                    keys += (stream, self.keys.producers(stream))
+                    counts.append(0)
+                counts[i - 1] += 1
+                body += (i, tag, enc, data)
+                if window:
+                    dedup.append(self.keys.dedup(stream, event_id))
+        seq = self._seq
+        firsts = []
+        for stream, n in zip(index, counts, strict=True):
+            first = seq.get(stream, 0) + 1
+            firsts.append(first)
+            seq[stream] = first + n - 1
+        head = (self._session, FORMAT_VERSION, window, SESSION_TTL_MS, len(index), *firsts)
+        return hiredis.pack_command(  # type: ignore[no-any-return]
+            ("EVALSHA", scripts.PUBLISH.sha, len(keys) + len(dedup), *keys, *dedup, *head, *body)
+        )
+
+    async def _register(self, batch: _Batch) -> None:
         now = time.monotonic()
         if now - self._registered_at > REGISTRY_REFRESH_S:  # re-announce: the registry may have been lost
             self._registered.clear()
             self._registered_at = now
-        new = streams - self._registered
+        new = {item[0] for req in batch.requests for item in req.items} - self._registered
         if not new:
             return
-        async with self.client.pipeline(transaction=False) as pipe:
-            for stream in new:
-                pipe.sadd(self.keys.topic_registry(self.keys.parse_stream(stream).topic), stream)
-            await pipe.execute()
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for stream in new:
+                    pipe.sadd(self.keys.topic_registry(self.keys.parse_stream(stream).topic), stream)
+                await pipe.execute()
+        except rex.ResponseError as exc:  # e.g. OOM: the batch's own reply will say so; register next time
+            log.warning("could not register %d new streams (retrying with the next batch): %s", len(new), exc)
+            return
         self._registered |= new
+
+
+def _raise_if_cancelled(exc: BaseException) -> None:
+    """A cancelled Redis call can surface as a connection error; never let the resend loop swallow the cancel."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from exc

@@ -89,7 +89,6 @@ def test_publisher_config_defaults_are_valid():
         ({"linger_ms": -1.0}, "linger_ms"),
         ({"dedup_window_ms": -1}, "dedup_window_ms"),
         ({"retries": -1}, "retries"),
-        ({"dedup_window_ms": 0, "retries": 3}, "retries"),
     ],
 )
 def test_publisher_config_refuses_bad_values_naming_the_field(kwargs, field):
@@ -100,9 +99,10 @@ def test_publisher_config_refuses_bad_values_naming_the_field(kwargs, field):
     assert field in message
 
 
-def test_publisher_config_allows_no_dedup_without_retries():
-    config = PublisherConfig(dedup_window_ms=0, retries=0)
-    assert config.dedup_window_ms == 0
+def test_publisher_config_resends_without_the_dedup_window_by_default():
+    # sequence numbers, not the event_id window, make a resend safe
+    config = PublisherConfig()
+    assert (config.dedup_window_ms, config.retries) == (0, 3)
 
 
 # ---- Retention ---------------------------------------------------------------------------------------

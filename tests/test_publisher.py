@@ -88,10 +88,13 @@ async def test_publish_many_of_nothing_returns_nothing(redis, keys):
 # ---- dedup -------------------------------------------------------------------------------------------
 
 
+DEDUP = PublisherConfig(dedup_window_ms=60_000)
+
+
 async def test_same_event_twice_in_the_window_creates_one_entry(redis, keys):
-    # given an event published once
+    # given an event published once by a publisher with the event_id dedup window on
     event = tick()
-    async with Publisher(redis, keys=keys) as pub:
+    async with Publisher(redis, DEDUP, keys=keys) as pub:
         first = await pub.publish(event)
         # when it is published again within the dedup window
         second = await pub.publish(event)
@@ -103,7 +106,7 @@ async def test_same_event_twice_in_the_window_creates_one_entry(redis, keys):
 
 async def test_duplicate_inside_one_batch_is_dropped(redis, keys):
     event = tick()
-    async with Publisher(redis, keys=keys) as pub:
+    async with Publisher(redis, DEDUP, keys=keys) as pub:
         ids = await pub.publish_many([event, event])
     assert ids[0] is not None and ids[1] is None
     assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "BTC-USD")) == 1
@@ -122,7 +125,7 @@ async def test_dedup_mark_expires_with_the_window(redis, keys):
 async def test_the_same_event_published_to_two_topics_lands_in_both(redis, keys):
     # given one event
     event = tick()
-    async with Publisher(redis, keys=keys) as pub:
+    async with Publisher(redis, DEDUP, keys=keys) as pub:
         # when it is published to two topics
         first = await pub.publish(event, topic="tick")
         second = await pub.publish(event, topic="quotes")
@@ -131,9 +134,9 @@ async def test_the_same_event_published_to_two_topics_lands_in_both(redis, keys)
 
 
 async def test_without_dedup_the_same_event_creates_two_entries(redis, keys):
-    # given a publisher with dedup off
+    # given a publisher with the event_id dedup window off (the default)
     event = tick()
-    async with Publisher(redis, PublisherConfig(dedup_window_ms=0, retries=0), keys=keys) as pub:
+    async with Publisher(redis, keys=keys) as pub:
         # when the same event is published twice
         first = await pub.publish(event)
         second = await pub.publish(event)
@@ -414,3 +417,91 @@ async def test_a_batch_costs_one_script_call_and_a_new_stream_one_registration(r
     # then Redis saw two script calls (one per batch) and one SADD per new stream, nothing per event
     after = (await _calls(redis, "evalsha"), await _calls(redis, "sadd"))
     assert (after[0] - before[0], after[1] - before[1]) == (2, 4)
+
+
+# ---- resends: exactly once per producer session --------------------------------------------------------
+
+
+def _script_args(session: str, first_seq: int, n: int) -> list[object]:
+    args: list[object] = [session, 1, 0, 60_000, 1, first_seq]
+    for i in range(n):
+        args += (1, "Tick", "msgpack", msgspec.msgpack.encode(tick(bid_size=float(i))))
+    return args
+
+
+async def test_a_resent_batch_that_had_landed_writes_nothing(redis, keys):
+    # given a batch of 3 events of session S, numbered 1..3, that landed
+    stream = keys.stream("tick", Priority.NORMAL, "BTC-USD")
+    ks = [stream, keys.producers(stream)]
+    first = await scripts.PUBLISH(redis, ks, _script_args("0" * 20, 1, 3))
+    # when the same batch arrives again (its reply was lost and the publisher resent it)
+    second = await scripts.PUBLISH(redis, ks, _script_args("0" * 20, 1, 3))
+    # then the resend reports every event as already written and the stream holds each once
+    assert all(first) and second == [None, None, None]
+    assert await redis.xlen(stream) == 3
+
+
+async def test_a_batch_that_would_leave_a_hole_is_refused_whole(redis, keys):
+    # given session S has written events 1..2 of a stream
+    stream = keys.stream("tick", Priority.NORMAL, "BTC-USD")
+    ks = [stream, keys.producers(stream)]
+    await scripts.PUBLISH(redis, ks, _script_args("0" * 20, 1, 2))
+    # when a batch numbered from 4 arrives (batch 3 never landed)
+    with pytest.raises(Exception, match="GAP") as info:
+        await scripts.PUBLISH(redis, ks, _script_args("0" * 20, 4, 2))
+    # then it is refused with GAP and writes nothing
+    assert "GAP" in str(info.value)
+    assert await redis.xlen(stream) == 2
+
+
+async def test_publisher_resends_a_batch_whose_reply_was_lost_without_duplicating(redis, keys, monkeypatch):
+    # given a publisher whose connection drops right after Redis has answered its first batch
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish(tick())  # connects
+        conn = pub._conn
+        assert conn is not None
+        real_read = type(conn).read_response
+        dropped = []
+
+        async def lose_first_reply(self, *args, **kwargs):
+            reply = await real_read(self, *args, **kwargs)
+            if not dropped:
+                dropped.append(reply)
+                await self.disconnect(nowait=True)
+                raise ConnectionError("reply lost")
+            return reply
+
+        monkeypatch.setattr(type(conn), "read_response", lose_first_reply)
+        # when a batch of 10 is published: it lands, its reply is lost, the publisher resends it
+        ids = await pub.publish_many([tick(bid_size=float(i)) for i in range(10)])
+    # then the batch did land once: 11 entries in all, and the resend wrote nothing (ids None: already written)
+    assert dropped, "the reply was never dropped"
+    assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "BTC-USD")) == 11
+    assert ids == [None] * 10
+
+
+async def test_publisher_renews_its_session_when_redis_lost_its_sequence_numbers(redis, keys):
+    # given a publisher that has written to a stream
+    stream = keys.stream("tick", Priority.NORMAL, "BTC-USD")
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish_many([tick() for _ in range(5)])
+        # when Redis loses the session's numbers (restart without persistence of that key, or a FLUSHDB)
+        await redis.delete(keys.producers(stream))
+        # then the next publish still lands (a GAP, a new session, a resend), once
+        ids = await pub.publish_many([tick() for _ in range(5)])
+    assert all(ids)
+    assert await redis.xlen(stream) == 10
+
+
+@pytest.mark.real_only
+async def test_publisher_reconnects_after_its_connection_is_killed(redis, keys):
+    # given a publisher whose connection Redis has closed
+    stream = keys.stream("tick", Priority.NORMAL, "BTC-USD")
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish(tick())
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        # when it publishes again
+        ids = await pub.publish_many([tick() for _ in range(20)])
+    # then every event lands once
+    assert all(ids)
+    assert await redis.xlen(stream) == 21

@@ -1,20 +1,56 @@
--- publish.lua: append events to their streams, each at most once per dedup window.
--- KEYS[2i-1]  stream of event i                      (ns:s:TOPIC:PRIORITY:TAG)
--- KEYS[2i]    dedup mark of event i                  (ns:d:TOPIC:TAG:EVENT_ID)
--- ARGV[1]     dedup window, ms (0: no dedup, the marks are not written)
--- ARGV[2]     wire format version
--- ARGV[3i..3i+2]  type, enc, data of event i
--- Returns, per event, the new entry id, or false when the event was already published within the window.
-local window = tonumber(ARGV[1])
-local version = ARGV[2]
+-- publish.lua: append a batch of events to their streams, in order, exactly once per producer sequence.
+-- Each producer session numbers its events per stream 1, 2, 3...; the stream's producer hash keeps the last
+-- number written. A resend of a batch that already landed (its reply was lost) adds nothing, and a batch that
+-- would leave a hole (an earlier one did not land) is refused whole with GAP, before anything is written.
+-- KEYS[2i-1]  stream i                                (ns:s:TOPIC:PRIORITY:TAG)
+-- KEYS[2i]    its producer hash: PRODUCER → last seq  (ns:p:TOPIC:PRIORITY:TAG)
+-- KEYS[2S+j]  dedup mark of event j, only when ARGV[3] > 0 (ns:d:TOPIC:TAG:EVENT_ID)
+-- ARGV[1] producer session id   ARGV[2] wire format version   ARGV[3] event_id dedup window, ms (0: off)
+-- ARGV[4] producer state TTL, ms   ARGV[5] S, the number of streams
+-- ARGV[5+i]  the sequence number of the first event of stream i in this batch
+-- then per event j: stream index i, type, enc, data
+-- A producer session id starts with its creation time (12 hex digits of Unix ms). When a new session joins a
+-- hash of more than 64, sessions older than the TTL are dropped (a live one dropped this way gets one GAP and
+-- renews its session: nothing is lost or doubled).
+-- Returns, per event, its new entry id, or false when it was already written (a resend, or a duplicate
+-- event_id within the window).
+local producer, version, window, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local nstreams = tonumber(ARGV[5])
+local seq, last = {}, {}
+for i = 1, nstreams do
+  local first = tonumber(ARGV[5 + i])
+  local written = tonumber(redis.call('HGET', KEYS[2 * i], producer) or '0')
+  if first > written + 1 then
+    return redis.error_reply('GAP producer ' .. producer .. ' wrote up to ' .. written .. ' on ' .. KEYS[2 * i - 1]
+      .. ', this batch starts at ' .. first)
+  end
+  seq[i], last[i] = first, written
+end
 local out = {}
-for i = 1, #KEYS / 2 do
-  local a = 3 * i
-  if window > 0 and not redis.call('SET', KEYS[2 * i], '1', 'NX', 'PX', window) then
-    out[i] = false
+local a, j = 6 + nstreams, 0
+while a <= #ARGV do
+  local i = tonumber(ARGV[a])
+  local s = seq[i]
+  seq[i] = s + 1
+  j = j + 1
+  if s <= last[i] or (window > 0 and not redis.call('SET', KEYS[2 * nstreams + j], '1', 'NX', 'PX', window)) then
+    out[j] = false
   else
-    out[i] = redis.call('XADD', KEYS[2 * i - 1], '*',
-      'type', ARGV[a], 'v', version, 'enc', ARGV[a + 1], 'data', ARGV[a + 2])
+    out[j] = redis.call('XADD', KEYS[2 * i - 1], '*', 'type', ARGV[a + 1], 'v', version, 'enc', ARGV[a + 2],
+      'data', ARGV[a + 3])
+  end
+  a = a + 4
+end
+for i = 1, nstreams do
+  if seq[i] - 1 > last[i] then
+    if redis.call('HSET', KEYS[2 * i], producer, seq[i] - 1) == 1 and redis.call('HLEN', KEYS[2 * i]) > 64 then
+      local t = redis.call('TIME')
+      local oldest = string.format('%012x', t[1] * 1000 + math.floor(t[2] / 1000) - tonumber(ttl))
+      for _, p in ipairs(redis.call('HKEYS', KEYS[2 * i])) do
+        if string.sub(p, 1, 12) < oldest then redis.call('HDEL', KEYS[2 * i], p) end
+      end
+    end
+    redis.call('PEXPIRE', KEYS[2 * i], ttl)
   end
 end
 return out
