@@ -26,7 +26,7 @@ from fabric.errors import (
     RedisUnavailable,
 )
 
-__all__ = ["DEFAULT_URL", "connect", "error_code", "redact", "resolve_url", "translate", "translated"]
+__all__ = ["DEFAULT_URL", "Line", "connect", "error_code", "redact", "resolve_url", "translate", "translated"]
 
 DEFAULT_URL = "redis://localhost:6379/0"
 URL_ENV = "FABRIC_REDIS_URL"
@@ -92,6 +92,33 @@ def connect(url: str | None = None, *, max_connections: int = 32) -> aioredis.Re
         return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
     except ValueError as exc:
         raise RedisError(f"bad Redis URL {redact(url)!r}: {exc}; expected redis://[:password@]host:port/db") from exc
+
+
+class Line:
+    """A connection of its own for one sequential loop (a reader, the committer): a command goes out packed by
+    hiredis and its reply comes back raw (no redis-py reply callbacks, no pool round trip). Connects lazily and
+    again after an error; a reply cut short (a cancel, a timeout) closes the connection, so no stale reply is
+    ever read as the answer to the next command."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        pool = client.connection_pool
+        self._conn = pool.connection_class(**pool.connection_kwargs)
+
+    async def call(self, *args: Any) -> Any:
+        """Send one command and return its raw reply; error replies raise redis-py's ``ResponseError``s."""
+        conn = self._conn
+        try:
+            await conn.send_packed_command(hiredis.pack_command(args), check_health=False)
+            return await conn.read_response()
+        except rex.ResponseError:
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._conn.disconnect()
 
 
 def error_code(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -92,13 +93,61 @@ def load_handler(ref: str) -> tuple[str, HandlerFn]:
     return ref, as_handler(fn, ref)
 
 
+class _Deadlines:
+    """Handler calls in flight and their deadlines, checked by one timer every ``tick_s``: a few dict operations
+    per call, where ``asyncio.timeout`` would schedule and cancel a timer per call."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.tick_s = min(max(seconds / 10, 0.001), 1.0)
+        self.calls: dict[asyncio.Task[Any], float] = {}
+        self.expired: set[asyncio.Task[Any]] = set()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def enter(self, task: asyncio.Task[Any]) -> None:
+        self.calls[task] = time.monotonic() + self.seconds
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.tick_s, self.check)
+
+    def leave(self, task: asyncio.Task[Any]) -> bool:
+        """End a call (again: no-op); True if it had been cancelled for running past its deadline."""
+        if self.calls.pop(task, None) is None:
+            return False
+        if task in self.expired:
+            self.expired.discard(task)
+            task.uncancel()
+            return True
+        return False
+
+    def check(self) -> None:
+        now = time.monotonic()
+        for task, deadline in list(self.calls.items()):
+            if deadline <= now and task not in self.expired:
+                self.expired.add(task)
+                task.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.tick_s, self.check) if self.calls else None
+
+
 def timeout(seconds: float) -> Middleware:
-    """Fail a handler call that runs longer than ``seconds`` (it then counts as a failed delivery)."""
+    """Fail a handler call that runs longer than ``seconds`` (give or take a tenth of it, at most 1 s) with
+    ``TimeoutError``; the call then counts as a failed delivery and is retried."""
 
     def middleware(inner: HandlerFn) -> HandlerFn:
+        deadlines = _Deadlines(seconds)
+
         async def handle(event: Event, ctx: Context) -> list[Event]:
-            async with asyncio.timeout(seconds):
+            task = asyncio.current_task()
+            if task is None:  # not in a task (cannot be cancelled): run unguarded
                 return await inner(event, ctx)
+            deadlines.enter(task)
+            try:
+                return await inner(event, ctx)
+            except asyncio.CancelledError:
+                if deadlines.leave(task):
+                    raise TimeoutError(f"handler ran longer than its {seconds:g} s timeout") from None
+                raise
+            finally:
+                deadlines.leave(task)  # and if it swallowed the cancel and finished, its result stands
 
         return handle
 

@@ -57,6 +57,23 @@ class Lanes(Generic[T]):
         self._size += 1
         self._nonempty.set()
 
+    def extend(self, priority: Priority, items: list[T]) -> None:
+        """Queue several items of one priority (a read's worth)."""
+        if items:
+            self._queues[priority].extend(items)
+            self._size += len(items)
+            self._nonempty.set()
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` was called."""
+        return self._closed
+
+    async def wait(self) -> None:
+        """Wait until an item is queued or the lanes are closed."""
+        if not self._size and not self._closed:
+            await self._nonempty.wait()
+
     def _pick(self) -> int:
         best, total = -1, 0
         for p in range(len(self._queues) - 1, -1, -1):

@@ -2,11 +2,16 @@
 
 Separate loops share one client (watermill's subscriber, not one big function):
 
-- ``_read_loop``     XREADGROUP across the streams of the lanes that have room, into the priority lanes;
+- ``_read_loop``     one per priority, each on its own connection: XREADGROUP (blocking) across that
+  priority's streams while its lane has room, so a flood of low entries never delays reading critical ones;
 - ``_dispatch_loop`` ``concurrency`` copies: take the next entry by the lane rule, decode, run the handler;
-- ``_commit_loop``   outputs + ack of handled entries, batched, atomically per entry (``commit.lua``);
-- ``_heartbeat_loop`` resets the idle time of every entry this worker holds, so a slow but live handler is
-  never reclaimed;
+  they take turns (``turns.py``), so that handlers that never wait still let the loop poll I/O every
+  ``SLICE_S``: reads (a critical entry) and commits keep flowing under load;
+- ``_commit_loop``   on its own connection: one ``ack.lua`` call acks every plainly handled entry of a batch
+  (one XACK per stream); entries with outputs or a failure record go through ``commit.lua`` (outputs + ack
+  atomically per entry, refused if another consumer took the entry over);
+- ``heartbeat``      resets the idle time of entries this worker has held for a while, so a slow but live
+  handler is never reclaimed;
 - ``_reclaim_loop``  XAUTOCLAIM of entries idle past ``reclaim_idle_ms`` (their consumer died);
 - ``_retry_loop``    re-claims parked failed entries when their backoff is over (a new delivery);
 - ``_discover_loop`` joins streams of new symbols as producers create them;
@@ -23,6 +28,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -33,8 +39,8 @@ import redis.exceptions as rex
 from redis.asyncio import Redis
 
 from fabric import deadletter, scripts
-from fabric.client import error_code, translated
-from fabric.codec import FORMAT_VERSION, Encoded, decode_fields, encode
+from fabric.client import Line, error_code, translated
+from fabric.codec import FORMAT_VERSION, Encoded, decode_entry, encode, fields_of
 from fabric.config import WorkerConfig
 from fabric.errors import DecodeError, FabricError, Reject, Retry
 from fabric.events import Event
@@ -43,12 +49,17 @@ from fabric.keys import Keys, Priority, StreamRef
 from fabric.lanes import Lanes
 from fabric.retention import trim_stream
 from fabric.retry import RetryTimer, backoff_ms
+from fabric.turns import Turns
 
 __all__ = ["Delivery", "Worker", "WorkerStats", "default_consumer_name"]
 
 log = logging.getLogger("fabric.worker")
 
 RELEASE_IDLE_MS = 86_400_000
+MIN_READ = 16
+"""Fewest entries a read asks each stream for."""
+SLICE_S = 0.0002
+"""How long the dispatcher holding the turn runs handlers that never wait before the loop polls I/O."""
 TOUCH_CHUNK = 1_000
 RECLAIM_COUNT = 100
 ERROR_BACKOFF_S = (0.1, 5.0)
@@ -69,7 +80,7 @@ class Delivery:
 
     __slots__ = ("stream", "entry_id", "fields", "deliveries")
 
-    def __init__(self, stream: StreamRef, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
+    def __init__(self, stream: StreamRef, entry_id: bytes, fields: list[bytes], deliveries: int) -> None:
         self.stream = stream
         self.entry_id = entry_id
         self.fields = fields
@@ -116,10 +127,6 @@ async def _finish(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> set[a
     return late
 
 
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
 class Worker:
     """Runs one handler for one consumer group until ``stop()``."""
 
@@ -146,9 +153,16 @@ class Worker:
         self._handler = wrap(handler, chain)
         self.stats = WorkerStats()
         self._lanes: Lanes[Delivery] = Lanes(config.prefetch, config.priority_weights)
+        self._turns = Turns()
         self._streams: dict[str, StreamRef] = {}
-        self._held: defaultdict[str, set[bytes]] = defaultdict(set)
-        self._commits: asyncio.Queue[_Commit | None] = asyncio.Queue()
+        self._by_name: dict[bytes, StreamRef] = {}
+        self._held: defaultdict[str, dict[bytes, float]] = defaultdict(dict)
+        """Per stream, the entries this worker holds and when it last took or touched each (monotonic s)."""
+        self._released = asyncio.Event()
+        self._changed = asyncio.Event()  # the joined streams changed
+        self._commits: list[_Commit] = []
+        self._commit_ready = asyncio.Event()
+        self._commits_closed = False
         self._retries: RetryTimer[Delivery] = RetryTimer()
         self._registered: set[str] = set()
         self._cursors: dict[str, bytes] = {}
@@ -182,7 +196,7 @@ class Worker:
             await self.client.ping()
         await self.discover()
         self._joined.set()
-        reader = asyncio.create_task(self._read_loop())
+        readers = [asyncio.create_task(self._read_loop(p)) for p in Priority]
         loops = [
             self._every(self.config.reclaim_interval_ms, self.reclaim, self._stop),
             self._every(self.config.discover_interval_ms, self.discover, self._stop),
@@ -194,13 +208,13 @@ class Worker:
         heartbeat = asyncio.create_task(self._every(self.config.heartbeat_ms, self.heartbeat, self._halt))
         committer = asyncio.create_task(self._commit_loop())
         dispatchers = [asyncio.create_task(self._dispatch_loop()) for _ in range(self.config.concurrency)]
-        watched = [reader, *background, heartbeat, committer, *dispatchers]
+        watched = [*readers, *background, heartbeat, committer, *dispatchers]
         stopper = asyncio.create_task(self._stop.wait())
         try:
             done, _ = await asyncio.wait([stopper, *watched], return_when=asyncio.FIRST_COMPLETED)
             crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
             try:
-                await self._drain(reader, background, dispatchers, committer, heartbeat)
+                await self._drain(readers, background, dispatchers, committer, heartbeat)
             finally:
                 self._halt.set()
                 stopper.cancel()
@@ -214,18 +228,19 @@ class Worker:
             raise crashed[0].exception()  # type: ignore[misc]
 
     async def _drain(
-        self, reader: asyncio.Task[None], background: list[asyncio.Task[None]],
+        self, readers: list[asyncio.Task[None]], background: list[asyncio.Task[None]],
         dispatchers: list[asyncio.Task[None]], committer: asyncio.Task[None], heartbeat: asyncio.Task[None],
     ) -> None:
         # The reader and the loops end by themselves on _stop (the reader after its current read returns, so
         # entries Redis handed over are seen and released below); they are cancelled only if they hang.
         self._stop.set()
         self._retries.close()  # parked after a failure: their next delivery is a real retry, by anyone
-        await _finish([reader, *background], self.config.block_ms / 1000 + 1)
+        await _finish([*readers, *background], self.config.block_ms / 1000 + 1)
         unstarted = self._lanes.close()
         if await _finish(dispatchers, self.config.grace_s):
             log.warning("handlers still running after %.1fs grace: their entries stay pending", self.config.grace_s)
-        await self._commits.put(None)
+        self._commits_closed = True
+        self._commit_ready.set()
         if await _finish([committer], self.config.grace_s):  # Redis unreachable: redelivered later
             log.warning("commits did not complete within %.1fs grace: their entries stay pending", self.config.grace_s)
         self._halt.set()  # a heartbeat after the hand-back would undo it
@@ -291,74 +306,105 @@ class Worker:
             if isinstance(result, Exception) and error_code(result) != "BUSYGROUP":
                 raise result
             self._streams[stream] = ref
+            self._by_name[stream.encode()] = ref
+        self._changed.set()
         log.info("joined group %s on %d new streams", self.group, len(refs))
         return list(refs)
 
     # ---- reading and handling --------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        delay = ERROR_BACKOFF_S[0]
-        while not self._stop.is_set():
-            lanes = self._lanes
-            if self._held_total() >= self._max_held:  # parked retries and pending commits count too
-                await asyncio.sleep(self.config.block_ms / 1000 / 10)
-                continue
-            streams = {s: b">" for s, ref in self._streams.items() if lanes.room(ref.priority) > 0}
-            if not streams:
-                if self._streams:
-                    await lanes.wait_room(ref.priority for ref in self._streams.values())
-                else:
-                    await asyncio.sleep(self.config.block_ms / 1000)
-                continue
-            count = max(8, min(lanes.room(ref.priority) for ref in map(self._streams.__getitem__, streams))
-                        // len(streams))
-            try:
-                reply: Any = await self.client.xreadgroup(
-                    self.group, self.consumer, streams, count=count, block=self.config.block_ms  # type: ignore[arg-type]
-                )
-                delay = ERROR_BACKOFF_S[0]
-            except rex.ResponseError as exc:
-                _raise_if_cancelled(exc)
-                if error_code(exc) in GONE:
-                    self._group_gone(exc)
-                else:
-                    log.warning("read refused, retrying in %.1fs: %s", delay, exc)
+    async def _read_loop(self, priority: Priority) -> None:
+        line = Line(self.client)
+        try:
+            delay = ERROR_BACKOFF_S[0]
+            while not self._stop.is_set():
+                streams = [s for s, ref in self._streams.items() if ref.priority == priority]
+                count = await self._read_room(priority, len(streams))
+                if not count or not streams:
+                    if count and not streams:
+                        self._changed.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), self.config.block_ms / 1000)
+                    continue
+                try:
+                    reply = await line.call(
+                        "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count,
+                        "BLOCK", self.config.block_ms, "STREAMS", *streams, *(">",) * len(streams),
+                    )
+                    delay = ERROR_BACKOFF_S[0]
+                except (rex.RedisError, OSError) as exc:
+                    _raise_if_cancelled(exc)
+                    if isinstance(exc, rex.ResponseError) and error_code(exc) in GONE:
+                        self._group_gone(exc)
+                        continue
+                    log.warning("read failed, retrying in %.1fs: %s", delay, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, ERROR_BACKOFF_S[1])
-                continue
-            except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-                _raise_if_cancelled(exc)
-                log.warning("read failed, retrying in %.1fs: %s", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, ERROR_BACKOFF_S[1])
-                continue
-            for stream, entries in reply or ():
-                name = stream.decode()
-                # a rejoin may have cleared the map while this read was in flight; its entries are ours all the same
-                ref = self._streams.get(name) or self.keys.parse_stream(name)
-                held = self._held[ref.key]
-                for entry_id, fields in entries:
-                    held.add(entry_id)
-                    lanes.put(ref.priority, Delivery(ref, entry_id, fields, 1))
+                    continue
+                self._take(priority, reply or ())
+        finally:
+            await line.close()
+
+    async def _read_room(self, priority: Priority, streams: int) -> int:
+        """How many entries to ask each stream for: the lane's room shared by its streams (at least
+        ``MIN_READ``, so a lone busy stream among many idle ones still moves); 0 (after a wait) when the lane
+        or the worker is full. Sharing keeps one worker from taking a whole backlog its peers could share."""
+        lanes = self._lanes
+        if self._held_total() >= self._max_held:  # parked retries and pending commits count too
+            self._released.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), self.config.block_ms / 1000)
+            return 0
+        room = lanes.room(priority)
+        if room <= 0:
+            await lanes.wait_room((priority,))
+            return 0
+        return max(MIN_READ, room // max(1, streams))
+
+    def _take(self, priority: Priority, reply: Any) -> None:
+        """Hold a read's entries and queue them in their lane."""
+        now = time.monotonic()
+        for name, entries in reply.items() if isinstance(reply, dict) else reply:  # RESP3: a map; RESP2: pairs
+            # a rejoin may have cleared the map while this read was in flight; its entries are ours all the same
+            ref = self._by_name.get(name) or self.keys.parse_stream(name)
+            held = self._held[ref.key]
+            batch = [Delivery(ref, entry_id, fields, 1) for entry_id, fields in entries]
+            for d in batch:
+                held[d.entry_id] = now
+            self._lanes.extend(priority, batch)
 
     def _held_total(self) -> int:
         return sum(len(ids) for ids in self._held.values())
 
     async def _dispatch_loop(self) -> None:
-        while (d := await self._lanes.get()) is not None:
-            await self.process(d)
+        lanes, turns, process, clock = self._lanes, self._turns, self.process, time.monotonic
+        me = object()
+        while True:
+            if not len(lanes):
+                if lanes.closed:
+                    return
+                await lanes.wait()
+                continue
+            await turns.take(me)
+            start = clock()
+            while turns.holds(me) and (d := lanes.get_nowait()) is not None:
+                await process(d)  # a handler that waits on I/O loses the turn meanwhile
+                if clock() - start > SLICE_S:
+                    await asyncio.sleep(0)  # let the loop poll I/O (reads, commits); the turn passes on
+                    break
 
     async def process(self, d: Delivery) -> None:
         """Handle one delivery to its end: commit, park for retry, or dead-letter."""
-        target = d.fields.get(b"for_group")
-        if target is not None and target != self._group_bytes:  # a replay meant for another group
-            self._commits.put_nowait((d, []))
-            return
+        if len(d.fields) != 8:  # not the plain four fields: a replay (for one group), or not fabric's at all
+            target = fields_of(d.fields).get(b"for_group")
+            if target is not None and target != self._group_bytes:  # a replay meant for another group
+                self._committed(d, [])
+                return
         if d.deliveries > self.config.max_deliveries:
             await self._dead_letter(d, "", "")
             return
         try:
-            event = decode_fields(d.fields)
+            event = decode_entry(d.fields)
         except DecodeError as exc:
             await self._dead_letter(d, type(exc).__name__, exc.reason)
             return
@@ -369,7 +415,8 @@ class Worker:
             consumer=self.consumer,
         )
         try:
-            outputs = self._outputs(event, await self._handler(event, ctx))
+            results = await self._handler(event, ctx)
+            outputs = self._outputs(event, results) if results else []
         except Reject as exc:
             await self._dead_letter(d, "Reject", exc.reason)
         except Retry as exc:
@@ -377,7 +424,11 @@ class Worker:
         except Exception as exc:  # a handler's failure is data: recorded, retried, dead-lettered
             await self._failed(d, type(exc).__name__, str(exc) or repr(exc), None)
         else:
-            self._commits.put_nowait((d, outputs))
+            self._committed(d, outputs)
+
+    def _committed(self, d: Delivery, outputs: list[tuple[str, Encoded]]) -> None:
+        self._commits.append((d, outputs))
+        self._commit_ready.set()
 
     def _outputs(self, event: Event, results: list[Event]) -> list[tuple[str, Encoded]]:
         out = []
@@ -407,7 +458,7 @@ class Worker:
             [self.group, self.consumer, d.entry_id, self.handler_name, error_type, message[:2000]],
         ))
         if not owned:
-            self._held[ref.key].discard(d.entry_id)
+            self._held[ref.key].pop(d.entry_id, None)
             return
         cfg = self.config
         if after_s is None:
@@ -420,7 +471,8 @@ class Worker:
             handler=self.handler_name, error_type=error_type, error=message, deliveries=d.deliveries,
             registered=self._dlqs,
         ))
-        self._held[d.stream.key].discard(d.entry_id)
+        self._held[d.stream.key].pop(d.entry_id, None)
+        self._released.set()
         if moved:
             self.stats.dead_lettered += 1
             log.error("dead-lettered %s %s after %d deliveries: %s %s", d.stream.key, d.entry_id.decode(),
@@ -429,24 +481,52 @@ class Worker:
     # ---- committing ------------------------------------------------------------------------------
 
     async def _commit_loop(self) -> None:
-        queue = self._commits
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            batch = [item]
-            final = False
-            while len(batch) < self.config.commit_batch and not queue.empty():
-                nxt = queue.get_nowait()
-                if nxt is None:
-                    final = True
-                    break
-                batch.append(nxt)
-            await self._commit(batch)
-            if final:
-                return
+        line = Line(self.client)
+        try:
+            while True:
+                if not self._commits:
+                    if self._commits_closed:
+                        return
+                    self._commit_ready.clear()
+                    await self._commit_ready.wait()
+                    continue
+                batch, self._commits = self._commits, []
+                plain = [d for d, outs in batch if not outs and d.deliveries == 1]
+                if len(plain) < len(batch):
+                    rest = [c for c in batch if c[1] or c[0].deliveries > 1]
+                    for i in range(0, len(rest), self.config.commit_batch):
+                        await self._commit(line, rest[i : i + self.config.commit_batch])
+                if plain:
+                    await self._ack(line, plain)
+                self._released.set()
+        finally:
+            await line.close()
 
-    async def _commit(self, batch: list[_Commit]) -> None:
+    async def _ack(self, line: Line, batch: list[Delivery]) -> None:
+        """Ack entries handled with nothing else to write: one script call, one XACK per stream."""
+        by_stream: defaultdict[str, list[bytes]] = defaultdict(list)
+        for d in batch:
+            by_stream[d.stream.key].append(d.entry_id)
+        keys = list(by_stream)
+        args: list[Any] = [self.group]
+        for ids in by_stream.values():
+            args.append(len(ids))
+            args += ids
+        acked = await self._retrying(lambda: scripts.ACK.on(line, keys, args))
+        for stream, ids in by_stream.items():
+            held = self._held[stream]
+            for entry_id in ids:
+                held.pop(entry_id, None)
+        if acked is None:  # the group is gone: nothing to ack; the rejoin delivers these again
+            return
+        done = sum(acked)
+        self.stats.handled += done
+        if done < len(batch):
+            self.stats.refused += len(batch) - done
+            log.warning("%d acks found their entries already acknowledged: another consumer took them over "
+                        "and finished them too (handled twice, as at-least-once delivery allows)", len(batch) - done)
+
+    async def _commit(self, line: Line, batch: list[_Commit]) -> None:
         keys: list[str] = []
         index: dict[str, int] = {}
 
@@ -464,13 +544,12 @@ class Worker:
             for out_stream, enc in outputs:
                 args += (ix(out_stream), enc.type, enc.enc, enc.data)
         await self._register({s for _, outs in batch for s, _ in outs})
-        results = await self._retrying(lambda: scripts.COMMIT(self.client, keys, args))
+        results = await self._retrying(lambda: scripts.COMMIT.on(line, keys, args))
+        for d, _ in batch:
+            self._held[d.stream.key].pop(d.entry_id, None)
         if results is None:  # the group is gone: nothing to ack; the rejoin delivers these again
-            for d, _ in batch:
-                self._held[d.stream.key].discard(d.entry_id)
             return
         for (d, _), ok in zip(batch, results, strict=True):
-            self._held[d.stream.key].discard(d.entry_id)
             if ok:
                 self.stats.handled += 1
             else:
@@ -506,6 +585,7 @@ class Worker:
         log.error("group %s or one of its streams was deleted under this worker (%s): rejoining from the start "
                   "of each stream, so retained entries will be delivered again", self.group, exc)
         self._streams.clear()
+        self._by_name.clear()
         self._cursors.clear()
 
     async def _register(self, streams: set[str]) -> None:
@@ -520,14 +600,22 @@ class Worker:
     # ---- keeping held entries, reclaiming others' ------------------------------------------------
 
     async def heartbeat(self) -> None:
-        """Reset the idle time of every entry this worker holds (buffered, in flight, parked, committing)."""
-        for stream, ids in list(self._held.items()):
-            pending = list(ids)
-            for i in range(0, len(pending), TOUCH_CHUNK):
-                chunk = pending[i : i + TOUCH_CHUNK]
+        """Reset the idle time of the entries this worker has held (read ahead, in flight, parked, committing)
+        for a heartbeat interval or more. Younger ones need nothing yet: even at the next heartbeat they are
+        under two intervals old, below ``reclaim_idle_ms`` (three)."""
+        now = time.monotonic()
+        cutoff = now - self.config.heartbeat_ms / 1000
+        for stream, held in list(self._held.items()):
+            old = [entry_id for entry_id, t in held.items() if t <= cutoff]
+            for i in range(0, len(old), TOUCH_CHUNK):
+                chunk = old[i : i + TOUCH_CHUNK]
                 lost = await scripts.TOUCH(self.client, [stream], [self.group, self.consumer, len(chunk), *chunk])
-                for entry_id in lost[0] if lost else ():
-                    ids.discard(entry_id)
+                gone = set(lost[0]) if lost else set()
+                for entry_id in chunk:
+                    if entry_id in gone:
+                        held.pop(entry_id, None)
+                    elif entry_id in held:
+                        held[entry_id] = now
 
     async def reclaim(self) -> int:
         """Take over entries idle past ``reclaim_idle_ms`` on the joined streams; return how many."""
@@ -544,11 +632,12 @@ class Worker:
             )
             self._cursors[stream] = cursor
             held = self._held[stream]
+            now = time.monotonic()
             for entry_id, fields, count in claimed:
                 if entry_id in held:
                     continue
-                held.add(entry_id)
-                self._lanes.put(ref.priority, Delivery(ref, entry_id, _pairs(fields), int(count)))
+                held[entry_id] = now
+                self._lanes.put(ref.priority, Delivery(ref, entry_id, fields, int(count)))
                 total += 1
             if deleted:
                 await self._trimmed_pending(stream, deleted)
@@ -575,9 +664,10 @@ class Worker:
                 for d in ds:
                     if d.entry_id in got:
                         d.deliveries = got[d.entry_id]
+                        self._held[stream][d.entry_id] = time.monotonic()
                         self._lanes.put(d.stream.priority, d)
                     else:
-                        self._held[stream].discard(d.entry_id)
+                        self._held[stream].pop(d.entry_id, None)
 
     async def trim(self) -> None:
         """Apply the configured retention to the joined streams of each topic."""

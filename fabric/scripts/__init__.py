@@ -13,8 +13,11 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from fabric.client import Line
+
 __all__ = [
-    "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "TOUCH", "TRIM", "Script",
+    "ACK", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "TOUCH", "TRIM",
+    "Script",
 ]
 
 
@@ -34,7 +37,16 @@ class Script:
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
+    async def on(self, line: Line, keys: list[Any], args: list[Any]) -> Any:
+        """Run the script on a ``Line`` (raw reply); load it first if the server does not know it."""
+        try:
+            return await line.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await line.call("SCRIPT", "LOAD", self.source)
+            return await line.call("EVALSHA", self.sha, len(keys), *keys, *args)
 
+
+ACK = Script("ack")
 PUBLISH = Script("publish")
 COMMIT = Script("commit")
 FAIL = Script("fail")
