@@ -102,14 +102,19 @@ class Line:
 
     def __init__(self, client: aioredis.Redis) -> None:
         pool = client.connection_pool
-        self._conn = pool.connection_class(**pool.connection_kwargs)
+        kwargs = dict(pool.connection_kwargs)
+        if issubclass(pool.connection_class, _HiredisPacking):
+            # No socket timeout on fabric's own connections: redis-py would run every write in a task of its own
+            # to time it. A write only waits when the socket buffer is full; the read below has the timeout.
+            kwargs["socket_timeout"] = None
+        self._conn = pool.connection_class(**kwargs)
 
     async def call(self, *args: Any) -> Any:
         """Send one command and return its raw reply; error replies raise redis-py's ``ResponseError``s."""
         conn = self._conn
         try:
             await conn.send_packed_command(hiredis.pack_command(args), check_health=False)
-            return await conn.read_response()
+            return await conn.read_response(timeout=SOCKET_TIMEOUT_S)
         except rex.ResponseError:
             raise
         except BaseException:

@@ -382,7 +382,7 @@ class Publisher:
         counts: list[int] = []
         body: list[Any] = []
         dedup: list[str] = []
-        window, enc = self.config.dedup_window_ms, self.config.encoding
+        window = self.config.dedup_window_ms
         for req in batch.requests:
             for stream, tag, data, event_id in req.items:
                 i = index.get(stream)
@@ -391,7 +391,7 @@ class Publisher:
                     keys += (stream, self.keys.producers(stream))
                     counts.append(0)
                 counts[i - 1] += 1
-                body += (i, tag, enc, data)
+                body += (i, tag, data)
                 if window:
                     dedup.append(self.keys.dedup(stream, event_id))
         seq = self._seq
@@ -400,7 +400,7 @@ class Publisher:
             first = seq.get(stream, 0) + 1
             firsts.append(first)
             seq[stream] = first + n - 1
-        head = (self._session, FORMAT_VERSION, window, SESSION_TTL_MS, len(index), *firsts)
+        head = (self._session, FORMAT_VERSION, window, SESSION_TTL_MS, self.config.encoding, len(index), *firsts)
         return hiredis.pack_command(  # type: ignore[no-any-return]
             ("EVALSHA", scripts.PUBLISH.sha, len(keys) + len(dedup), *keys, *dedup, *head, *body)
         )

@@ -1,4 +1,4 @@
-"""Running a worker as a process: uvloop, signals, and a clean exit.
+"""Running a worker as a process: uvloop, a tuned garbage collector, signals, and a clean exit.
 
 The first SIGTERM or SIGINT starts a graceful drain (``Worker.run`` documents it); a second one cancels
 in-flight work at once. What did not finish stays pending in Redis for the rest of the group.
@@ -7,6 +7,7 @@ in-flight work at once. What did not finish stays pending in Redis for the rest 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Sequence
@@ -19,9 +20,22 @@ from fabric.handler import HandlerFn, Middleware
 from fabric.keys import Keys
 from fabric.worker import Worker
 
-__all__ = ["run_worker", "serve"]
+__all__ = ["run_worker", "serve", "tune_gc"]
 
 log = logging.getLogger("fabric.runner")
+
+GC_THRESHOLD = (50_000, 20, 100)
+"""Young collections every 50,000 allocations instead of 700: a worker allocates a few objects per entry, and
+almost none of them live in cycles (reference counting frees them); measured in bench/, about 0.8 µs per
+event of collector time at Python's defaults."""
+
+
+def tune_gc() -> None:
+    """Freeze what exists at start-up (imports, config) out of the collector's sight and collect young objects
+    less often: a process moving 100,000s of events a second spends far less time in the cyclic collector."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 async def serve(
@@ -71,5 +85,6 @@ async def serve(
 
 
 def run_worker(url: str | None, handler: HandlerFn, config: WorkerConfig, **kwargs: object) -> bool:
-    """``serve`` on a fresh uvloop event loop; True when it drained gracefully."""
+    """``serve`` on a fresh uvloop event loop with a tuned collector; True when it drained gracefully."""
+    tune_gc()
     return uvloop.run(serve(url, handler, config, **kwargs))  # type: ignore[arg-type]

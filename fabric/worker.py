@@ -58,6 +58,9 @@ log = logging.getLogger("fabric.worker")
 RELEASE_IDLE_MS = 86_400_000
 MIN_READ = 16
 """Fewest entries a read asks each stream for."""
+_LABELS = tuple(p.label for p in Priority)
+COMMIT_LINGER_S = 0.0005
+"""A commit smaller than ``commit_batch`` waits this long for more (acks are not on the latency path)."""
 SLICE_S = 0.0002
 """How long the dispatcher holding the turn runs handlers that never wait before the loop polls I/O."""
 TOUCH_CHUNK = 1_000
@@ -410,7 +413,7 @@ class Worker:
             return
         ref = d.stream
         ctx = Context(
-            stream=ref.key, topic=ref.topic, priority=ref.priority.label, symbol=ref.symbol,
+            stream=ref.key, topic=ref.topic, priority=_LABELS[ref.priority], symbol=ref.symbol,
             entry_id=d.entry_id.decode(), delivery_count=d.deliveries, group=self.group,
             consumer=self.consumer,
         )
@@ -490,6 +493,8 @@ class Worker:
                     self._commit_ready.clear()
                     await self._commit_ready.wait()
                     continue
+                if len(self._commits) < self.config.commit_batch and not self._commits_closed:
+                    await asyncio.sleep(COMMIT_LINGER_S)  # one script call for many entries: far less work
                 batch, self._commits = self._commits, []
                 plain = [d for d, outs in batch if not outs and d.deliveries == 1]
                 if len(plain) < len(batch):

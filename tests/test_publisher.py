@@ -423,9 +423,9 @@ async def test_a_batch_costs_one_script_call_and_a_new_stream_one_registration(r
 
 
 def _script_args(session: str, first_seq: int, n: int) -> list[object]:
-    args: list[object] = [session, 1, 0, 60_000, 1, first_seq]
+    args: list[object] = [session, 1, 0, 60_000, "msgpack", 1, first_seq]
     for i in range(n):
-        args += (1, "Tick", "msgpack", msgspec.msgpack.encode(tick(bid_size=float(i))))
+        args += (1, "Tick", msgspec.msgpack.encode(tick(bid_size=float(i))))
     return args
 
 

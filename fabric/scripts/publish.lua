@@ -6,19 +6,19 @@
 -- KEYS[2i]    its producer hash: PRODUCER → last seq  (ns:p:TOPIC:PRIORITY:TAG)
 -- KEYS[2S+j]  dedup mark of event j, only when ARGV[3] > 0 (ns:d:TOPIC:TAG:EVENT_ID)
 -- ARGV[1] producer session id   ARGV[2] wire format version   ARGV[3] event_id dedup window, ms (0: off)
--- ARGV[4] producer state TTL, ms   ARGV[5] S, the number of streams
--- ARGV[5+i]  the sequence number of the first event of stream i in this batch
--- then per event j: stream index i, type, enc, data
+-- ARGV[4] producer state TTL, ms   ARGV[5] enc of every event (msgpack or json)   ARGV[6] S, the number of streams
+-- ARGV[6+i]  the sequence number of the first event of stream i in this batch
+-- then per event j: stream index i, type, data
 -- A producer session id starts with its creation time (12 hex digits of Unix ms). When a new session joins a
 -- hash of more than 64, sessions older than the TTL are dropped (a live one dropped this way gets one GAP and
 -- renews its session: nothing is lost or doubled).
 -- Returns, per event, its new entry id, or false when it was already written (a resend, or a duplicate
 -- event_id within the window).
-local producer, version, window, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local nstreams = tonumber(ARGV[5])
+local producer, version, window, ttl, enc = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local nstreams = tonumber(ARGV[6])
 local seq, last = {}, {}
 for i = 1, nstreams do
-  local first = tonumber(ARGV[5 + i])
+  local first = tonumber(ARGV[6 + i])
   local written = tonumber(redis.call('HGET', KEYS[2 * i], producer) or '0')
   if first > written + 1 then
     return redis.error_reply('GAP producer ' .. producer .. ' wrote up to ' .. written .. ' on ' .. KEYS[2 * i - 1]
@@ -27,7 +27,7 @@ for i = 1, nstreams do
   seq[i], last[i] = first, written
 end
 local out = {}
-local a, j = 6 + nstreams, 0
+local a, j = 7 + nstreams, 0
 while a <= #ARGV do
   local i = tonumber(ARGV[a])
   local s = seq[i]
@@ -36,10 +36,10 @@ while a <= #ARGV do
   if s <= last[i] or (window > 0 and not redis.call('SET', KEYS[2 * nstreams + j], '1', 'NX', 'PX', window)) then
     out[j] = false
   else
-    out[j] = redis.call('XADD', KEYS[2 * i - 1], '*', 'type', ARGV[a + 1], 'v', version, 'enc', ARGV[a + 2],
-      'data', ARGV[a + 3])
+    out[j] = redis.call('XADD', KEYS[2 * i - 1], '*', 'type', ARGV[a + 1], 'v', version, 'enc', enc,
+      'data', ARGV[a + 2])
   end
-  a = a + 4
+  a = a + 3
 end
 for i = 1, nstreams do
   if seq[i] - 1 > last[i] then
