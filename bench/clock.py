@@ -1,0 +1,100 @@
+"""An open-loop sender: event i is due at ``t0 + i/rate`` (wall clock), whatever Redis or the worker do.
+
+The event loop's timers tick in whole milliseconds, too coarse for 5,000 events a second, so a small thread
+sleeps until each due time (``time.sleep`` is precise to tens of microseconds) and wakes the loop, which then
+publishes every event that is due by now in one ``publish_many`` task, never awaited inline: a slow reply never
+delays the next send. Each event carries its *scheduled* time as ``ts_ns``, so a sender that falls behind sends
+the overdue events at once and their lateness counts as latency (no coordinated omission). The sender's own
+lag (sent minus scheduled) is reported beside it, to tell the harness's lateness from the fabric's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from fabric import Priority, Publisher
+from fabric.events import Event
+
+__all__ = ["OpenLoop"]
+
+MIN_STEP_NS = 200_000
+"""The clock thread wakes the loop at most every 200 µs (several events per wake-up above 5,000/s)."""
+START_DELAY_NS = 50_000_000
+SWITCH_INTERVAL_S = 0.0005
+"""The clock thread waits for the GIL at most this long (Python's default, 5 ms, would show as latency)."""
+
+
+class OpenLoop:
+    """Publishes ``total`` events at ``rate`` a second on the clock; ``make(i, scheduled_ns)`` builds event i."""
+
+    def __init__(self, pub: Publisher, rate: float, total: int, make: Callable[[int, int], Event],
+                 priority: Priority | None = None) -> None:
+        self.pub = pub
+        self.rate = rate
+        self.total = total
+        self.make = make
+        self.priority = priority
+        self.t0_ns = 0
+        self.sent = 0
+        self.failed = 0
+        self.lag_ns: list[int] = []
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._finished = asyncio.Event()
+        self._halt = threading.Event()
+
+    def scheduled_ns(self, i: int) -> int:
+        """When event i is due, Unix nanoseconds."""
+        return self.t0_ns + int(i * 1e9 / self.rate)
+
+    async def run(self) -> None:
+        """Send everything on schedule, then wait for every publish and count the failed events."""
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        loop = asyncio.get_running_loop()
+        self.t0_ns = time.time_ns() + START_DELAY_NS
+        clock = threading.Thread(target=self._tick, args=(loop,), name="bench-clock", daemon=True)
+        clock.start()
+        try:
+            if self.total:
+                await self._finished.wait()
+        finally:
+            self._halt.set()
+            clock.join()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        step = max(int(1e9 / self.rate), MIN_STEP_NS)
+        wake = self.t0_ns
+        while not self._halt.is_set():
+            delay = (wake - time.time_ns()) / 1e9
+            if delay > 0:
+                time.sleep(delay)
+            loop.call_soon_threadsafe(self._fire)
+            wake = max(wake + step, time.time_ns())  # behind: the next wake-up sends everything overdue
+
+    def _fire(self) -> None:
+        now = time.time_ns()
+        due = min(self.total, int((now - self.t0_ns) * self.rate / 1e9) + 1) if now >= self.t0_ns else 0
+        if due <= self.sent:
+            return
+        events = []
+        for i in range(self.sent, due):
+            scheduled = self.scheduled_ns(i)
+            events.append(self.make(i, scheduled))
+            self.lag_ns.append(now - scheduled)
+        task = asyncio.get_running_loop().create_task(self.pub.publish_many(events, priority=self.priority))
+        task.add_done_callback(functools.partial(self._done, n=len(events)))
+        self._tasks.add(task)
+        self.sent = due
+        if self.sent >= self.total:
+            self._finished.set()
+
+    def _done(self, task: asyncio.Task[object], *, n: int) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            self.failed += n

@@ -1,0 +1,100 @@
+"""Cases, runs and repeats: each case is one function measuring one repeat in a fresh namespace; the suite
+repeats it, checks every repeat for loss, and keeps the median and spread of its figures."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from redis.asyncio import Redis
+
+from bench.launcher import Child
+from bench.server import Target, cleanup
+from bench.settings import Settings
+from bench.stats import summarize
+from fabric import Keys
+
+__all__ = ["PROBLEMS", "Bench", "Case", "NotAvailable", "Run", "run_case"]
+
+PROBLEMS = ("lost", "unacked", "failed")
+"""Per-run counts that must be zero: events not handled (or not stored), left unacknowledged, failed to publish."""
+
+
+class NotAvailable(Exception):
+    """fabric cannot run this case yet; the message says why."""
+
+
+@dataclass
+class Bench:
+    """What every case needs: the Redis under test, a client to inspect it, and the settings."""
+
+    target: Target
+    client: Redis
+    settings: Settings
+
+
+class Run:
+    """One repeat of one case: a fresh namespace, the processes it starts, and the cleanup after it."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.settings = bench.settings
+        self.client = bench.client
+        self.keys = Keys(f"bench{uuid.uuid4().hex[:12]}")
+        self.children: list[Child] = []
+
+    async def spawn(self, role: str, **options: object) -> Child:
+        """Start a ``bench.procs`` role in this run's namespace (``symbols`` and the rest as options)."""
+        merged: dict[str, object] = {"ns": self.keys.ns, "symbols": self.settings.symbols, **options}
+        args = [str(a) for k, v in merged.items() for a in (f"--{k.replace('_', '-')}", v)]
+        child = await Child.start(role, self.bench.target.url, *args)
+        self.children.append(child)
+        return child
+
+    async def __aenter__(self) -> Run:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        for child in self.children:
+            await child.close()
+        await cleanup(self.client, self.bench.target, self.keys.ns)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured thing: ``measure`` runs one repeat and returns its figures (and the PROBLEMS counts)."""
+
+    name: str
+    scenario: str
+    title: str
+    measure: Callable[[Run], Awaitable[dict[str, Any]]]
+
+
+async def run_case(bench: Bench, case: Case) -> dict[str, Any]:
+    """Repeat a case; its status is ok, lost (some repeat had a problem), failed or not available."""
+    runs: list[dict[str, Any]] = []
+    base = {"scenario": case.scenario, "title": case.title}
+    for i in range(bench.settings.repeats):
+        print(f"  {case.name}: repeat {i + 1}/{bench.settings.repeats}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            async with Run(bench) as run:
+                figures = await case.measure(run)
+        except NotAvailable as exc:
+            return {**base, "status": "not available", "reason": str(exc), "lost": 0}
+        except Exception as exc:  # a broken case is reported and the suite goes on
+            traceback.print_exc(file=sys.stderr)
+            return {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "lost": 0, "runs": runs}
+        figures["elapsed_s"] = time.perf_counter() - started
+        runs.append(figures)
+    problems = {p: sum(int(r.get(p, 0)) for r in runs) for p in PROBLEMS}
+    status = "ok" if not any(problems.values()) else "lost"
+    return {**base, "status": status, "lost": problems["lost"], "problems": problems, "runs": runs,
+            "summary": summarize(runs)}

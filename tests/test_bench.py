@@ -1,0 +1,45 @@
+"""The benchmark suite runs every scenario in ``--quick`` mode and loses nothing (its timings are not checked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, RedisServer
+
+QUICK_RUN_DEADLINE_S = 90.0
+"""A deadline against a hang, far above the ~15 s a quick run takes; not a timing under test."""
+
+
+@pytest.fixture
+def redis_benchmark() -> None:
+    """Skip without redis-benchmark locally; fail under CI, where it must be installed."""
+    if shutil.which("redis-benchmark") is None:
+        message = "redis-benchmark is not installed (it comes with redis-server: apt-get install -y redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.mark.timeout(QUICK_RUN_DEADLINE_S + 30)
+@pytest.mark.usefixtures("redis_benchmark")
+def test_quick_run_loses_nothing(redis_server: RedisServer, tmp_path: Path) -> None:
+    results = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(results), "--redis-url", redis_server.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=QUICK_RUN_DEADLINE_S,
+    )
+    assert proc.returncode == 0, f"python -m bench --quick failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
+    doc = json.loads(results.read_text())
+    ran = {name: case for name, case in doc["cases"].items() if case["status"] != "not available"}
+    assert {"publish", "end_to_end", "priority", "memory", "plain_end_to_end"} <= ran.keys()
+    for name, case in ran.items():
+        assert case["status"] == "ok", f"{name}: {case}"
+        assert case["lost"] == 0 and all(run["lost"] == 0 for run in case["runs"]), f"{name} lost events: {case}"
+    assert doc["workload"]["encoded_bytes"] > 0 and doc["environment"]["redis"]["version"]
