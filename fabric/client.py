@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as rex
-from redis.asyncio.connection import Connection, SSLConnection
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 
 from fabric.errors import (
     AuthenticationFailed,
@@ -94,6 +94,18 @@ def connect(url: str | None = None, *, max_connections: int = 32) -> aioredis.Re
         raise RedisError(f"bad Redis URL {redact(url)!r}: {exc}; expected redis://[:password@]host:port/db") from exc
 
 
+def own_connection(client: aioredis.Redis) -> AbstractConnection:
+    """A connection outside the client's pool, with the pool's settings, for a loop that keeps it. Reads on it
+    must pass ``timeout=SOCKET_TIMEOUT_S``: fabric's own connection classes have no socket timeout, because
+    redis-py would run every write in a task of its own to time it (a write only waits when the socket buffer
+    is full, and the read that follows has the timeout)."""
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    if issubclass(pool.connection_class, _HiredisPacking):
+        kwargs["socket_timeout"] = None
+    return pool.connection_class(**kwargs)
+
+
 class Line:
     """A connection of its own for one sequential loop (a reader, the committer): a command goes out packed by
     hiredis and its reply comes back raw (no redis-py reply callbacks, no pool round trip). Connects lazily and
@@ -101,13 +113,7 @@ class Line:
     ever read as the answer to the next command."""
 
     def __init__(self, client: aioredis.Redis) -> None:
-        pool = client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        if issubclass(pool.connection_class, _HiredisPacking):
-            # No socket timeout on fabric's own connections: redis-py would run every write in a task of its own
-            # to time it. A write only waits when the socket buffer is full; the read below has the timeout.
-            kwargs["socket_timeout"] = None
-        self._conn = pool.connection_class(**kwargs)
+        self._conn = own_connection(client)
 
     async def call(self, *args: Any) -> Any:
         """Send one command and return its raw reply; error replies raise redis-py's ``ResponseError``s."""

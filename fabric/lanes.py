@@ -40,7 +40,7 @@ class Lanes(Generic[T]):
         self._credit = [0] * len(Priority)
         self._size = 0
         self._closed = False
-        self._nonempty = asyncio.Event()
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._room = asyncio.Event()
         self._room.set()
 
@@ -55,14 +55,14 @@ class Lanes(Generic[T]):
         """Queue an item (the reader checks ``room`` first; a reclaim may overfill by one batch)."""
         self._queues[priority].append(item)
         self._size += 1
-        self._nonempty.set()
+        self._wake(1)
 
     def extend(self, priority: Priority, items: list[T]) -> None:
         """Queue several items of one priority (a read's worth)."""
         if items:
             self._queues[priority].extend(items)
             self._size += len(items)
-            self._nonempty.set()
+            self._wake(len(items))
 
     @property
     def closed(self) -> bool:
@@ -70,9 +70,25 @@ class Lanes(Generic[T]):
         return self._closed
 
     async def wait(self) -> None:
-        """Wait until an item is queued or the lanes are closed."""
-        if not self._size and not self._closed:
-            await self._nonempty.wait()
+        """Wait until an item is queued or the lanes are closed. One item wakes one waiter, not all of them
+        (with 32 dispatchers waiting, waking every one for a single entry cost more than handling it)."""
+        if self._size or self._closed:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._wake(1)  # woken as it was cancelled: pass the wake-up on
+            raise
+
+    def _wake(self, n: int) -> None:
+        while n > 0 and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                n -= 1
 
     def _pick(self) -> int:
         best, total = -1, 0
@@ -92,8 +108,6 @@ class Lanes(Generic[T]):
         p = self._pick()
         item = self._queues[p].popleft()
         self._size -= 1
-        if not self._size:
-            self._nonempty.clear()
         if len(self._queues[p]) < self.capacity:
             self._room.set()
         return item
@@ -104,7 +118,7 @@ class Lanes(Generic[T]):
             item = self.get_nowait()
             if item is not None:
                 return item
-            await self._nonempty.wait()
+            await self.wait()
         return None
 
     async def wait_room(self, priorities: Iterable[Priority]) -> None:
@@ -119,7 +133,7 @@ class Lanes(Generic[T]):
     def close(self) -> list[T]:
         """Stop handing out items; return what was still queued."""
         self._closed = True
-        self._nonempty.set()
+        self._wake(len(self._waiters))
         left = [item for q in self._queues for item in q]
         for q in self._queues:
             q.clear()

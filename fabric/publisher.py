@@ -41,7 +41,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from fabric import scripts
-from fabric.client import error_code, translate
+from fabric.client import SOCKET_TIMEOUT_S, error_code, own_connection, translate
 from fabric.codec import FORMAT_VERSION, oversized
 from fabric.config import PublisherConfig
 from fabric.errors import FabricError, PublishError
@@ -259,13 +259,12 @@ class Publisher:
 
     async def _connection(self) -> AbstractConnection:
         if self._conn is None:
-            pool = self.client.connection_pool
-            self._conn = pool.connection_class(**pool.connection_kwargs)
+            self._conn = own_connection(self.client)
         conn = self._conn
         if not conn.is_connected:
             await conn.connect()  # type: ignore[no-untyped-call]
             await conn.send_command("SCRIPT", "LOAD", scripts.PUBLISH.source)
-            await conn.read_response()
+            await conn.read_response(timeout=SOCKET_TIMEOUT_S)
         return conn
 
     def _connection_lost(self, exc: BaseException) -> None:
@@ -323,7 +322,7 @@ class Publisher:
                 self._sent.clear()
                 await self._sent.wait()
             try:
-                ids = await conn.read_response()
+                ids = await conn.read_response(timeout=SOCKET_TIMEOUT_S)
             except rex.ResponseError as exc:
                 self._refusal(self._inflight.popleft(), exc)
             else:

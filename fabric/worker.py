@@ -157,6 +157,8 @@ class Worker:
         self.stats = WorkerStats()
         self._lanes: Lanes[Delivery] = Lanes(config.prefetch, config.priority_weights)
         self._turns = Turns()
+        self._unprimed = len(Priority)  # readers yet to make their first read
+        self._primed = asyncio.Event()
         self._streams: dict[str, StreamRef] = {}
         self._by_name: dict[bytes, StreamRef] = {}
         self._held: defaultdict[str, dict[bytes, float]] = defaultdict(dict)
@@ -318,24 +320,31 @@ class Worker:
 
     async def _read_loop(self, priority: Priority) -> None:
         line = Line(self.client)
+        primed = False
         try:
             delay = ERROR_BACKOFF_S[0]
             while not self._stop.is_set():
                 streams = [s for s, ref in self._streams.items() if ref.priority == priority]
                 count = await self._read_room(priority, len(streams))
                 if not count or not streams:
+                    if not streams and not primed:
+                        primed = self._prime()
                     if count and not streams:
                         self._changed.clear()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._changed.wait(), self.config.block_ms / 1000)
                     continue
                 try:
+                    # The first read does not block: what already waits in every lane is read before any is
+                    # handled, so a worker starting on backlogs serves the critical one first.
+                    block = ("BLOCK", self.config.block_ms) if primed else ()
                     reply = await line.call(
-                        "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count,
-                        "BLOCK", self.config.block_ms, "STREAMS", *streams, *(">",) * len(streams),
+                        "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, *block,
+                        "STREAMS", *streams, *(">",) * len(streams),
                     )
                     delay = ERROR_BACKOFF_S[0]
                 except (rex.RedisError, OSError) as exc:
+                    primed = primed or self._prime()
                     _raise_if_cancelled(exc)
                     if isinstance(exc, rex.ResponseError) and error_code(exc) in GONE:
                         self._group_gone(exc)
@@ -345,8 +354,18 @@ class Worker:
                     delay = min(delay * 2, ERROR_BACKOFF_S[1])
                     continue
                 self._take(priority, reply or ())
+                primed = primed or self._prime()
         finally:
+            if not primed:
+                self._prime()
             await line.close()
+
+    def _prime(self) -> bool:
+        """One reader has made its first read; when all have, dispatching starts."""
+        self._unprimed -= 1
+        if self._unprimed <= 0:
+            self._primed.set()
+        return True
 
     async def _read_room(self, priority: Priority, streams: int) -> int:
         """How many entries to ask each stream for: the lane's room shared by its streams (at least
@@ -382,6 +401,7 @@ class Worker:
     async def _dispatch_loop(self) -> None:
         lanes, turns, process, clock = self._lanes, self._turns, self.process, time.monotonic
         me = object()
+        await self._primed.wait()
         while True:
             if not len(lanes):
                 if lanes.closed:
