@@ -66,19 +66,23 @@ async def producer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def flooder(args: argparse.Namespace) -> dict[str, Any]:
-    """Keep at least ``backlog`` low ticks undelivered to the group (topped up every 50 ms) until SIGTERM."""
+    """Publish ``backlog`` low ticks at once, then refill to ``backlog`` whenever fewer than a tenth of it are
+    left undelivered to the group, until SIGTERM. (A backlog that outlasts the measurement keeps the worker
+    saturated without a producer competing with it for the CPU.)"""
     client, keys, stop = connect(), Keys(args.ns), stop_event()
-    streams = await registered(client, keys, TOPIC, Priority.LOW)
     sent = failed = 0
     async with Publisher(client, keys=keys) as pub:
+        failed += await publish_chunks(pub, [tick(k, args.symbols) for k in range(args.backlog)], args.chunk,
+                                       Priority.LOW)
+        sent = args.backlog
+        emit(backlog=args.backlog)
+        streams = await registered(client, keys, TOPIC, Priority.LOW)
         while not stop.is_set():
             lag = await undelivered(client, streams, GROUP)
-            want = args.backlog - lag if lag >= 0 else 0
-            if want > 0:
-                batch = [tick(sent + k, args.symbols) for k in range(want)]
-                failed += await publish_chunks(pub, batch, args.chunk, Priority.LOW)
-                if not sent:
-                    emit(backlog=want)
+            if 0 <= lag < args.backlog // 10:
+                want = args.backlog - lag
+                failed += await publish_chunks(pub, [tick(sent + k, args.symbols) for k in range(want)],
+                                               args.chunk, Priority.LOW)
                 sent += want
             await _sleep_unless(stop, FLOOD_CHECK_S)
     await client.aclose()
