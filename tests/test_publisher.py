@@ -6,6 +6,7 @@ import asyncio
 import re
 import uuid
 
+import fakeredis
 import msgspec
 import pytest
 
@@ -20,6 +21,7 @@ from fabric.errors import (
 )
 from fabric.events import Alert, Order, Severity, Side, Tick
 from fabric.keys import Priority
+from tests import conftest
 from tests.conftest import RedisServer
 
 ENTRY_ID = re.compile(r"^\d+-\d+$")
@@ -505,3 +507,283 @@ async def test_publisher_reconnects_after_its_connection_is_killed(redis, keys):
     # then every event lands once
     assert all(ids)
     assert await redis.xlen(stream) == 21
+
+
+# ---- review of the pipelined publisher: order, sessions, refusals, connections --------------------------
+
+HANG_S = 5.0
+"""How long a call that should return at once may take before the test calls it hung."""
+
+
+@pytest.fixture
+async def private_redis(request, backend, tmp_path):
+    """A Redis no other test shares (a redis-server of its own, or a fresh fakeredis): FLUSHALL, SCRIPT FLUSH
+    and restarts here touch nobody else's keys."""
+    if backend == "fake":
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        yield client
+        await client.aclose()
+        return
+    request.getfixturevalue("redis_server")  # skips without redis-server (fails under CI), like the shared one
+    server = RedisServer(tmp_path)
+    client = connect(server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+def _caller_events(caller: int, symbols: list[str], n: int) -> list[Tick]:
+    """n ticks of one caller spread over the symbols; ``exchange`` names the caller, ``bid_size`` the rank."""
+    return [
+        Tick(symbol=symbols[(i * 7 + caller) % len(symbols)], bid=1.0, ask=2.0, bid_size=float(i),
+             exchange=f"c{caller}")
+        for i in range(n)
+    ]
+
+
+async def _assert_each_callers_order_per_stream(redis, keys, symbols: list[str], sent: list[list[Tick]]) -> None:
+    """Every stream holds every caller's events for it exactly once, in the order that caller published them."""
+    for symbol in symbols:
+        stored = [decode_fields(f) for _, f in await redis.xrange(keys.stream("tick", Priority.NORMAL, symbol))]
+        assert len(stored) == sum(1 for events in sent for e in events if e.symbol == symbol)
+        for caller, events in enumerate(sent):
+            mine = [e.event_id for e in stored if e.exchange == f"c{caller}"]
+            assert mine == [e.event_id for e in events if e.symbol == symbol], (symbol, caller)
+
+
+async def _publish_in_calls(pub: Publisher, events: list[Tick], per_call: int) -> list[str | None]:
+    ids: list[str | None] = []
+    for i in range(0, len(events), per_call):
+        ids += await pub.publish_many(events[i : i + per_call])
+    return ids
+
+
+async def test_concurrent_publish_many_calls_over_20_symbols_keep_each_callers_order_per_stream(redis, keys):
+    # given 8 callers, each with 100 ticks over 20 symbols, and a publisher with small batches: each call is
+    # split into several, queued behind the batches on the wire
+    symbols = [f"S{i}" for i in range(20)]
+    sent = [_caller_events(c, symbols, 100) for c in range(8)]
+    async with Publisher(redis, PublisherConfig(max_batch=8), keys=keys) as pub:
+        # when they all publish at once, each in successive publish_many calls of 50
+        results = await asyncio.gather(*(_publish_in_calls(pub, events, 50) for events in sent))
+    # then every event got an entry id, and each stream holds each caller's events once, in its order
+    assert all(len(ids) == 100 and None not in ids for ids in results)
+    await _assert_each_callers_order_per_stream(redis, keys, symbols, sent)
+
+
+async def test_sequence_gaps_with_batches_in_flight_lose_and_double_nothing(redis, keys):
+    # given 8 callers publishing over 20 symbols, and Redis losing every stream's producer numbers over and over
+    # meanwhile (each loss makes the next batch of that stream a GAP: refused, session renewed, resent in order)
+    symbols = [f"S{i}" for i in range(20)]
+    producers = [keys.producers(keys.stream("tick", Priority.NORMAL, s)) for s in symbols]
+    sent = [_caller_events(c, symbols, 100) for c in range(8)]
+    done = asyncio.Event()
+
+    async def lose_sequences() -> int:
+        lost = 0
+        while not done.is_set():
+            lost += await redis.delete(*producers)
+            await asyncio.sleep(0)
+        return lost
+
+    loser = asyncio.create_task(lose_sequences())
+    try:
+        async with Publisher(redis, PublisherConfig(max_batch=16, max_buffer=48), keys=keys) as pub:
+            # when they all publish at once
+            results = await asyncio.gather(*(_publish_in_calls(pub, events, 20) for events in sent))
+    finally:
+        done.set()
+        lost = await loser
+    # then the numbers were lost mid-stream, yet every event landed once, in each caller's order per stream
+    assert lost > 0
+    assert all(len(ids) == 100 and None not in ids for ids in results)
+    await _assert_each_callers_order_per_stream(redis, keys, symbols, sent)
+
+
+async def test_closing_a_publisher_that_never_published_does_not_connect():
+    # given a publisher on a client for a port nothing listens on
+    client = connect("redis://127.0.0.1:1/0")
+    try:
+        pub = Publisher(client)
+        # when it is closed without having published, then it returns at once, without an error
+        await asyncio.wait_for(pub.close(), HANG_S)
+        async with Publisher(client):
+            pass
+    finally:
+        await client.aclose()
+
+
+async def test_closing_a_publisher_that_never_published_opens_no_connection():
+    # given a publisher on a client for a listening socket that counts who connects
+    accepted: list[bool] = []
+
+    def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(True)
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}/0")
+    try:
+        # when a publisher is opened and closed without publishing
+        async with Publisher(client):
+            pass
+        # then nothing connected (a connection would be counted on the next pass of the loop, so give it a few)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert accepted == []
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_publishing_after_flushall_writes_each_event_once(private_redis, keys):
+    # given a publisher that has written to three streams
+    redis = private_redis
+    symbols = ["A", "B", "C"]
+    async with Publisher(redis, PublisherConfig(max_batch=4), keys=keys) as pub:
+        await pub.publish_many([tick(s) for s in symbols * 3])
+        # when Redis loses everything (FLUSHALL: the streams and the session's numbers), and it publishes again
+        await redis.flushall()
+        later = [tick(s, bid_size=float(i)) for i in range(5) for s in symbols]
+        ids = await asyncio.wait_for(pub.publish_many(later), HANG_S)
+    # then every new event has an entry, and each stream holds exactly the new events, once, in order
+    assert None not in ids
+    for s in symbols:
+        stored = [decode_fields(f).event_id for _, f in await redis.xrange(keys.stream("tick", Priority.NORMAL, s))]
+        assert stored == [e.event_id for e in later if e.symbol == s]
+
+
+async def test_publishing_after_script_flush_writes_each_event_once(private_redis, keys):
+    # given a publisher that has published (its script is loaded)
+    redis = private_redis
+    stream = keys.stream("tick", Priority.NORMAL, "BTC-USD")
+    async with Publisher(redis, keys=keys) as pub:
+        first = [tick() for _ in range(5)]
+        await pub.publish_many(first)
+        # when Redis forgets its scripts between two batches (SCRIPT FLUSH)
+        await redis.script_flush()
+        later = [tick() for _ in range(5)]
+        ids = await asyncio.wait_for(pub.publish_many(later), HANG_S)
+    # then the later batch still lands, once, after the first
+    assert None not in ids
+    stored = [decode_fields(f).event_id for _, f in await redis.xrange(stream)]
+    assert stored == [e.event_id for e in first + later]
+
+
+@pytest.mark.real_only
+async def test_publisher_carries_on_after_redis_restarts_with_nothing_kept(tmp_path, keys, monkeypatch, request):
+    # given a publisher that has written to a Redis of its own, which keeps nothing across a restart
+    request.getfixturevalue("redis_server")  # skips without redis-server (fails under CI)
+    server = RedisServer(tmp_path)
+    client = connect(server.url)
+    stream = keys.stream("tick", Priority.NORMAL, "BTC-USD")
+    try:
+        async with Publisher(client, keys=keys) as pub:
+            await pub.publish_many([tick() for _ in range(5)])
+            # when Redis restarts on the same port (its connection cut, its streams and numbers gone)
+            server.stop()
+            monkeypatch.setattr(conftest, "_free_port", lambda: server.port)
+            server = RedisServer(tmp_path)
+            # and it publishes again
+            later = [tick() for _ in range(5)]
+            ids = await asyncio.wait_for(pub.publish_many(later), HANG_S)
+        # then the new events land, each once, in order (read on a fresh client: the pool's went with the restart)
+        assert None not in ids
+        reader = connect(server.url)
+        try:
+            stored = [decode_fields(f).event_id for _, f in await reader.xrange(stream)]
+        finally:
+            await reader.aclose()
+        assert stored == [e.event_id for e in later]
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+
+async def _cut_publisher_connections(redis) -> int:
+    """Close every connection whose last command was a publish batch (the publishers' own); return how many."""
+    cut = 0
+    for c in await redis.client_list():
+        if c.get("cmd") == "evalsha":
+            cut += await redis.execute_command("CLIENT", "KILL", "ID", c["id"])
+    return cut
+
+
+@pytest.mark.real_only
+async def test_connections_cut_again_and_again_mid_stream_lose_and_double_nothing(redis, redis_url, keys):
+    # given 8 callers publishing over 20 symbols through a publisher of its own client, and Redis cutting that
+    # publisher's connection five times meanwhile, each time after more events landed (batches on the wire are
+    # resent on a new connection; what had landed is recognised by its sequence number and not written again)
+    symbols = [f"S{i}" for i in range(20)]
+    streams = [keys.stream("tick", Priority.NORMAL, s) for s in symbols]
+    sent = [_caller_events(c, symbols, 100) for c in range(8)]
+    done = asyncio.Event()
+
+    async def landed() -> int:
+        async with redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xlen(stream)
+            return sum(await pipe.execute())
+
+    async def cut_five_times() -> int:
+        cuts, last = 0, 0
+        while cuts < 5 and not done.is_set():
+            now = await landed()
+            if now >= last + 50:
+                cuts += await _cut_publisher_connections(redis)
+                last = now
+            await asyncio.sleep(0)
+        return cuts
+
+    client = connect(redis_url)
+    cutter = asyncio.create_task(cut_five_times())
+    try:
+        async with Publisher(client, PublisherConfig(max_batch=8), keys=keys) as pub:
+            # when they all publish at once
+            results = await asyncio.gather(*(_publish_in_calls(pub, events, 50) for events in sent))
+    finally:
+        done.set()
+        cuts = await cutter
+        await client.aclose()
+    # then the connection was cut, yet every event landed once, in each caller's order per stream
+    assert cuts > 0
+    assert all(len(ids) == 100 for ids in results)
+    await _assert_each_callers_order_per_stream(redis, keys, symbols, sent)
+
+
+@pytest.mark.real_only
+async def test_close_returns_after_a_refused_reconnect_failed_the_unconfirmed_batch(redis, redis_url, keys):
+    # given a publisher of an ACL user that has published once
+    user = f"u_{uuid.uuid4().hex[:12]}"
+    await redis.execute_command("ACL", "SETUSER", user, "on", ">secret", "~*", "+@all")
+    client = connect(redis_url.replace("redis://", f"redis://{user}:secret@"))
+    pub = Publisher(client, keys=keys)
+    closing: asyncio.Task[None] | None = None
+    try:
+        await pub.publish(tick())
+        # when its password changes and its connections are cut, so that the next batch is resent on a new
+        # connection, which Redis refuses
+        await redis.execute_command("ACL", "SETUSER", user, "resetpass", ">changed")
+        await redis.execute_command("CLIENT", "KILL", "USER", user)
+        with pytest.raises(AuthenticationFailed):
+            await asyncio.wait_for(pub.publish(tick()), HANG_S)
+        # then the publisher still closes
+        closing = asyncio.create_task(pub.close())
+        await asyncio.wait({closing}, timeout=HANG_S)
+        assert closing.done(), "Publisher.close() hangs with nothing buffered"
+    finally:
+        if closing is not None and not closing.done():  # leave no task or socket behind for the next test
+            closing.cancel()
+            await asyncio.gather(closing, return_exceptions=True)
+            if pub._task is not None:
+                pub._task.cancel()
+                await asyncio.gather(pub._task, return_exceptions=True)
+            if pub._conn is not None:
+                await pub._conn.disconnect()
+        await client.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.exceptions as rex
 
 from fabric import Priority, Publisher, Reject, Retry, Worker, WorkerConfig
 from fabric.codec import decode_fields
@@ -646,3 +647,256 @@ async def test_a_stream_deleted_under_a_running_worker_is_rejoined(redis, keys):
         # then the worker rejoins and handles it
         await eventually(lambda: asyncio.sleep(0, result=later.event_id in seen), what="the later event")
     assert await pending(redis, stream_of(keys)) == 0
+
+
+# ---- review of the hot-path rewrite: handler timeouts under a worker ----------------------------------
+# (fabric.handler.timeout on its own is in tests/test_handler_timeout.py)
+
+
+async def test_a_handler_past_its_timeout_is_retried_then_dead_lettered_as_a_timeout(redis, keys):
+    # given an event whose handler hangs on every delivery, under a 0.2 s handler timeout
+    [entry_id] = await publish(redis, keys, ticks(1))
+    stream = stream_of(keys)
+    never = asyncio.Event()
+    deliveries: list[int] = []
+    records: list[bytes | None] = []
+
+    async def handle(event: Event, ctx: Context) -> None:
+        deliveries.append(ctx.delivery_count)
+        if ctx.delivery_count > 1:  # the failure record the previous delivery left
+            records.append(await redis.hget(keys.failures(stream), f"{GROUP}/{ctx.entry_id}"))
+        await never.wait()
+
+    worker = make_worker(redis, keys, handle, name="hangs", handler_timeout_s=0.2, max_deliveries=3)
+    # when the worker runs
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.dead_lettered), what="the dead letter")
+    # then each delivery failed as a timeout, was recorded as one and retried, and the third became a dead letter
+    assert deliveries == [1, 2, 3]
+    assert worker.stats.failed == 3
+    assert len(records) == 2
+    assert all(r is not None and b"|hangs|TimeoutError|" in r for r in records), records
+    [letter] = await list_dead_letters(redis, keys)
+    assert letter.origin_id == entry_id
+    assert letter.error_type == "TimeoutError"
+    assert "0.2 s timeout" in letter.error
+    assert letter.deliveries == 3
+    assert await pending(redis, stream) == 0
+    assert await redis.hlen(keys.failures(stream)) == 0
+
+
+async def test_handlers_that_finish_in_time_are_untouched_by_the_timeout(redis, keys):
+    # given events whose handler yields to the loop and returns a bar, under a handler timeout
+    events = ticks(20)
+    await publish(redis, keys, events)
+
+    async def handle(event: Tick) -> Bar:
+        await asyncio.sleep(0)
+        return bar_from(event)
+
+    worker = make_worker(redis, keys, handle, handler_timeout_s=30)
+    # when the worker handles them
+    async with running(worker):
+        await eventually(at_least(20, lambda: worker.stats.handled), what="20 commits")
+    # then every one was committed with its output, and nothing failed
+    assert worker.stats.failed == 0
+    assert await redis.xlen(stream_of(keys, topic="bar")) == 20
+    assert await pending(redis, stream_of(keys)) == 0
+    assert await list_dead_letters(redis, keys) == []
+
+
+async def test_a_handler_that_swallows_its_timeout_and_returns_is_committed(redis, keys):
+    # given a handler that catches the timeout's cancellation and returns a bar anyway
+    [tick] = ticks(1)
+    await publish(redis, keys, [tick])
+    never = asyncio.Event()
+    interrupted: list[int] = []
+
+    async def handle(event: Tick, ctx: Context) -> Bar:
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            interrupted.append(ctx.delivery_count)
+        return bar_from(event)
+
+    worker = make_worker(redis, keys, handle, handler_timeout_s=0.2)
+    # when its call runs past the timeout
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.handled), what="the commit")
+    # then it was interrupted once, and its result stands: committed with its output, no failure
+    assert interrupted == [1]
+    assert worker.stats.failed == 0
+    [(_, fields)] = await redis.xrange(stream_of(keys, topic="bar"))
+    assert decode_fields(fields).causation_id == tick.event_id
+    assert await pending(redis, stream_of(keys)) == 0
+    assert await list_dead_letters(redis, keys) == []
+
+
+async def test_after_a_timeout_the_same_dispatcher_handles_the_next_entry_normally(redis, keys):
+    # given one dispatcher, and two events: the first one's handler hangs, the second's does not
+    first, second = ticks(2)
+    await publish(redis, keys, [first, second])
+    never = asyncio.Event()
+    cancelling: list[int] = []
+
+    async def handle(event: Event) -> None:
+        if event.event_id == first.event_id:
+            await never.wait()
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling.append(task.cancelling())
+        async with asyncio.timeout(30):  # a handler's own timeout must work after the worker's fired
+            await asyncio.sleep(0)
+
+    worker = make_worker(redis, keys, handle, concurrency=1, handler_timeout_s=0.2, max_deliveries=1)
+    # when the first times out (and is dead-lettered: one delivery allowed)
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.dead_lettered), what="the timed-out first event")
+        await eventually(at_least(1, lambda: worker.stats.handled), what="the second event")
+    # then the dispatcher was not left cancelling, and the second was handled and committed
+    assert cancelling == [0]
+    [letter] = await list_dead_letters(redis, keys)
+    assert letter.error_type == "TimeoutError"
+    assert decode_fields({k.encode(): v for k, v in letter.fields.items()}).event_id == first.event_id
+    assert await pending(redis, stream_of(keys)) == 0
+
+
+# ---- review of the hot-path rewrite: dispatchers taking turns, priority under a backlog ----------------
+
+
+async def test_handlers_waiting_on_io_do_not_hold_up_the_other_dispatchers(redis, keys):
+    # given four dispatchers and four events whose handler waits on a gate (I/O that has not answered yet)
+    await publish(redis, keys, ticks(4))
+    gate = asyncio.Event()
+    in_flight = 0
+    peak = 0
+
+    async def handle(event: Event) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await gate.wait()
+        in_flight -= 1
+
+    worker = make_worker(redis, keys, handle, concurrency=4)
+    async with running(worker):
+        # when the handlers start, then all four are in flight at once
+        await eventually(lambda: asyncio.sleep(0, result=in_flight == 4), what="4 handlers in flight at once")
+        gate.set()
+        await eventually(at_least(4, lambda: worker.stats.handled), what="4 commits")
+    assert peak == 4
+    assert await pending(redis, stream_of(keys)) == 0
+
+
+async def _delivered(redis: Any, stream: str, n: int) -> bool:
+    """True once ``n`` entries of ``stream`` are pending for the group (read by a worker, not yet acked)."""
+    if not await redis.exists(stream):
+        return False
+    try:
+        return await pending(redis, stream) == n
+    except rex.ResponseError:  # the worker has not joined the stream yet: no group
+        return False
+
+
+async def test_critical_entries_arriving_under_a_low_backlog_overtake_it(redis, keys):
+    # given one dispatcher holding a whole backlog of low entries, stuck on the first one's handler
+    backlog, urgent = 200, 5
+    await publish(redis, keys, ticks(backlog), Priority.LOW)
+    gate = asyncio.Event()
+    started = asyncio.Event()
+    order: list[str] = []
+
+    async def handle(event: Event, ctx: Context) -> None:
+        if not started.is_set():
+            started.set()
+            await gate.wait()
+        order.append(ctx.priority)
+
+    worker = make_worker(redis, keys, handle, concurrency=1)
+    async with running(worker):
+        await eventually(lambda: asyncio.sleep(0, result=started.is_set()), what="the first low handler")
+        await eventually(lambda: _delivered(redis, stream_of(keys, priority=Priority.LOW), backlog),
+                         what="the whole low backlog read by the worker")
+        # when critical entries are published and read by the worker, and the stuck handler then finishes
+        await publish(redis, keys, ticks(urgent), Priority.CRITICAL)
+        await eventually(lambda: _delivered(redis, stream_of(keys, priority=Priority.CRITICAL), urgent),
+                         what="the critical entries read by the worker")
+        gate.set()
+        await eventually(at_least(backlog + urgent, lambda: worker.stats.handled), what="everything handled")
+    # then the first critical one was handled before the low backlog was done
+    assert sorted(set(order)) == ["critical", "low"] and len(order) == backlog + urgent
+    lows_before_first_critical = order.index("critical")
+    assert lows_before_first_critical < backlog, order
+
+
+# ---- review of the hot-path rewrite: a handler's own CancelledError ------------------------------------
+
+
+async def test_a_handler_raising_cancelled_error_is_a_failure_and_the_worker_goes_on(redis, keys):
+    # given one dispatcher and two events; the first one's handler awaits a future that someone else cancelled
+    # (a request shared with another caller, who gave up on it): CancelledError, though nobody cancelled the worker
+    first, second = ticks(2)
+    await publish(redis, keys, [first, second])
+    shared = asyncio.get_running_loop().create_future()
+    shared.cancel()
+    handled: list[str] = []
+
+    async def handle(event: Event) -> None:
+        if event.event_id == first.event_id:
+            await shared
+        handled.append(event.event_id)
+
+    worker = make_worker(redis, keys, handle, concurrency=1, max_deliveries=1)
+    async with running(worker) as [task]:
+        # when the worker runs
+        await eventually(lambda: asyncio.sleep(0, result=task.done() or worker.stats.handled >= 1),
+                         what="the second event handled, or the worker gone")
+        # then it is still running: the first event failed (a dead letter, one delivery allowed), the second handled
+        assert not task.done(), "Worker.run() returned although nobody stopped it"
+    assert handled == [second.event_id]
+    [letter] = await list_dead_letters(redis, keys)
+    assert letter.error_type == "CancelledError"
+
+
+# ---- review of the hot-path rewrite: Redis errors while committing -------------------------------------
+
+
+async def test_a_connection_error_while_registering_an_output_stream_is_retried(redis, keys, monkeypatch):
+    # given a handler whose output goes to a stream not registered yet, and a connection that drops the first
+    # time anyone registers that stream (the pool's connection was stale: Redis restarted, or a proxy cut it)
+    [tick] = ticks(1)
+    await publish(redis, keys, [tick])
+    registry = keys.topic_registry("bar")
+    dropped: list[bool] = []
+    real_pipeline = redis.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+
+        async def execute(*a: Any, **k: Any) -> Any:
+            registers = any(cmd[0] == "SADD" and cmd[1] == registry for cmd, _ in pipe.command_stack)
+            if registers and not dropped:
+                dropped.append(True)
+                raise rex.ConnectionError("Connection closed by server.")
+            return await real_execute(*a, **k)
+
+        pipe.execute = execute
+        return pipe
+
+    monkeypatch.setattr(redis, "pipeline", pipeline)
+
+    async def handle(event: Tick) -> Bar:
+        return bar_from(event)
+
+    worker = make_worker(redis, keys, handle)
+    async with running(worker) as [task]:
+        # when the worker commits the handler's output
+        await eventually(lambda: asyncio.sleep(0, result=task.done() or worker.stats.handled >= 1),
+                         what="the commit, or the worker gone")
+        # then the dropped registration is retried like any other write: the worker runs on, the commit lands
+        assert dropped == [True]
+        assert not task.done(), "Worker.run() ended on a connection error while committing"
+    assert worker.stats.handled == 1
+    assert await redis.xlen(stream_of(keys, topic="bar")) == 1
+    assert await redis.smembers(registry) == {stream_of(keys, topic="bar").encode()}
