@@ -139,11 +139,13 @@ def timeout(seconds: float) -> Middleware:
             task = asyncio.current_task()
             if task is None:  # not in a task (cannot be cancelled): run unguarded
                 return await inner(event, ctx)
+            before = task.cancelling()
             deadlines.enter(task)
             try:
                 return await inner(event, ctx)
             except asyncio.CancelledError:
-                if deadlines.leave(task):
+                # a cancel from outside landing with the deadline's stays a cancellation
+                if deadlines.leave(task) and task.cancelling() <= before:
                     raise TimeoutError(f"handler ran longer than its {seconds:g} s timeout") from None
                 raise
             finally:

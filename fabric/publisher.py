@@ -57,8 +57,9 @@ MAX_IN_FLIGHT = 4
 REGISTRY_REFRESH_S = 30.0
 SESSION_TTL_MS = 86_400_000
 """How long Redis keeps a session's sequence numbers after its last write to a stream."""
-RESEND = frozenset({"NOSCRIPT", "GAP"})
-"""Replies after which a batch is resent in order (it wrote nothing)."""
+RESEND = frozenset({"GAP"})
+"""Replies after which a batch is resent in order (it wrote nothing). NOSCRIPT is handled as a lost
+connection: every batch on the wire is resent after a reconnect, which loads the script."""
 
 _Item = tuple[str, str, bytes, str]  # stream key, type tag, payload, event_id
 _Failure = (rex.ConnectionError, rex.TimeoutError, OSError)
@@ -289,12 +290,13 @@ class Publisher:
             log.info("publish connection lost (%s): resending %d batches", exc, len(again))
 
     def _fail_all(self, error: FabricError) -> None:
-        for batch in (*self._inflight, *self._resend, *self._refused):
-            batch.fail(error)
-            self._done(batch)
+        unconfirmed = (*self._refused, *self._inflight, *self._resend)
         self._inflight.clear()
         self._resend.clear()
-        self._refused.clear()
+        self._refused = []
+        for batch in unconfirmed:
+            batch.fail(error)
+            self._done(batch)
         while self._pending:
             batch = self._form_batch()
             batch.fail(error)
@@ -310,11 +312,11 @@ class Publisher:
                 await asyncio.sleep(linger / 1000)
             batch = self._resend.popleft() if self._resend else self._form_batch()
             self._inflight.append(batch)  # from here on, a failure resends it
+            self._sent.set()  # the receiver's read (with its timeout) now bounds this batch, even a stuck write
             if batch.packed is None:
                 batch.packed = self._pack(batch)
             await self._register(batch)
             await conn.send_packed_command(batch.packed, check_health=False)
-            self._sent.set()
 
     async def _receive_loop(self, conn: AbstractConnection) -> None:
         while True:
@@ -323,6 +325,8 @@ class Publisher:
                 await self._sent.wait()
             try:
                 ids = await conn.read_response(timeout=SOCKET_TIMEOUT_S)
+            except rex.NoScriptError as exc:  # the script cache was flushed: reconnect (which loads it), resend
+                raise rex.ConnectionError(f"publish script unknown to Redis ({exc}): reloading it") from exc
             except rex.ResponseError as exc:
                 self._refusal(self._inflight.popleft(), exc)
             else:

@@ -431,6 +431,9 @@ class Worker:
         except DecodeError as exc:
             await self._dead_letter(d, type(exc).__name__, exc.reason)
             return
+        await self._run_handler(d, event)
+
+    async def _run_handler(self, d: Delivery, event: Event) -> None:
         ref = d.stream
         ctx = Context(
             stream=ref.key, topic=ref.topic, priority=_LABELS[ref.priority], symbol=ref.symbol,
@@ -446,6 +449,12 @@ class Worker:
             await self._failed(d, "Retry", exc.reason, exc.after_ms / 1000)
         except Exception as exc:  # a handler's failure is data: recorded, retried, dead-lettered
             await self._failed(d, type(exc).__name__, str(exc) or repr(exc), None)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this worker is being stopped
+            # the handler itself raised CancelledError (it awaited something another party cancelled)
+            await self._failed(d, "CancelledError", str(exc) or "the handler raised CancelledError", None)
         else:
             self._committed(d, outputs)
 
@@ -568,7 +577,9 @@ class Worker:
             args += (ix(stream), failures, d.entry_id, len(outputs))
             for out_stream, enc in outputs:
                 args += (ix(out_stream), enc.type, enc.enc, enc.data)
-        await self._register({s for _, outs in batch for s, _ in outs})
+        new = {s for _, outs in batch for s, _ in outs} - self._registered
+        if new:
+            await self._retrying(lambda: self._register(new))
         results = await self._retrying(lambda: scripts.COMMIT.on(line, keys, args))
         for d, _ in batch:
             self._held[d.stream.key].pop(d.entry_id, None)
