@@ -114,7 +114,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="Redis to measure (default $FABRIC_REDIS_URL, else a dedicated redis-server)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     p.add_argument("--markdown", type=Path, help="also write the table as a Markdown section to this file")
+    p.add_argument("--readme", type=Path, help="replace the section between the bench markers of this README "
+                                               "(README.md's performance section) with the results")
     return p
+
+
+README_START = "<!-- bench:start (written by python -m bench --readme README.md; do not edit by hand) -->"
+README_END = "<!-- bench:end -->"
+
+
+def update_readme(path: Path, section: str) -> None:
+    """Put ``section`` between the bench markers of a README."""
+    text = path.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"--readme: {path} has no '{README_START}' ... '{README_END}' markers: add them")
+    path.write_text(text[: start + len(README_START)] + "\n" + section.rstrip() + "\n" + text[end:])
 
 
 def check_worker_config(text: str | None) -> None:
@@ -146,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(doc))
         print(f"markdown: {args.markdown}")
+    if args.readme:
+        update_readme(args.readme, markdown(doc))
+        print(f"readme: {args.readme}")
     return 0 if doc["ok"] else 1
 
 
