@@ -104,15 +104,17 @@ class _Deadlines:
         self.expired: set[asyncio.Task[Any]] = set()
         self.timer: asyncio.TimerHandle | None = None
 
-    def enter(self, task: asyncio.Task[Any]) -> None:
-        self.calls[task] = time.monotonic() + self.seconds
-        if self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(self.tick_s, self.check)
+    def arm(self) -> None:
+        self.timer = asyncio.get_running_loop().call_later(self.tick_s, self.check)
 
     def leave(self, task: asyncio.Task[Any]) -> bool:
         """End a call (again: no-op); True if it had been cancelled for running past its deadline."""
         if self.calls.pop(task, None) is None:
             return False
+        return self.settle(task)
+
+    def settle(self, task: asyncio.Task[Any]) -> bool:
+        """Undo the deadline's cancel of an ended call, if there was one; True if there was."""
         if task in self.expired:
             self.expired.discard(task)
             task.uncancel()
@@ -134,13 +136,17 @@ def timeout(seconds: float) -> Middleware:
 
     def middleware(inner: HandlerFn) -> HandlerFn:
         deadlines = _Deadlines(seconds)
+        calls, expired = deadlines.calls, deadlines.expired
+        current_task, monotonic = asyncio.current_task, time.monotonic
 
         async def handle(event: Event, ctx: Context) -> list[Event]:
-            task = asyncio.current_task()
+            task = current_task()
             if task is None:  # not in a task (cannot be cancelled): run unguarded
                 return await inner(event, ctx)
             before = task.cancelling()
-            deadlines.enter(task)
+            calls[task] = monotonic() + seconds
+            if deadlines.timer is None:
+                deadlines.arm()
             try:
                 return await inner(event, ctx)
             except asyncio.CancelledError:
@@ -149,7 +155,8 @@ def timeout(seconds: float) -> Middleware:
                     raise TimeoutError(f"handler ran longer than its {seconds:g} s timeout") from None
                 raise
             finally:
-                deadlines.leave(task)  # and if it swallowed the cancel and finished, its result stands
+                if calls.pop(task, None) is not None and expired:
+                    deadlines.settle(task)  # it swallowed the deadline's cancel and finished: its result stands
 
         return handle
 

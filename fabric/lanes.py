@@ -105,6 +105,15 @@ class Lanes(Generic[T]):
         """The next item by the rule, or None when every lane is empty."""
         if not self._size:
             return None
+        for p in range(len(self._queues) - 1, -1, -1):
+            if len(self._queues[p]) == self._size:  # one lane holds everything: no credit moves (it would pay
+                self._size -= 1                     # back exactly what it gains)
+                item = self._queues[p].popleft()
+                if len(self._queues[p]) < self.capacity:
+                    self._room.set()
+                return item
+            if self._queues[p]:
+                break
         p = self._pick()
         item = self._queues[p].popleft()
         self._size -= 1

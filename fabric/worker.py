@@ -418,22 +418,10 @@ class Worker:
 
     async def process(self, d: Delivery) -> None:
         """Handle one delivery to its end: commit, park for retry, or dead-letter."""
-        if len(d.fields) != 8:  # not the plain four fields: a replay (for one group), or not fabric's at all
-            target = fields_of(d.fields).get(b"for_group")
-            if target is not None and target != self._group_bytes:  # a replay meant for another group
-                self._committed(d, [])
-                return
-        if d.deliveries > self.config.max_deliveries:
-            await self._dead_letter(d, "", "")
+        event = self._admit(d)
+        if isinstance(event, tuple):  # not for this handler: ("skip",) or a dead letter's (type, reason)
+            await self._turn_away(d, event)
             return
-        try:
-            event = decode_entry(d.fields)
-        except DecodeError as exc:
-            await self._dead_letter(d, type(exc).__name__, exc.reason)
-            return
-        await self._run_handler(d, event)
-
-    async def _run_handler(self, d: Delivery, event: Event) -> None:
         ref = d.stream
         ctx = Context(
             stream=ref.key, topic=ref.topic, priority=_LABELS[ref.priority], symbol=ref.symbol,
@@ -456,7 +444,28 @@ class Worker:
             # the handler itself raised CancelledError (it awaited something another party cancelled)
             await self._failed(d, "CancelledError", str(exc) or "the handler raised CancelledError", None)
         else:
-            self._committed(d, outputs)
+            self._commits.append((d, outputs))
+            self._commit_ready.set()
+
+    def _admit(self, d: Delivery) -> Event | tuple[str, ...]:
+        """The event to handle, or why not: ("skip",) for a replay meant for another group, or the error type
+        and reason it is dead-lettered with."""
+        if len(d.fields) != 8:  # not the plain four fields: a replay (for one group), or not fabric's at all
+            target = fields_of(d.fields).get(b"for_group")
+            if target is not None and target != self._group_bytes:
+                return ("skip",)
+        if d.deliveries > self.config.max_deliveries:
+            return ("", "")
+        try:
+            return decode_entry(d.fields)
+        except DecodeError as exc:
+            return (type(exc).__name__, exc.reason)
+
+    async def _turn_away(self, d: Delivery, why: tuple[str, ...]) -> None:
+        if why == ("skip",):
+            self._committed(d, [])  # acked for this group, untouched
+        else:
+            await self._dead_letter(d, why[0], why[1])
 
     def _committed(self, d: Delivery, outputs: list[tuple[str, Encoded]]) -> None:
         self._commits.append((d, outputs))
