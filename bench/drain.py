@@ -1,0 +1,73 @@
+"""One worker alone, draining a backlog: its CPU per event without a producer beside it, optionally profiled.
+
+    python -m bench.drain [--events 200000] [--symbols 50] [--profile] [--redis-url URL]
+
+Publishes the backlog first, then times one in-process worker (no-op handler, acks, tuned GC as
+``fabric worker`` runs) from start until every event is acknowledged. ``--profile`` prints cProfile's top
+functions by own time (profiling slows everything down: read the shares, not the speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import time
+import uuid
+
+import uvloop
+
+from bench.workload import ticks
+from fabric import Keys, Publisher, Worker, WorkerConfig, connect
+from fabric.embedded import redis_url
+from fabric.handler import as_handler
+from fabric.runner import tune_gc
+
+
+async def drain(url: str, events: int, symbols: int, profile: cProfile.Profile | None) -> None:
+    """Publish ``events`` ticks, then time one worker handling them all."""
+    client = connect(url)
+    keys = Keys(f"drain{uuid.uuid4().hex[:8]}")
+    async with Publisher(client, keys=keys) as pub:
+        await pub.publish_many(ticks(events, symbols))
+
+    async def noop(event: object) -> None:
+        return None
+
+    worker = Worker(client, as_handler(noop), WorkerConfig(group="drain", topics=["tick"]), keys=keys)
+    if profile:
+        profile.enable()
+    wall, cpu = time.perf_counter(), time.process_time()
+    run = asyncio.create_task(worker.run())
+    while worker.stats.handled < events:
+        await asyncio.sleep(0.002)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if profile:
+        profile.disable()
+    worker.stop()
+    await run
+    for key in [k async for k in client.scan_iter(f"{keys.ns}:*")]:
+        await client.unlink(key)
+    await client.aclose()
+    print(f"drained {events:,} events: {events / wall:,.0f} events/s, worker CPU {cpu / events * 1e6:.2f} µs/event")
+
+
+def main() -> None:
+    """Parse the command line and run."""
+    p = argparse.ArgumentParser(prog="python -m bench.drain", description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument("--symbols", type=int, default=50)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--redis-url")
+    args = p.parse_args()
+    profile = cProfile.Profile() if args.profile else None
+    tune_gc()
+    with redis_url(args.redis_url) as url:
+        uvloop.run(drain(url, args.events, args.symbols, profile))
+    if profile:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+
+
+if __name__ == "__main__":
+    main()
