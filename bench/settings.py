@@ -42,7 +42,7 @@ class Settings:
 
 
 FULL = Settings(quick=False, repeats=3, events=200_000, latency_rates=(5_000, 20_000), latency_s=10.0,
-                critical_rate=1_000, priority_s=10.0, low_backlog=1_500_000, memory_events=100_000,
+                critical_rate=1_000, priority_s=10.0, low_backlog=2_500_000, memory_events=100_000,
                 benchmark_requests_p1=200_000, benchmark_requests_p64=1_000_000)
 QUICK = Settings(quick=True, repeats=1, events=2_000, latency_rates=(5_000, 20_000), latency_s=0.5,
                  critical_rate=1_000, priority_s=0.5, low_backlog=5_000, memory_events=2_000,

@@ -36,18 +36,18 @@ async def pending(client: Redis, streams: Iterable[str], group: str) -> int:
 
 
 async def undelivered(client: Redis, streams: Iterable[str], group: str) -> int:
-    """Entries the group has not read yet (sum of XINFO GROUPS ``lag``, Redis 7); -1 if Redis cannot tell."""
+    """Entries the group has not read yet (sum of XINFO GROUPS ``lag``, Redis 7); -1 if Redis cannot tell, or
+    the group does not exist yet on one of the streams."""
     async with client.pipeline(transaction=False) as pipe:
         for s in streams:
             pipe.xinfo_groups(s)
         replies = await pipe.execute()
     total = 0
     for groups in replies:
-        for g in groups:
-            if _text(g["name"]) == group:
-                if g.get("lag") is None:
-                    return -1
-                total += int(g["lag"])
+        lags = [g.get("lag") for g in groups if _text(g["name"]) == group]
+        if not lags or lags[0] is None:
+            return -1
+        total += int(lags[0])
     return total
 
 

@@ -372,12 +372,15 @@ class Worker:
         ``MIN_READ``, so a lone busy stream among many idle ones still moves); 0 (after a wait) when the lane
         or the worker is full. Sharing keeps one worker from taking a whole backlog its peers could share."""
         lanes = self._lanes
-        if self._held_total() >= self._max_held:  # parked retries and pending commits count too
+        room = lanes.room(priority)
+        # Past the cap (parked retries and pending commits count too) a lane reads only when it has run dry:
+        # a worker whose commits stall cannot hoard more than that, and a flood of low entries waiting to be
+        # committed never keeps a critical one unread.
+        if self._held_total() >= self._max_held and room < lanes.capacity:
             self._released.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._released.wait(), self.config.block_ms / 1000)
             return 0
-        room = lanes.room(priority)
         if room <= 0:
             await lanes.wait_room((priority,))
             return 0
