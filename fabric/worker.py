@@ -161,6 +161,7 @@ class Worker:
         self._primed = asyncio.Event()
         self._streams: dict[str, StreamRef] = {}
         self._by_name: dict[bytes, StreamRef] = {}
+        self._by_priority: dict[Priority, list[str]] = {}
         self._held: defaultdict[str, dict[bytes, float]] = defaultdict(dict)
         """Per stream, the entries this worker holds and when it last took or touched each (monotonic s)."""
         self._released = asyncio.Event()
@@ -311,6 +312,7 @@ class Worker:
             if isinstance(result, Exception) and error_code(result) != "BUSYGROUP":
                 raise result
             self._streams[stream] = ref
+            self._by_priority.clear()
             self._by_name[stream.encode()] = ref
         self._changed.set()
         log.info("joined group %s on %d new streams", self.group, len(refs))
@@ -324,7 +326,7 @@ class Worker:
         try:
             delay = ERROR_BACKOFF_S[0]
             while not self._stop.is_set():
-                streams = [s for s, ref in self._streams.items() if ref.priority == priority]
+                streams = self._lane_streams(priority)
                 count = await self._read_room(priority, len(streams))
                 if not count or not streams:
                     if not streams and not primed:
@@ -353,12 +355,21 @@ class Worker:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, ERROR_BACKOFF_S[1])
                     continue
-                self._take(priority, reply or ())
+                if reply:
+                    self._take(priority, reply)
+                    await asyncio.sleep(0)  # let a dispatcher start on them before this reader reads again
                 primed = primed or self._prime()
         finally:
             if not primed:
                 self._prime()
             await line.close()
+
+    def _lane_streams(self, priority: Priority) -> list[str]:
+        """The joined streams of one priority (kept until the joined streams change)."""
+        cached = self._by_priority.get(priority)
+        if cached is None:
+            cached = self._by_priority[priority] = [s for s, ref in self._streams.items() if ref.priority == priority]
+        return cached
 
     def _prime(self) -> bool:
         """One reader has made its first read; when all have, dispatching starts."""
@@ -633,6 +644,7 @@ class Worker:
         log.error("group %s or one of its streams was deleted under this worker (%s): rejoining from the start "
                   "of each stream, so retained entries will be delivered again", self.group, exc)
         self._streams.clear()
+        self._by_priority.clear()
         self._by_name.clear()
         self._cursors.clear()
 
