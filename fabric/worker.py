@@ -56,6 +56,9 @@ __all__ = ["Delivery", "Worker", "WorkerStats", "default_consumer_name"]
 log = logging.getLogger("fabric.worker")
 
 RELEASE_IDLE_MS = 86_400_000
+FEW = 64
+"""A read of fewer entries is a trickle: its reader yields so that a dispatcher starts on them at once (under
+load, reads are larger and the reader goes straight on)."""
 MIN_READ = 16
 """Fewest entries a read asks each stream for."""
 _LABELS = tuple(p.label for p in Priority)
@@ -355,9 +358,8 @@ class Worker:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, ERROR_BACKOFF_S[1])
                     continue
-                if reply:
-                    self._take(priority, reply)
-                    await asyncio.sleep(0)  # let a dispatcher start on them before this reader reads again
+                if reply and self._take(priority, reply) < FEW:
+                    await asyncio.sleep(0)  # a trickle: let a dispatcher start on it before reading again
                 primed = primed or self._prime()
         finally:
             if not primed:
@@ -397,9 +399,10 @@ class Worker:
             return 0
         return max(MIN_READ, room // max(1, streams))
 
-    def _take(self, priority: Priority, reply: Any) -> None:
-        """Hold a read's entries and queue them in their lane."""
+    def _take(self, priority: Priority, reply: Any) -> int:
+        """Hold a read's entries and queue them in their lane; return how many."""
         now = time.monotonic()
+        taken = 0
         for name, entries in reply.items() if isinstance(reply, dict) else reply:  # RESP3: a map; RESP2: pairs
             # a rejoin may have cleared the map while this read was in flight; its entries are ours all the same
             ref = self._by_name.get(name) or self.keys.parse_stream(name)
@@ -408,6 +411,8 @@ class Worker:
             for d in batch:
                 held[d.entry_id] = now
             self._lanes.extend(priority, batch)
+            taken += len(batch)
+        return taken
 
     def _held_total(self) -> int:
         return sum(len(ids) for ids in self._held.values())
