@@ -6,6 +6,7 @@ redis-py exceptions into the ``fabric.errors`` tree with a message that names th
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,10 @@ from fabric.errors import (
     RedisUnavailable,
 )
 
-__all__ = ["DEFAULT_URL", "Line", "connect", "error_code", "redact", "resolve_url", "translate", "translated"]
+__all__ = [
+    "DEFAULT_URL", "Line", "connect", "error_code", "own_connection", "raise_if_cancelled", "redact", "resolve_url",
+    "translate", "translated",
+]
 
 DEFAULT_URL = "redis://localhost:6379/0"
 URL_ENV = "FABRIC_REDIS_URL"
@@ -130,6 +134,13 @@ class Line:
     async def close(self) -> None:
         """Close the connection."""
         await self._conn.disconnect()
+
+
+def raise_if_cancelled(exc: BaseException) -> None:
+    """A cancelled Redis call can surface as a connection error; never let a retry loop swallow the cancel."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from exc
 
 
 def error_code(exc: BaseException) -> str:

@@ -41,7 +41,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from fabric import scripts
-from fabric.client import SOCKET_TIMEOUT_S, error_code, own_connection, translate
+from fabric.client import SOCKET_TIMEOUT_S, error_code, own_connection, raise_if_cancelled, translate
 from fabric.codec import FORMAT_VERSION, oversized
 from fabric.config import PublisherConfig
 from fabric.errors import FabricError, PublishError
@@ -57,9 +57,6 @@ MAX_IN_FLIGHT = 4
 REGISTRY_REFRESH_S = 30.0
 SESSION_TTL_MS = 86_400_000
 """How long Redis keeps a session's sequence numbers after its last write to a stream."""
-RESEND = frozenset({"GAP"})
-"""Replies after which a batch is resent in order (it wrote nothing). NOSCRIPT is handled as a lost
-connection: every batch on the wire is resent after a reconnect, which loads the script."""
 
 _Item = tuple[str, str, bytes, str]  # stream key, type tag, payload, event_id
 _Failure = (rex.ConnectionError, rex.TimeoutError, OSError)
@@ -235,7 +232,7 @@ class Publisher:
                 if self._conn is not None:
                     await self._conn.disconnect(nowait=True)  # a read cut short leaves replies unaccounted for
                 if isinstance(exc, _Failure) and not isinstance(exc, rex.AuthenticationError):
-                    _raise_if_cancelled(exc)
+                    raise_if_cancelled(exc)
                     self._connection_lost(exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 1.0)
@@ -340,7 +337,8 @@ class Publisher:
     def _refusal(self, batch: _Batch, exc: rex.ResponseError) -> None:
         code = error_code(exc)
         batch.attempts += 1
-        if code in RESEND and batch.attempts <= self.config.retries + 1:
+        # (NOSCRIPT is handled as a lost connection instead: a reconnect loads the script, then all is resent.)
+        if code == "GAP" and batch.attempts <= self.config.retries + 1:
             # Nothing of it was written. Hold new sends until the batches on the wire are answered, then send
             # the refused ones again first, in order (renumbered under a new session after a GAP).
             self._renew = self._renew or code == "GAP"
@@ -425,10 +423,3 @@ class Publisher:
             log.warning("could not register %d new streams (retrying with the next batch): %s", len(new), exc)
             return
         self._registered |= new
-
-
-def _raise_if_cancelled(exc: BaseException) -> None:
-    """A cancelled Redis call can surface as a connection error; never let the resend loop swallow the cancel."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError() from exc

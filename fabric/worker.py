@@ -39,7 +39,7 @@ import redis.exceptions as rex
 from redis.asyncio import Redis
 
 from fabric import deadletter, scripts
-from fabric.client import Line, error_code, translated
+from fabric.client import Line, error_code, raise_if_cancelled, translated
 from fabric.codec import FORMAT_VERSION, Encoded, decode_entry, encode, fields_of
 from fabric.config import WorkerConfig
 from fabric.errors import DecodeError, FabricError, Reject, Retry
@@ -108,12 +108,6 @@ class WorkerStats(msgspec.Struct, kw_only=True):
 
 _Commit = tuple[Delivery, list[tuple[str, Encoded]]]
 
-
-def _raise_if_cancelled(exc: BaseException) -> None:
-    """A cancelled Redis call can surface as a connection error; never let a retry loop swallow the cancel."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError() from exc
 
 
 async def _finish(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> set[asyncio.Task[Any]]:
@@ -258,7 +252,7 @@ class Worker:
             async with asyncio.timeout(self.config.grace_s):
                 released = await self._release(unstarted)
         except (FabricError, rex.RedisError, OSError, TimeoutError) as exc:
-            _raise_if_cancelled(exc)
+            raise_if_cancelled(exc)
             log.warning("could not hand entries back (they return after reclaim_idle_ms): %s", exc)
         else:
             log.info("drained: %d entries handed back to the group", released)
@@ -283,7 +277,7 @@ class Worker:
                 await step()
                 delay, pause = ERROR_BACKOFF_S[0], interval_ms / 1000
             except (FabricError, rex.RedisError, OSError) as exc:
-                _raise_if_cancelled(exc)
+                raise_if_cancelled(exc)
                 log.warning("%s failed, retrying in %.1fs: %s", getattr(step, "__name__", step), delay, exc)
                 pause, delay = delay, min(delay * 2, ERROR_BACKOFF_S[1])
             with contextlib.suppress(TimeoutError):
@@ -350,7 +344,7 @@ class Worker:
                     delay = ERROR_BACKOFF_S[0]
                 except (rex.RedisError, OSError) as exc:
                     primed = primed or self._prime()
-                    _raise_if_cancelled(exc)
+                    raise_if_cancelled(exc)
                     if isinstance(exc, rex.ResponseError) and error_code(exc) in GONE:
                         self._group_gone(exc)
                         continue
@@ -629,7 +623,7 @@ class Worker:
             try:
                 return await call()
             except rex.ResponseError as exc:
-                _raise_if_cancelled(exc)
+                raise_if_cancelled(exc)
                 code = error_code(exc)
                 if code in GONE:
                     self._group_gone(exc)
@@ -638,7 +632,7 @@ class Worker:
                     raise
                 log.warning("write refused, retrying in %.1fs: %s", delay, exc)
             except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-                _raise_if_cancelled(exc)
+                raise_if_cancelled(exc)
                 log.warning("write failed, retrying in %.1fs: %s", delay, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, ERROR_BACKOFF_S[1])
