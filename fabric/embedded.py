@@ -3,18 +3,20 @@ here on a free loopback port for as long as the caller needs it (no persistence,
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fabric.client import DEFAULT_URL, resolve_url
+from fabric.client import URL_ENV, resolve_url
 from fabric.errors import RedisUnavailable
 
-__all__ = ["answers", "redis_url"]
+__all__ = ["answers", "redis_server", "redis_url"]
 
 START_TIMEOUT_S = 10.0
 
@@ -29,35 +31,48 @@ def answers(host: str, port: int) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on at the moment, on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 @contextmanager
-def redis_url(url: str | None = None, *, announce: bool = True) -> Iterator[str]:
-    """Yield a URL to a Redis: ``url``/``$FABRIC_REDIS_URL``, a local default one, or one started here."""
-    url = resolve_url(url)
-    if url != DEFAULT_URL or answers("127.0.0.1", 6379):
-        yield url
-        return
+def redis_server(port: int, *, quiet: bool = True) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a ``redis-server`` on 127.0.0.1:port (no persistence, a temporary directory) while the block runs."""
     if shutil.which("redis-server") is None:
-        raise RedisUnavailable("no Redis answers on localhost:6379 and redis-server is not installed: "
-                               "apt-get install -y redis-server, or set FABRIC_REDIS_URL")
-    port = _free_port()
+        raise RedisUnavailable("redis-server is not installed: apt-get install -y redis-server "
+                               "(or brew install redis), or point --redis-url / FABRIC_REDIS_URL at a Redis")
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+                                 "--appendonly", "no", "--dir", tmp],
+                                stdout=subprocess.DEVNULL if quiet else None)
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while not answers("127.0.0.1", port):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RedisUnavailable(f"the embedded redis-server did not start on port {port}")
+                    raise RedisUnavailable(f"redis-server did not start on 127.0.0.1:{port}: is the port taken? "
+                                           "Try another with --port")
                 time.sleep(0.02)
-            if announce:
-                print(f"started an embedded redis-server on 127.0.0.1:{port}")
-            yield f"redis://127.0.0.1:{port}/0"
+            yield proc
         finally:
             proc.terminate()
             proc.wait()
+
+
+@contextmanager
+def redis_url(url: str | None = None, *, announce: bool = True) -> Iterator[str]:
+    """Yield a URL to a Redis: ``url`` or ``$FABRIC_REDIS_URL`` if given (as is: an explicit address that does not
+    answer is an error for the caller to report), else a Redis on localhost:6379 if one answers, else one started
+    here for the duration of the block (announced in one line on stderr)."""
+    if url or os.environ.get(URL_ENV) or answers("127.0.0.1", 6379):
+        yield resolve_url(url)
+        return
+    port = free_port()
+    with redis_server(port):
+        if announce:
+            print(f"no Redis on localhost:6379: started a private redis-server on 127.0.0.1:{port} "
+                  "(it stops with this command; `fabric dev` runs one to share)", file=sys.stderr)
+        yield f"redis://127.0.0.1:{port}/0"
+

@@ -14,6 +14,7 @@ Every message says what happened, the likely cause and the fix, in one line::
     │   ├── PermissionDenied    the ACL user lacks a command or key
     │   └── RedisOutOfMemory    ``maxmemory`` reached: writes are refused
     ├── PublishError            a publish did not complete; the events named were not confirmed
+    ├── NotFound                a stream, group, consumer or dead letter named does not exist
     ├── HandlerLoadError        ``MODULE:FUNCTION`` cannot be imported or is not a handler
     └── HandlerSignal           raised by handlers to say what to do with the entry
         ├── Retry(after_ms)     redeliver after ``after_ms`` (counts a delivery)
@@ -31,6 +32,7 @@ __all__ = [
     "FabricError",
     "HandlerLoadError",
     "HandlerSignal",
+    "NotFound",
     "PermissionDenied",
     "PublishError",
     "RedisError",
@@ -93,6 +95,10 @@ class RedisOutOfMemory(RedisError):
 
 class PublishError(FabricError):
     """A publish was not confirmed by Redis; the caller must treat the events as not published."""
+
+
+class NotFound(FabricError):
+    """A stream, group, consumer or dead letter that a command names does not exist."""
 
 
 class HandlerLoadError(FabricError):
