@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import msgspec
 import pytest
 
+from fabric.cli.options import Exit
 from fabric.codec import decode_fields
 from fabric.events import Tick
 from fabric.keys import Keys
@@ -126,6 +127,7 @@ async def test_a_bad_config_file_is_one_line_error_naming_the_field(redis_url, k
     result = await fabric(*worker_args(keys.ns, redis_url), "--config", str(config),
                           env=subprocess_env(redis_url, keys.ns))
     assert_one_line_error(result, "max_batch")
+    assert result.returncode == Exit.USAGE
 
 
 # ---- errors: one line, a hint, no traceback -------------------------------------------------------------
@@ -156,11 +158,13 @@ async def test_publish_to_unreachable_redis_is_one_line_error(redis_url, keys) -
     result = await fabric(*publish_args(keys.ns, UNREACHABLE), env=subprocess_env(redis_url, keys.ns),
                           stdin=tick_line()[0] + "\n")
     assert_one_line_error(result, *UNREACHABLE_HINTS)
+    assert result.returncode == Exit.UNREACHABLE
 
 
 async def test_worker_on_unreachable_redis_is_one_line_error(redis_url, keys) -> None:
     result = await fabric(*worker_args(keys.ns, UNREACHABLE), env=subprocess_env(redis_url, keys.ns))
     assert_one_line_error(result, *UNREACHABLE_HINTS)
+    assert result.returncode == Exit.UNREACHABLE
 
 
 @pytest.mark.parametrize("verb", ["publish", "worker"])
@@ -176,6 +180,7 @@ async def test_wrong_password_is_one_line_error_without_the_password(redis_url, 
 
     # Then it says the credentials were refused and how to fix them, and never echoes the password
     assert_one_line_error(result, "password")
+    assert result.returncode == Exit.AUTH
     assert secret not in result.stderr + result.stdout
 
 
@@ -183,12 +188,14 @@ async def test_worker_with_unimportable_handler_is_one_line_error(redis_url, key
     result = await fabric(*worker_args(keys.ns, redis_url, "no.such.module:fn"), env=subprocess_env(redis_url, keys.ns))
     line = assert_one_line_error(result, "PYTHONPATH", "current directory", "working directory", "sys.path")
     assert "no.such.module" in line
+    assert result.returncode == Exit.USAGE
 
 
 async def test_worker_with_a_sync_handler_is_one_line_error(redis_url, keys) -> None:
     result = await fabric(*worker_args(keys.ns, redis_url, "tests.fixtures.handlers:not_async"),
                           env=subprocess_env(redis_url, keys.ns))
     assert_one_line_error(result, "async def")
+    assert result.returncode == Exit.USAGE
 
 
 async def test_publish_with_unknown_priority_is_one_line_error(redis_url, keys) -> None:
@@ -196,9 +203,11 @@ async def test_publish_with_unknown_priority_is_one_line_error(redis_url, keys) 
                           env=subprocess_env(redis_url, keys.ns), stdin=tick_line()[0] + "\n")
     line = assert_one_line_error(result, "low, normal, high, critical")
     assert "urgent" in line
+    assert result.returncode == Exit.USAGE
 
 
 async def test_an_invalid_namespace_is_one_line_error(redis_url, keys) -> None:
     result = await fabric("publish", "--topic", "tick", "--namespace", "bad:ns", "--redis-url", redis_url,
                           env=subprocess_env(redis_url, keys.ns), stdin="")
     assert_one_line_error(result, "namespace")
+    assert result.returncode == Exit.USAGE
