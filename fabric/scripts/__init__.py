@@ -16,8 +16,8 @@ from redis.exceptions import NoScriptError
 from fabric.client import Line
 
 __all__ = [
-    "ACK", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "TOUCH", "TRIM",
-    "Script",
+    "ACK", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE", "TOUCH",
+    "TRIM", "Script",
 ]
 
 
@@ -57,3 +57,4 @@ TRIM = Script("trim")
 CLAIM = Script("claim")
 REPLAY = Script("replay")
 RELEASE = Script("release")
+RETIRE = Script("retire")
