@@ -19,8 +19,8 @@ key                                type         written by                  read
 ``ns:f:TOPIC:PRIORITY:TAG``        hash         worker on failure           worker when dead-lettering;
                                                 (fail.lua)                  field ``GROUP/ENTRY_ID``
 ``ns:dlq:TAG``                     stream       deadletter.lua              deadletter module, CLI
-``ns:topic:TOPIC``                 set          publisher, first time it    worker discovery, CLI
-                                                writes a stream
+``ns:topic:TOPIC``                 set          publisher, first time it    worker discovery, CLI; inspection
+                                                writes a stream             lists topics by SCAN ns:topic:*
 ``ns:dlqs``                        set          worker, before its first    deadletter module, CLI
                                                 dead letter to a dlq key
 ``ns:counters``                    hash         worker, retention           CLI, metrics
@@ -149,6 +149,18 @@ class Keys:
     def topic_registry(self, topic: str) -> str:
         """The set of stream keys that exist for a topic."""
         return f"{self.ns}:topic:{topic}"
+
+    def topic_registry_pattern(self) -> str:
+        """The SCAN pattern that matches every topic registry of the namespace (the topic follows ``ns:topic:``)."""
+        return f"{self.ns}:topic:*"
+
+    def topic_of_registry(self, key: str | bytes) -> str:
+        """The topic a topic registry key is for (the inverse of ``topic_registry``)."""
+        text = key.decode() if isinstance(key, bytes) else key
+        prefix = self.topic_registry("")
+        if not text.startswith(prefix):
+            raise ValueError(f"{text!r} is not a topic registry of namespace {self.ns!r}")
+        return text[len(prefix) :]
 
     def dlq_registry(self) -> str:
         """The set of dead-letter stream keys."""
