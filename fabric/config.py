@@ -1,14 +1,18 @@
 """Settings as frozen Structs: defaults are named constants, unknown fields are refused, and rules that tie
 fields together are checked once, at construction (``ConfigError`` names the field and the reason).
 
-They are decoded from ``config/*.toml`` by ``load_config`` or built in code.
+They are decoded from ``config/*.toml`` by ``load_config`` or built in code. A file's ``[workers.NAME]`` tables
+are ``WorkerSpec``s: a handler, a number of processes, and the ``WorkerConfig`` every one of them runs with.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -17,7 +21,7 @@ from fabric.errors import ConfigError
 from fabric.keys import Priority, check_name
 from fabric.lanes import DEFAULT_WEIGHTS
 
-__all__ = ["FabricConfig", "PublisherConfig", "Retention", "WorkerConfig", "load_config"]
+__all__ = ["FabricConfig", "PublisherConfig", "Retention", "WorkerConfig", "WorkerSpec", "load_config"]
 
 DEFAULT_NAMESPACE = "fabric"
 DEFAULT_MAX_BATCH = 512
@@ -38,9 +42,19 @@ DEFAULT_HANDLER_TIMEOUT_S = 60.0
 MAX_BLOCK_MS = 10_000
 
 
+class FieldError(ConfigError):
+    """A ConfigError about one field, which keeps the field's name and the reason apart (a config file's
+    loader puts them behind the table they came from)."""
+
+    def __init__(self, message: str, field: str, reason: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.reason = reason
+
+
 class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     def _fail(self, field: str, reason: str) -> None:
-        raise ConfigError(f"{type(self).__name__}.{field}: {reason}")
+        raise FieldError(f"{type(self).__name__}.{field}: {reason}", field, reason)
 
 
 class Retention(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -132,14 +146,14 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         self._check_limits()
 
     def _check_names(self) -> None:
-        try:
-            check_name("group", self.group)
-            for t in self.topics:
-                check_name("topic", t)
-            if self.consumer:
-                check_name("consumer", self.consumer)
-        except ValueError as exc:
-            raise ConfigError(f"WorkerConfig: {exc}") from None
+        names = [("group", "group", self.group), *(("topics", "topic", t) for t in self.topics)]
+        if self.consumer:
+            names.append(("consumer", "consumer", self.consumer))
+        for field, kind, value in names:
+            try:
+                check_name(kind, value)
+            except ValueError as exc:
+                raise FieldError(f"WorkerConfig: {exc}", field, str(exc)) from None
         if not self.topics:
             self._fail("topics", "name at least one topic to read")
 
@@ -160,6 +174,38 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
             self._fail("reclaim_idle_ms", "too small to refresh held entries in time: use at least 30")
 
 
+HANDLER_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+MAX_WORKER_NAME = 40
+"""A worker's name is part of each of its processes' consumer names, which Redis keys keep to 100 characters."""
+
+
+class WorkerSpec(WorkerConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A ``[workers.NAME]`` table: ``processes`` workers of ``handler``, each with these settings and a consumer
+    name of its own."""
+
+    handler: str
+    """``MODULE:FUNCTION`` of an async handler."""
+    processes: int = 1
+    """How many worker processes ``fabric worker --config`` runs for it, on each host that runs the file."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not HANDLER_REF.match(self.handler):
+            self._fail("handler", f"{self.handler!r} is not MODULE:FUNCTION (for example handlers.quotes:mid_price)")
+        if self.processes < 1:
+            self._fail("processes", "must be at least 1")
+        if self.consumer:
+            self._fail("consumer", "each process gets a name of its own (host-pid-worker-slot-generation): remove it")
+        if self.retention:
+            self._fail("retention", "retention is per topic: set it in a top-level [retention.TOPIC] table")
+
+    def worker_config(self, **changes: Any) -> WorkerConfig:
+        """The settings of one of its processes: this table's, with ``changes`` (a consumer, the topics'
+        retention, command-line overrides) applied and checked."""
+        fields = {name: getattr(self, name) for name in WorkerConfig.__struct_fields__}
+        return WorkerConfig(**{**fields, **changes})
+
+
 class FabricConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A whole ``config/*.toml`` file."""
 
@@ -167,19 +213,43 @@ class FabricConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     namespace: str = DEFAULT_NAMESPACE
     publisher: PublisherConfig = PublisherConfig()
     retention: dict[str, Retention] = {}
+    workers: dict[str, WorkerSpec] = {}
+    """``[workers.NAME]`` tables: what ``fabric worker --config FILE`` runs, in the file's order."""
 
     def __post_init__(self) -> None:
         try:
             check_name("namespace", self.namespace)
         except ValueError as exc:
             raise ConfigError(f"FabricConfig.namespace: {exc}") from None
+        for name in self.workers:
+            _check_worker_name(name)
+
+    def select_workers(self, only: Sequence[str] = ()) -> dict[str, WorkerSpec]:
+        """The ``[workers.NAME]`` tables named in ``only``, in the file's order (every one if ``only`` is empty)."""
+        if not self.workers:
+            raise ConfigError("no [workers.NAME] tables to run: add one (config/example.toml shows how)")
+        unknown = [name for name in only if name not in self.workers]
+        if unknown:
+            raise ConfigError(f"no [workers.{unknown[0]}] table: the file has {', '.join(self.workers)}")
+        return {name: spec for name, spec in self.workers.items() if not only or name in only}
+
+
+def _check_worker_name(name: str) -> None:
+    try:
+        check_name("worker name", name)
+    except ValueError as exc:
+        raise ConfigError(f"workers.{name}: {exc}") from None
+    if len(name) > MAX_WORKER_NAME:
+        raise ConfigError(f"workers.{name}: name longer than {MAX_WORKER_NAME} characters: shorten it "
+                          "(it is part of each process's consumer name)")
 
 
 def load_config(path: str | Path) -> FabricConfig:
     """Read and validate a TOML config; raise ``ConfigError`` naming the file, field and reason."""
     try:
         raw = tomllib.loads(Path(path).read_text())
-        return msgspec.convert(raw, FabricConfig)
+        workers = _worker_specs(raw.pop("workers", {}))
+        return msgspec.convert({**raw, "workers": workers}, FabricConfig)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
@@ -188,3 +258,43 @@ def load_config(path: str | Path) -> FabricConfig:
         raise ConfigError(f"{path}: {exc}") from exc
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _worker_specs(tables: Any) -> dict[str, WorkerSpec]:
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError("workers: give each worker a table of its own, [workers.NAME]")
+    return {name: _worker_spec(name, table) for name, table in tables.items()}
+
+
+def _worker_spec(name: str, table: dict[str, Any]) -> WorkerSpec:
+    """One ``[workers.NAME]`` table; an error names ``workers.NAME.FIELD`` and the reason."""
+    _check_worker_name(name)
+    try:
+        return msgspec.convert(table, WorkerSpec)
+    except FieldError as exc:
+        raise ConfigError(f"workers.{name}.{exc.field}: {exc.reason}") from None
+    except msgspec.ValidationError as exc:
+        field, reason = _field_and_reason(str(exc))
+        raise ConfigError(f"workers.{name}{field}: {reason}") from None
+
+
+_AT = re.compile(r"^(?P<reason>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+_NAMED = re.compile(r"^Object (?P<kind>contains unknown|missing required) field `(?P<field>[^`]+)`$")
+
+
+def _field_and_reason(message: str) -> tuple[str, str]:
+    """msgspec's ``REASON - at `$.PATH` `` as (``.PATH``, reason), with the field a reason names moved into the
+    path (an unknown field gets the nearest known names as a hint)."""
+    match = _AT.match(message)
+    if match is None:  # pragma: no cover - the pattern matches any string
+        return "", message
+    path, reason = match["path"] or "", match["reason"]
+    named = _NAMED.match(reason)
+    if named is None:
+        return path, reason[:1].lower() + reason[1:]
+    field = named["field"]
+    if named["kind"] == "missing required":
+        return f"{path}.{field}", "required"
+    close = difflib.get_close_matches(field, WorkerSpec.__struct_fields__, n=2)
+    hint = f": did you mean {' or '.join(close)}?" if close else " (the fields are WorkerSpec's, fabric/config.py)"
+    return f"{path}.{field}", f"unknown field{hint}"
