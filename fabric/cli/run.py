@@ -1,12 +1,13 @@
-"""Commands that run things: ``publish`` events, a ``worker``, a ``dev`` Redis to share."""
+"""Commands that run things: ``publish`` events, a ``worker`` (or a supervisor of several), a ``dev`` Redis to share."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import msgspec
 import typer
@@ -17,6 +18,7 @@ from fabric.cli.options import (
     Imports,
     Namespace,
     RedisUrl,
+    Settings,
     app,
     example,
     fail,
@@ -27,12 +29,26 @@ from fabric.cli.options import (
 )
 from fabric.cli.output import progress
 from fabric.client import connect, translated
-from fabric.config import PublisherConfig, WorkerConfig
+from fabric.config import (
+    DEFAULT_BLOCK_MS,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_GRACE_S,
+    DEFAULT_HANDLER_TIMEOUT_S,
+    DEFAULT_MAX_DELIVERIES,
+    DEFAULT_RECLAIM_IDLE_MS,
+    MAX_WORKER_NAME,
+    FieldError,
+    PublisherConfig,
+    Retention,
+    WorkerConfig,
+)
 from fabric.embedded import answers, redis_server
+from fabric.errors import ConfigError, HandlerLoadError
 from fabric.events import Event, event_type, event_types
-from fabric.handler import load_handler
+from fabric.handler import HandlerFn, load_handler
 from fabric.keys import Keys, Priority
 from fabric.publisher import Publisher
+from fabric.supervisor import Program, Supervisor
 
 __all__ = ["dev", "publish", "worker"]
 
@@ -133,47 +149,161 @@ def _logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+WORKER_OPTIONS = ("concurrency", "max_deliveries", "output_topic", "reclaim_idle_ms", "block_ms", "grace_s",
+                  "handler_timeout_s")
+"""The WorkerConfig fields the command line can set; given with --config, they override each table's."""
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One worker the command runs: its settings, how many processes, and the arguments of ``fabric worker``
+    that make a child process run one of them."""
+
+    name: str
+    handler: str
+    config: WorkerConfig
+    processes: int
+    args: list[str]
+
+
+def _options(values: dict[str, Any]) -> list[str]:
+    """Settings as ``fabric worker`` options again, for a child's command line."""
+    return [arg for name, value in values.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def _retention(s: Settings, topics: list[str]) -> dict[str, Retention]:
+    return {t: r for t, r in s.config.retention.items() if t in topics}
+
+
+def _job_from_args(handler: str, topics: list[str] | None, group: str | None, consumer: str,
+                   processes: int | None, overrides: dict[str, Any], s: Settings) -> _Job:
+    if not topics or not group:
+        raise ConfigError("give --topic and --group with HANDLER (or omit HANDLER to run a --config file's "
+                          "[workers.NAME] tables)")
+    if consumer and (processes or 1) > 1:
+        raise ConfigError("--consumer names one process: with --processes each gets a name of its own; drop it")
+    config = WorkerConfig(group=group, topics=topics, consumer=consumer, retention=_retention(s, topics), **overrides)
+    args = [handler, *(a for t in topics for a in ("--topic", t)), "--group", group, *_options(overrides)]
+    return _Job(group[:MAX_WORKER_NAME], handler, config, processes or 1, args)
+
+
+def _jobs_from_file(path: Path | None, only: list[str], consumer: str, processes: int | None,
+                    overrides: dict[str, Any], s: Settings) -> list[_Job]:
+    if path is None:
+        raise ConfigError("give HANDLER --topic T --group G, or --config FILE with [workers.NAME] tables")
+    try:
+        specs = s.config.select_workers(only)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    jobs = []
+    for name, spec in specs.items():
+        try:
+            config = spec.worker_config(consumer=consumer, retention=_retention(s, spec.topics), **overrides)
+        except FieldError as exc:
+            option = f"--{exc.field.replace('_', '-')}"
+            where = option if exc.field in overrides else f"{path}: workers.{name}.{exc.field}"
+            raise ConfigError(f"{where}: {exc.reason}") from None
+        jobs.append(_Job(name, spec.handler, config, processes or spec.processes,
+                         ["--only", name, *_options(overrides)]))
+    if consumer and sum(j.processes for j in jobs) > 1:
+        raise ConfigError("--consumer names one process: these tables run several; drop it")
+    return jobs
+
+
+def _load_handler(job: _Job, path: Path | None) -> tuple[str, HandlerFn]:
+    """Import a job's handler now, so a bad one stops the command before any worker starts."""
+    try:
+        return load_handler(job.handler)
+    except HandlerLoadError as exc:
+        if path is None:
+            raise
+        raise HandlerLoadError(f"{path}: workers.{job.name}.handler: {exc}") from None
+
+
+def _programs(jobs: list[_Job], url: str, ns: str, common: list[str]) -> list[Program]:
+    """Each job as a supervised program: ``fabric worker`` with its arguments, run as a single process."""
+
+    def argv(job: _Job) -> Callable[[str], list[str]]:
+        return lambda consumer: [sys.executable, "-m", "fabric", "worker", *job.args, *common, "--processes", "1",
+                                 "--consumer", consumer, "--redis-url", url, "--namespace", ns]
+
+    return [Program(job.name, job.processes, argv(job)) for job in jobs]
+
+
 @app.command(epilog=example(
     "fabric worker handlers.quotes:mid_price --topic tick --group indicators --concurrency 32",
+    "fabric worker handlers.quotes:mid_price --topic tick --group indicators --processes 4",
+    "fabric worker --config config/example.toml --only indicators",
 ))
 def worker(
-    handler: Annotated[str, typer.Argument(help="MODULE:FUNCTION of an async handler.")],
-    topic: Annotated[list[str], typer.Option(help="Topic to read (repeat for several).")],
-    group: Annotated[str, typer.Option(help="Consumer group.")],
-    concurrency: int = 32,
-    max_deliveries: int = 5,
+    handler: Annotated[str | None, typer.Argument(
+        help="MODULE:FUNCTION of an async handler; omit it to run the --config file's [workers.NAME] tables.")] = None,
+    topic: Annotated[list[str] | None, typer.Option(help="Topic to read (repeat for several).")] = None,
+    group: Annotated[str | None, typer.Option(help="Consumer group.")] = None,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="Worker processes (default 1, or each table's `processes`); more than one run under a "
+                    "supervisor that restarts any that dies.")] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", metavar="NAME", help="With --config: run only this [workers.NAME] table (repeat for several).")
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        help=f"Handler calls in flight.  [default: {DEFAULT_CONCURRENCY}]")] = None,
+    max_deliveries: Annotated[int | None, typer.Option(
+        help=f"Deliveries before an entry is dead-lettered.  [default: {DEFAULT_MAX_DELIVERIES}]")] = None,
     consumer: Annotated[str, typer.Option(help="Consumer name; default host-pid-random.")] = "",
     output_topic: Annotated[str | None, typer.Option(help="Topic for returned events.")] = None,
-    reclaim_idle_ms: int = 5_000,
-    block_ms: int = 1_000,
-    grace_s: float = 10.0,
-    handler_timeout_s: float | None = None,
+    reclaim_idle_ms: Annotated[int | None, typer.Option(
+        help=f"Entries idle this long are taken over from a dead worker.  [default: {DEFAULT_RECLAIM_IDLE_MS}]")
+    ] = None,
+    block_ms: Annotated[int | None, typer.Option(help=f"Longest blocking read.  [default: {DEFAULT_BLOCK_MS}]")] = None,
+    grace_s: Annotated[float | None, typer.Option(
+        help=f"On SIGTERM, how long in-flight handlers may take.  [default: {DEFAULT_GRACE_S}]")] = None,
+    handler_timeout_s: Annotated[float | None, typer.Option(
+        help=f"A handler call running longer fails and is retried.  [default: {DEFAULT_HANDLER_TIMEOUT_S}]")] = None,
     redis_url: RedisUrl = None,
     namespace: Namespace = None,
     config_file: ConfigFile = None,
     imports: Imports = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run a worker until SIGTERM/SIGINT, then drain gracefully and exit 0 (a second signal: at once, exit 1)."""
-    from fabric.runner import serve, tune_gc
-
+    """Run a worker (or, with --processes or a config file's [workers.NAME] tables, a supervisor of worker
+    processes) until SIGTERM/SIGINT, then drain gracefully and exit 0 (a second signal: at once, exit 1)."""
     _logging(verbose)
     import_modules(imports)
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     s = settings(config_file, redis_url, namespace)
+    given = dict(concurrency=concurrency, max_deliveries=max_deliveries, output_topic=output_topic,
+                 reclaim_idle_ms=reclaim_idle_ms, block_ms=block_ms, grace_s=grace_s,
+                 handler_timeout_s=handler_timeout_s)
+    overrides = {name: value for name, value in given.items() if value is not None}
     with reported():
-        config = WorkerConfig(
-            group=group, topics=topic, consumer=consumer, concurrency=concurrency,
-            max_deliveries=max_deliveries, output_topic=output_topic, reclaim_idle_ms=reclaim_idle_ms,
-            block_ms=block_ms, grace_s=grace_s, handler_timeout_s=handler_timeout_s,
-            retention={t: r for t, r in s.config.retention.items() if t in topic},
-        )
-        name, fn = load_handler(handler)
-    tune_gc()
-    graceful = run(lambda url: serve(url, fn, config, namespace=s.keys.ns, handler_name=name), s.url)
+        if handler is None:
+            if topic or group:
+                raise ConfigError("--topic and --group go with HANDLER; a config file sets them per [workers.NAME]")
+            jobs = _jobs_from_file(config_file, only or [], consumer, processes, overrides, s)
+        elif only:
+            raise ConfigError("--only selects [workers.NAME] tables of a config file: omit HANDLER to use it")
+        else:
+            jobs = [_job_from_args(handler, topic, group, consumer, processes, overrides, s)]
+        handlers = [_load_handler(job, config_file if handler is None else None) for job in jobs]
+    if sum(job.processes for job in jobs) == 1:
+        _serve(jobs[0], *handlers[0], s)
+    common = [*(a for m in imports or () for a in ("--import", m)), *(["-v"] if verbose else [])]
+    if config_file is not None:
+        common += ["--config", str(config_file)]
+    graceful = run(lambda url: Supervisor(_programs(jobs, url, s.keys.ns, common)).run(), s.url)
     if not graceful:
         raise typer.Exit(int(Exit.FAILED))
+
+
+def _serve(job: _Job, name: str, fn: HandlerFn, s: Settings) -> NoReturn:
+    """Run the one worker in this process; exit 0 once drained, 1 if a second signal cut the drain short."""
+    from fabric.runner import serve, tune_gc
+
+    tune_gc()
+    graceful = run(lambda url: serve(url, fn, job.config, namespace=s.keys.ns, handler_name=name), s.url)
+    raise typer.Exit(int(Exit.OK if graceful else Exit.FAILED))
 
 
 @app.command(epilog=example("fabric dev", "fabric dev --port 6390"))
