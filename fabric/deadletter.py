@@ -294,8 +294,8 @@ class ReplayOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """The dead letter's ``TAG/ENTRY_ID``."""
     origin_stream: str
     outcome: Outcome
-    """``replayed``; ``gone`` (already replayed or purged); ``no_original`` (nothing kept to replay, left in
-    place); ``would_replay`` (a dry run)."""
+    """``replayed``; ``gone`` (already replayed or purged, possibly by this very call when Redis's reply was lost
+    and the client resent it); ``no_original`` (nothing kept to replay, left in place); ``would_replay`` (dry run)."""
     new_entry_id: str | None = None
     """The entry the replay added to the origin stream."""
 
