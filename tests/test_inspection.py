@@ -51,6 +51,12 @@ async def test_topics_are_the_registries_of_the_namespace_only(redis, keys):
     assert found == ["bar", "tick"]
 
 
+def test_a_registry_key_gives_back_its_topic(keys):
+    assert keys.topic_of_registry(keys.topic_registry("tick").encode()) == "tick"
+    with pytest.raises(ValueError, match="not a topic registry"):
+        keys.topic_of_registry(keys.stream("tick", Priority.NORMAL, "A"))
+
+
 async def test_streams_report_length_and_first_and_last_entry_times(redis, keys):
     # given three ticks in one stream
     ids = await publish(redis, keys, *[("tick", "normal", "A")] * 3)
