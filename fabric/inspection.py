@@ -148,11 +148,6 @@ class _Stream(NamedTuple):
     groups: list[dict[str, Any]]  # XINFO GROUPS
 
 
-class _Survey(NamedTuple):
-    now_ms: int
-    streams: list[_Stream]
-
-
 _Consumers = dict[tuple[str, str], list[dict[str, Any]]]  # (stream, group) -> XINFO CONSUMERS
 
 
@@ -197,6 +192,13 @@ async def _pipelined(client: Redis, calls: Sequence[tuple[Any, ...]]) -> list[An
     return replies
 
 
+async def _timed(client: Redis, calls: Sequence[tuple[Any, ...]]) -> tuple[int, list[Any]]:
+    """Redis's time in Unix ms just after the calls ran (in the same pipeline), and their replies."""
+    replies = await _pipelined(client, [*calls, ("time",)])
+    seconds, micros = _checked(replies.pop())
+    return int(seconds) * 1000 + int(micros) // 1000, replies
+
+
 async def topics(client: Redis, keys: Keys) -> list[str]:
     """Every topic of the namespace that has a registry (a stream was published to it), sorted."""
     found = {keys.topic_of_registry(key)
@@ -236,47 +238,44 @@ async def _registered(client: Redis, keys: Keys, wanted_topics: Sequence[str]) -
     return sorted(refs, key=lambda r: (r.topic, -r.priority, r.symbol or ""))
 
 
-async def _survey(client: Redis, keys: Keys, wanted_topics: Sequence[str]) -> _Survey:
-    """Redis's time, and every stream of the topics with XINFO STREAM and XINFO GROUPS, in a few round trips."""
+async def _survey(client: Redis, keys: Keys, wanted_topics: Sequence[str]) -> list[_Stream]:
+    """Every stream of the topics with its XINFO STREAM and XINFO GROUPS, in a few round trips."""
     refs = await _registered(client, keys, wanted_topics)
-    calls: list[tuple[Any, ...]] = [("time",)]
-    for ref in refs:
-        calls += [("exists", ref.key), ("xinfo_stream", ref.key), ("xinfo_groups", ref.key)]
+    calls = [(method, ref.key) for ref in refs for method in ("exists", "xinfo_stream", "xinfo_groups")]
     replies = await _pipelined(client, calls)
-    seconds, micros = _checked(replies[0])
     found = []
     for i, ref in enumerate(refs):
-        exists, info, groups_ = replies[1 + 3 * i : 4 + 3 * i]
+        exists, info, groups_ = replies[3 * i : 3 * i + 3]
         if _checked(exists):
             found.append(_Stream(ref, _checked(info), _checked(groups_)))
         else:
             found.append(_Stream(ref, None, []))
-    return _Survey(int(seconds) * 1000 + int(micros) // 1000, found)
+    return found
 
 
-def _only_groups(survey: _Survey, wanted: Sequence[str], scope: _Scope) -> _Survey:
-    """The survey with only the wanted groups (all without a filter); a group found on no stream is NotFound."""
+def _only_groups(survey: list[_Stream], wanted: Sequence[str], scope: _Scope) -> list[_Stream]:
+    """The streams with only the wanted groups (all without a filter); a group found on none is NotFound."""
     if not wanted:
         return survey
-    streams_ = [s._replace(groups=[g for g in s.groups if _text(g["name"]) in wanted]) for s in survey.streams]
+    streams_ = [s._replace(groups=[g for g in s.groups if _text(g["name"]) in wanted]) for s in survey]
     found = {_text(g["name"]) for s in streams_ for g in s.groups}
     for group in wanted:
         if group not in found:
             raise NotFound(f"group {group!r} does not exist on any stream of {scope.words}: "
                            f"`fabric groups {scope.options}` lists the groups there")
-    return survey._replace(streams=streams_)
+    return streams_
 
 
-async def _consumers(client: Redis, streams_: Sequence[_Stream]) -> _Consumers:
-    """XINFO CONSUMERS of every group on every stream, pipelined."""
+async def _consumers(client: Redis, streams_: Sequence[_Stream]) -> tuple[int, _Consumers]:
+    """Redis's time, and XINFO CONSUMERS of every group on every stream, pipelined."""
     pairs = [(s.ref.key, _text(g["name"])) for s in streams_ for g in s.groups]
-    replies = await _pipelined(client, [("xinfo_consumers", key, group) for key, group in pairs])
+    now_ms, replies = await _timed(client, [("xinfo_consumers", key, group) for key, group in pairs])
     found: _Consumers = {}
     for pair, reply in zip(pairs, replies, strict=True):
         if isinstance(reply, Exception) and error_code(reply) == "NOGROUP":
             reply = []  # the group was destroyed since XINFO GROUPS: it has no consumers left
         found[pair] = _checked(reply)
-    return found
+    return now_ms, found
 
 
 # ---- the listings ----------------------------------------------------------------------------------------
@@ -305,7 +304,7 @@ async def streams(client: Redis, keys: Keys, *, topics: Sequence[str] = (), symb
                   priority: Priority | None = None) -> list[StreamInfo]:
     """Every stream of the topics (default: all), optionally of one symbol and priority."""
     survey = await _survey(client, keys, topics)
-    return [_stream_info(s) for s in survey.streams
+    return [_stream_info(s) for s in survey
             if (symbol is None or s.ref.symbol == symbol) and (priority is None or s.ref.priority == priority)]
 
 
@@ -321,9 +320,9 @@ async def groups(client: Redis, keys: Keys, *, topics: Sequence[str] = (),
                  groups: Sequence[str] = ()) -> list[GroupInfo]:
     """One row per group and topic, summed over the topic's streams the group reads."""
     survey = _only_groups(await _survey(client, keys, topics), groups, _scope(keys, topics))
-    per_stream = await _consumers(client, survey.streams)
+    _, per_stream = await _consumers(client, survey)
     rows: dict[tuple[str, str], list[tuple[GroupLag, list[dict[str, Any]]]]] = {}
-    for stream in survey.streams:
+    for stream in survey:
         for reply in stream.groups:
             lag = _group_lag(reply)
             rows.setdefault((lag.group, stream.ref.topic), []).append((lag, per_stream[stream.ref.key, lag.group]))
@@ -345,13 +344,13 @@ async def consumers(client: Redis, keys: Keys, *, topics: Sequence[str] = (),
                     groups: Sequence[str] = ()) -> list[ConsumerInfo]:
     """One row per group and consumer, over every stream of the topics where the consumer is known."""
     survey = _only_groups(await _survey(client, keys, topics), groups, _scope(keys, topics))
-    per_stream = await _consumers(client, survey.streams)
-    topic_of = {s.ref.key: s.ref.topic for s in survey.streams}
+    now_ms, per_stream = await _consumers(client, survey)
+    topic_of = {s.ref.key: s.ref.topic for s in survey}
     rows: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
     for (stream, group), replies in per_stream.items():
         for reply in replies:
             rows.setdefault((group, _text(reply["name"])), []).append((topic_of[stream], reply))
-    return [_consumer_info(group, name, parts, survey.now_ms) for (group, name), parts in sorted(rows.items())]
+    return [_consumer_info(group, name, parts, now_ms) for (group, name), parts in sorted(rows.items())]
 
 
 def _pending_entry(ref: StreamRef, group: str, reply: dict[str, Any], now_ms: int) -> PendingEntry:
@@ -361,8 +360,8 @@ def _pending_entry(ref: StreamRef, group: str, reply: dict[str, Any], now_ms: in
                         idle_ms=int(reply["time_since_delivered"]), deliveries=int(reply["times_delivered"]))
 
 
-async def _check_consumer(client: Redis, survey: _Survey, consumer: str, scope: _Scope) -> None:
-    per_stream = await _consumers(client, survey.streams)
+async def _check_consumer(client: Redis, survey: list[_Stream], consumer: str, scope: _Scope) -> None:
+    _, per_stream = await _consumers(client, survey)
     if not any(_text(c["name"]) == consumer for replies in per_stream.values() for c in replies):
         raise NotFound(f"consumer {consumer!r} is not known to any group on {scope.words}: "
                        f"`fabric consumers {scope.options}` lists the consumers there")
@@ -376,10 +375,10 @@ async def pending(client: Redis, keys: Keys, *, topics: Sequence[str] = (), grou
     if consumer is not None:
         await _check_consumer(client, survey, consumer, scope)
     # each stream's oldest `limit` are enough: the oldest `limit` overall are among them
-    pairs = [(s.ref, _text(g["name"])) for s in survey.streams for g in s.groups if int(g["pending"])]
-    replies = await _pipelined(client, [("xpending_range", ref.key, group, "-", "+", limit, consumer)
-                                        for ref, group in pairs])
-    entries = [_pending_entry(ref, group, reply, survey.now_ms)
+    pairs = [(s.ref, _text(g["name"])) for s in survey for g in s.groups if int(g["pending"])]
+    now_ms, replies = await _timed(client, [("xpending_range", ref.key, group, "-", "+", limit, consumer)
+                                            for ref, group in pairs])
+    entries = [_pending_entry(ref, group, reply, now_ms)
                for (ref, group), found in zip(pairs, replies, strict=True) for reply in _checked(found)]
     entries.sort(key=lambda e: (_id_order(e.entry_id), e.stream, e.group))
     return entries[:limit]
@@ -388,11 +387,11 @@ async def pending(client: Redis, keys: Keys, *, topics: Sequence[str] = (), grou
 # ---- health ----------------------------------------------------------------------------------------------
 
 
-def _group_health(survey: _Survey, per_stream: _Consumers, max_idle_ms: int) -> dict[str, GroupHealth]:
+def _group_health(survey: list[_Stream], per_stream: _Consumers, max_idle_ms: int) -> dict[str, GroupHealth]:
     """Every group found, summed over all its streams."""
-    topic_of = {s.ref.key: s.ref.topic for s in survey.streams}
+    topic_of = {s.ref.key: s.ref.topic for s in survey}
     lags: dict[str, list[GroupLag]] = {}
-    for stream in survey.streams:
+    for stream in survey:
         for reply in stream.groups:
             lag = _group_lag(reply)
             lags.setdefault(lag.group, []).append(lag)
@@ -437,7 +436,7 @@ async def health(client: Redis, keys: Keys, *, groups: Sequence[str] = (), topic
         with translated(url):
             await client.ping()
             survey = await _survey(client, keys, topics)
-            per_stream = await _consumers(client, survey.streams)
+            _, per_stream = await _consumers(client, survey)
     except FabricError as exc:
         return Health(ok=False, problems=[str(exc)], max_idle_ms=max_idle_ms, groups=[])
     found = _group_health(survey, per_stream, max_idle_ms)
