@@ -359,8 +359,8 @@ def trim(
     if dry_run or not pending or not _confirmed(plan, yes):
         if as_json:
             emit_json(plan)
-        elif not pending:
-            typer.echo("nothing to trim")
+        elif not pending or not dry_run:
+            typer.echo("nothing to trim" if not pending else "not applied: nothing removed")
         return
     with progress(len(plan), "trimming", quiet=as_json) as advance:
         done = run(lambda url: _on(url, lambda c: history.trim_now(c, s.keys, plan, rules, advance=advance)), s.url,
