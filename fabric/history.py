@@ -35,9 +35,9 @@ from fabric.publisher import Publisher
 from fabric.retention import plan_stream, trim_stream
 
 __all__ = [
-    "DEFAULT_REPLAY_DEDUP_MS", "Entry", "Filters", "ReplayResult", "StreamTrim", "TimeRange", "derived_id",
-    "parse_time", "read_range", "replay_into", "replay_to_handler", "tail", "topic_streams", "trim_now",
-    "trim_plan",
+    "DEFAULT_REPLAY_DEDUP_MS", "EVERYTHING", "Entry", "Filters", "ReplayResult", "StreamTrim", "TimeRange",
+    "derived_id", "parse_time", "read_range", "replay_into", "replay_to_handler", "tail", "topic_streams",
+    "trim_now", "trim_plan",
 ]
 
 MAX_SEQ = 2**64 - 1
