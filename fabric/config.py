@@ -270,6 +270,11 @@ def _worker_spec(name: str, table: dict[str, Any]) -> WorkerSpec:
     """One ``[workers.NAME]`` table; an error names ``workers.NAME.FIELD`` and the reason."""
     _check_worker_name(name)
     try:
+        if isinstance(table.get("output_priority"), str):  # a file names it ("high"); the field is an IntEnum
+            table = {**table, "output_priority": Priority.parse(table["output_priority"])}
+    except ValueError as exc:
+        raise ConfigError(f"workers.{name}.output_priority: {exc}") from None
+    try:
         return msgspec.convert(table, WorkerSpec)
     except FieldError as exc:
         raise ConfigError(f"workers.{name}.{exc.field}: {exc.reason}") from None
