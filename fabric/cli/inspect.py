@@ -17,7 +17,19 @@ import typer
 from redis.asyncio import Redis
 
 from fabric import inspection
-from fabric.cli.options import ConfigFile, Exit, Json, Namespace, Settings, app, example, fail, run, settings
+from fabric.cli.options import (
+    ConfigFile,
+    Exit,
+    Json,
+    Namespace,
+    RedisUrl,
+    Settings,
+    app,
+    example,
+    fail,
+    run,
+    settings,
+)
 from fabric.cli.output import age, emit_json, table, timestamp
 from fabric.client import connect, translated
 from fabric.keys import Keys, Priority
@@ -30,9 +42,6 @@ Topics = Annotated[list[str] | None, typer.Option("--topic", metavar="TOPIC",
                                                   help="Only this topic (repeat for several).")]
 Groups = Annotated[list[str] | None, typer.Option("--group", metavar="GROUP",
                                                   help="Only this consumer group (repeat for several).")]
-# options.RedisUrl's help promises a private redis-server; these commands never start one (it would be empty)
-RedisUrl = Annotated[str | None, typer.Option("--redis-url", envvar="FABRIC_REDIS_URL",
-                                              help="redis://[:password@]host:port/db; default localhost:6379.")]
 MaxIdle = Annotated[int, typer.Option(min=1, help="A consumer idle this long (no read, no claim) is not consuming.")]
 
 

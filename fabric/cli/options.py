@@ -68,8 +68,9 @@ _CODES: tuple[tuple[type[FabricError], Exit], ...] = (
 )
 
 RedisUrl = Annotated[str | None, typer.Option("--redis-url", envvar="FABRIC_REDIS_URL",
-                                              help="redis://[:password@]host:port/db; default localhost:6379, "
-                                                   "else a private redis-server for this command.")]
+                                              help="redis://[:password@]host:port/db; default localhost:6379 "
+                                                   "(publish and worker start a private redis-server when "
+                                                   "none answers there).")]
 Namespace = Annotated[str | None, typer.Option("--namespace", envvar="FABRIC_NAMESPACE",
                                                 help="Key prefix (default: the config file's, else fabric).")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", envvar="FABRIC_CONFIG",
