@@ -37,6 +37,8 @@ DEFAULT_RECLAIM_IDLE_MS = 5_000
 DEFAULT_RECLAIM_INTERVAL_MS = 1_000
 DEFAULT_DISCOVER_INTERVAL_MS = 1_000
 DEFAULT_TRIM_INTERVAL_MS = 10_000
+DEFAULT_RETIRE_IDLE_MS = 600_000
+DEFAULT_RETIRE_INTERVAL_MS = 60_000
 DEFAULT_GRACE_S = 10.0
 DEFAULT_HANDLER_TIMEOUT_S = 60.0
 MAX_BLOCK_MS = 10_000
@@ -122,6 +124,9 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """An entry pending this long without a heartbeat belongs to a dead consumer and is taken over."""
     reclaim_interval_ms: int = DEFAULT_RECLAIM_INTERVAL_MS
     discover_interval_ms: int = DEFAULT_DISCOVER_INTERVAL_MS
+    retire_idle_ms: int = DEFAULT_RETIRE_IDLE_MS
+    """A consumer of the group idle this long with nothing pending (a dead process's) is removed; 0: never."""
+    retire_interval_ms: int = DEFAULT_RETIRE_INTERVAL_MS
     trim_interval_ms: int = DEFAULT_TRIM_INTERVAL_MS
     grace_s: float = DEFAULT_GRACE_S
     """On SIGTERM, how long in-flight handlers may take to finish."""
@@ -159,7 +164,7 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
     def _check_limits(self) -> None:
         for name in ("concurrency", "prefetch", "commit_batch", "max_deliveries", "block_ms", "reclaim_interval_ms",
-                     "discover_interval_ms", "trim_interval_ms"):
+                     "discover_interval_ms", "trim_interval_ms", "retire_interval_ms"):
             if getattr(self, name) < 1:
                 self._fail(name, "must be at least 1")
         if self.backoff_max_ms < self.backoff_base_ms:
@@ -172,6 +177,8 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
             self._fail("handler_timeout_s", "must be positive, or unset for no limit")
         if self.reclaim_idle_ms < 30:
             self._fail("reclaim_idle_ms", "too small to refresh held entries in time: use at least 30")
+        if self.retire_idle_ms < 0:
+            self._fail("retire_idle_ms", "must be 0 (never retire) or positive")
 
 
 HANDLER_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

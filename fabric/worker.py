@@ -48,6 +48,7 @@ from fabric.handler import Context, HandlerFn, Middleware, timeout, wrap
 from fabric.keys import Keys, Priority, StreamRef
 from fabric.lanes import Lanes
 from fabric.retention import trim_stream
+from fabric.retirement import retire_idle_consumers
 from fabric.retry import RetryTimer, backoff_ms
 from fabric.turns import Turns
 
@@ -207,6 +208,8 @@ class Worker:
         ]
         if self.config.retention:
             loops.append(self._every(self.config.trim_interval_ms, self.trim, self._stop))
+        if self.config.retire_idle_ms:
+            loops.append(self._every(self.config.retire_interval_ms, self.retire, self._stop))
         background = [asyncio.create_task(c) for c in loops]
         heartbeat = asyncio.create_task(self._every(self.config.heartbeat_ms, self.heartbeat, self._halt))
         committer = asyncio.create_task(self._commit_loop())
@@ -704,6 +707,11 @@ class Worker:
         if total:
             log.info("reclaimed %d entries idle over %d ms", total, self.config.reclaim_idle_ms)
         return total
+
+    async def retire(self) -> dict[str, list[str]]:
+        """Remove the group's consumers idle past ``retire_idle_ms`` with nothing pending (dead processes')."""
+        return await retire_idle_consumers(self.client, list(self._streams), self.group,
+                                           min_idle_ms=self.config.retire_idle_ms, keep=self.consumer)
 
     async def _trimmed_pending(self, stream: str, ids: list[bytes]) -> None:
         self.stats.trimmed_pending += len(ids)

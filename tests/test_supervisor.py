@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from redis.exceptions import ResponseError
 from typer.testing import CliRunner
 
 import fabric.cli
@@ -293,6 +294,73 @@ async def test_a_config_file_entry_runs_its_processes_and_they_share_the_work(re
     sup.proc.send_signal(signal.SIGTERM)
     assert await sup.exit_code() == 0, sup.output()
     sup.assert_clean()
+
+
+async def consumer_states(redis: Any, keys: Keys) -> dict[str, tuple[int, int]]:
+    """Consumer name -> (pending, smallest idle ms) over the topic's streams."""
+    states: dict[str, tuple[int, int]] = {}
+    for stream in await all_streams(redis, keys):
+        try:
+            consumers = await redis.xinfo_consumers(stream, GROUP)
+        except ResponseError:  # the workers have not created the group yet
+            continue
+        for c in consumers:
+            name = c["name"].decode()
+            pending_n, idle = states.get(name, (0, 1 << 62))
+            states[name] = (pending_n + int(c["pending"]), min(idle, int(c["idle"])))
+    return states
+
+
+async def all_streams(redis: Any, keys: Keys) -> list[str]:
+    return sorted(s.decode() for s in await redis.smembers(keys.topic_registry("tick")))
+
+
+@pytest.mark.real_only
+async def test_a_dead_processs_consumer_is_retired_only_once_its_pending_entries_were_taken_over(
+        redis, keys, supervise, tmp_path) -> None:
+    # Given 2 worker processes that retire consumers idle 300 ms with nothing pending, and take over entries idle
+    # 1.5 s: a dead consumer is idle past the retire limit for a while before its entries can be taken over
+    published = await publish_ticks(redis, keys, 400, symbols=1)
+    config = tmp_path / "pipeline.toml"
+    config.write_text(
+        '[workers.quotes]\nhandler = "tests.fixtures.handlers:slow_record"\nprocesses = 2\n'
+        f'group = "{GROUP}"\ntopics = ["tick"]\nconcurrency = 4\nprefetch = 50\nblock_ms = 100\n'
+        'reclaim_idle_ms = 1500\nretire_idle_ms = 300\nretire_interval_ms = 50\n'
+    )
+    sup = supervise("--config", str(config))
+    children = await sup.started(2)
+
+    async def holding() -> Child | None:
+        states = await consumer_states(redis, keys)
+        busy = [c for c in children if states.get(c.consumer, (0, 0))[0] > 0]
+        return busy[0] if busy else None
+
+    victim = await eventually(holding, what="a worker process holding entries")
+
+    # When it is killed outright
+    os.kill(victim.pid, signal.SIGKILL)
+
+    # Then, idle past the retire limit (and past several sweeps) while it still holds entries, it stays
+    async def idle_but_holding() -> tuple[int, int] | None:
+        state = (await consumer_states(redis, keys)).get(victim.consumer)
+        assert state is not None, "a consumer holding entries was retired"
+        return state if state[1] >= 600 and state[0] > 0 else None
+
+    await eventually(idle_but_holding, what="the dead consumer idle 600 ms, still holding entries")
+
+    # and once the living took its entries over, it is removed from the group
+    async def retired() -> bool:
+        return victim.consumer not in await consumer_states(redis, keys)
+
+    await eventually(retired, timeout_s=30, what="the dead consumer retired")
+
+    # and nothing was lost: every event handled, nothing pending
+    async def all_handled_and_acked() -> bool:
+        return {r[0] for r in await records(redis, keys.ns)} >= published and not await pending(redis, keys)
+
+    await eventually(all_handled_and_acked, timeout_s=60, what="every event handled and acked")
+    sup.proc.send_signal(signal.SIGTERM)
+    assert await sup.exit_code() == 0, sup.output()
 
 
 # ---- what never starts -------------------------------------------------------------------------------------
