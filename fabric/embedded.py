@@ -47,7 +47,8 @@ def redis_server(port: int, *, quiet: bool = True) -> Iterator[subprocess.Popen[
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                  "--appendonly", "no", "--dir", tmp],
-                                stdout=subprocess.DEVNULL if quiet else None)
+                                stdout=subprocess.DEVNULL if quiet else None,
+                                start_new_session=True)  # a Ctrl-C is for fabric, which stops the server last
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while not answers("127.0.0.1", port):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from fabric.errors import ConfigError
 
-__all__ = ["Program", "Supervisor", "consumer_name"]
+__all__ = ["SUPERVISOR_ENV", "Program", "Supervisor", "consumer_name"]
 
 log = logging.getLogger("fabric.supervisor")
 
@@ -37,6 +37,8 @@ BACKOFF_MAX_S = 30.0
 HEALTHY_S = 10.0
 """A child that ran this long before it died is restarted after ``BACKOFF_BASE_S`` again."""
 USAGE_EXIT = 2
+SUPERVISOR_ENV = "FABRIC_SUPERVISOR_PID"
+"""Tells a child its supervisor's pid, so that it drains if the supervisor dies (``runner.drain_when_orphaned``)."""
 MAX_CONSUMER_NAME = 100
 STDERR_LINE_LIMIT = 1 << 20
 
@@ -166,7 +168,7 @@ class Supervisor:
         slot.error = ""
         proc = await asyncio.create_subprocess_exec(
             *slot.program.argv(slot.consumer), stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, limit=STDERR_LINE_LIMIT,
+            start_new_session=True, limit=STDERR_LINE_LIMIT, env={**os.environ, SUPERVISOR_ENV: str(os.getpid())},
         )
         slot.proc = proc
         log.info("started worker %s (pid %d, consumer %s)", slot.label, proc.pid, slot.consumer)

@@ -30,6 +30,7 @@ import fabric.cli
 from fabric.errors import ConfigError
 from fabric.keys import Keys, check_name
 from fabric.supervisor import Program, Supervisor, consumer_name, describe
+from fabric.worker import RELEASE_IDLE_MS
 from tests.conftest import ROOT, fabric_cmd
 from tests.fixtures.handlers import handled_key, subprocess_env
 from tests.test_processes import GROUP, all_entries, pending, publish_ticks, records, undelivered
@@ -361,6 +362,37 @@ async def test_a_dead_processs_consumer_is_retired_only_once_its_pending_entries
     await eventually(all_handled_and_acked, timeout_s=60, what="every event handled and acked")
     sup.proc.send_signal(signal.SIGTERM)
     assert await sup.exit_code() == 0, sup.output()
+
+
+@pytest.mark.real_only
+async def test_workers_drain_and_exit_when_their_supervisor_is_killed(redis, keys, supervise) -> None:
+    # Given a supervisor of 2 worker processes in the middle of a backlog
+    await publish_ticks(redis, keys, 2000)
+    sup = supervise(*handler_args(processes=2))
+    children = await sup.started(2)
+
+    async def both_handling() -> bool:
+        counts = await handled_by(redis, keys)
+        return all(counts[c.pid] > 0 for c in children)
+
+    await eventually(both_handling, what="both processes handling")
+
+    # When the supervisor itself is killed outright (its children live in sessions of their own)
+    sup.proc.kill()
+    sup.proc.wait()
+
+    # Then each child is told (Linux's parent-death signal), drains and exits instead of running on unsupervised
+    async def all_gone() -> bool:
+        return not any(_alive(c.pid) for c in children)
+
+    await eventually(all_gone, timeout_s=30, what="the orphaned workers to exit")
+
+    # and what they held was handed back to the group (marked idle a day, so any live worker takes it over at once)
+    for stream in await all_streams(redis, keys):
+        for child in children:
+            held = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10_000,
+                                              consumername=child.consumer)
+            assert all(p["time_since_delivered"] >= RELEASE_IDLE_MS for p in held), f"{child.label} kept entries"
 
 
 # ---- what never starts -------------------------------------------------------------------------------------

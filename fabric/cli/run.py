@@ -299,8 +299,9 @@ def worker(
 
 def _serve(job: _Job, name: str, fn: HandlerFn, s: Settings) -> NoReturn:
     """Run the one worker in this process; exit 0 once drained, 1 if a second signal cut the drain short."""
-    from fabric.runner import serve, tune_gc
+    from fabric.runner import drain_when_orphaned, serve, tune_gc
 
+    drain_when_orphaned()
     tune_gc()
     graceful = run(lambda url: serve(url, fn, job.config, namespace=s.keys.ns, handler_name=name), s.url)
     raise typer.Exit(int(Exit.OK if graceful else Exit.FAILED))
