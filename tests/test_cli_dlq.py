@@ -6,10 +6,8 @@ them up with ``asyncio.run`` and then invokes the CLI from plain sync code (the 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -19,11 +17,12 @@ from typer.testing import CliRunner, Result
 import fabric.cli
 import fabric.cli.dlq
 from fabric import Priority, Publisher, Reject, Worker, WorkerConfig
-from fabric.client import connect
 from fabric.deadletter import DeadLetter, find
 from fabric.events import Bar, Event, Tick
 from fabric.handler import as_handler
 from fabric.keys import Keys
+from tests.cli_runner import invoke, parsed
+from tests.cli_runner import with_redis as on_redis
 from tests.test_deadletter_filters import dead_letter, dead_letter_next
 from tests.waiting import eventually
 from tests.workers import running
@@ -36,27 +35,7 @@ FAST = {"block_ms": 50, "reclaim_idle_ms": 300, "reclaim_interval_ms": 50, "disc
 
 def fabric_dlq(redis_url: str, keys: Keys, *args: str, stdin: str | None = None) -> Result:
     """Run ``fabric dlq ARGS`` in this process on the test's server and namespace."""
-    return CliRunner().invoke(fabric.cli.app, ["dlq", *args, "--redis-url", redis_url, "--namespace", keys.ns],
-                              input=stdin)
-
-
-def parsed(result: Result) -> Any:
-    """The command's stdout as JSON, after checking it exited 0."""
-    assert result.exit_code == 0, result.stderr
-    return msgspec.json.decode(result.stdout)
-
-
-def on_redis(redis_url: str, work: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Run ``work(client)`` on a fresh event loop and client (test set-up and checks)."""
-
-    async def main() -> Any:
-        client = connect(redis_url)
-        try:
-            return await work(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
+    return invoke(redis_url, keys, "dlq", *args, stdin=stdin)
 
 
 def ticks(n: int, symbol: str = "A") -> list[Tick]:

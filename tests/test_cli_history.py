@@ -3,47 +3,27 @@ print (every ``--json`` output parsed and checked), what they change in Redis, a
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
 import pytest
 from click.testing import Result
-from typer.testing import CliRunner
 
-from fabric import Publisher, connect
-from fabric.cli import app
+from fabric import Publisher
 from fabric.cli.options import Exit
 from fabric.codec import decode_fields, encode
 from fabric.events import Bar, Event, Indicator, Tick
 from fabric.history import derived_id
 from fabric.keys import Keys, Priority
+from tests.cli_runner import invoke as fabric
+from tests.cli_runner import with_redis
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.real_only
 
 T = TypeVar("T")
 DEADLINE_S = 30.0
-
-
-def with_redis(url: str, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run ``work(client)`` on a client of its own (the CLI runs its own event loop, so tests are sync)."""
-
-    async def main() -> T:
-        client = connect(url)
-        try:
-            return await work(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
-
-
-def fabric(url: str, keys: Keys, *args: str) -> Result:
-    """``fabric ARGS --namespace NS --redis-url URL`` through typer's runner."""
-    return CliRunner().invoke(app, [*args, "--namespace", keys.ns, "--redis-url", url])
 
 
 def json_lines(result: Result) -> list[dict[str, Any]]:

@@ -4,22 +4,21 @@ exist exits 5, and health exits 0 or 1 with one line saying why."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 import pytest
 from click.testing import Result
-from typer.testing import CliRunner
 
-from fabric import Publisher, connect
-from fabric.cli import app
+from fabric import Publisher
 from fabric.cli.options import Exit
 from fabric.events import Tick
 from fabric.keys import Keys, Priority
+from tests.cli_runner import invoke as fabric
+from tests.cli_runner import with_redis
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.real_only
@@ -27,24 +26,6 @@ pytestmark = pytest.mark.real_only
 T = TypeVar("T")
 GROUP = "g"
 UNREACHABLE = "redis://127.0.0.1:1/0"
-
-
-def with_redis(url: str, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run ``work(client)`` to completion on a client of its own (the CLI runs its own event loop)."""
-
-    async def main() -> T:
-        client = connect(url)
-        try:
-            return await work(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(main())
-
-
-def fabric(url: str, keys: Keys, *args: str) -> Result:
-    """``fabric ARGS --namespace NS --redis-url URL`` through typer's runner."""
-    return CliRunner().invoke(app, [*args, "--namespace", keys.ns, "--redis-url", url])
 
 
 def as_json(result: Result) -> Any:
