@@ -2,7 +2,8 @@
 
 Roles: ``producer`` (N ticks, created before timing, ``publish_many`` in chunks gathered concurrently),
 ``flooder`` (keeps a backlog of low-priority ticks), ``sender`` (open loop at a fixed rate, ``bench.clock``),
-``worker`` (a fabric ``Worker`` with a recording handler, ``bench.recorder``), and the plain redis-py baseline's
+``worker`` (a fabric ``Worker`` with a recording handler, ``bench.recorder``), ``fleet`` (``fabric worker
+--config`` with several processes under a supervisor, ``bench.fleet``), and the plain redis-py baseline's
 ``plain-producer`` and ``plain-consumer`` (``bench.plain``). The Redis URL comes from ``$FABRIC_REDIS_URL``.
 Each prints JSON lines (``bench.launcher``): ``ready`` when it may be measured against, ``result`` at the end.
 SIGTERM ends a worker or flooder gracefully, with its report.
@@ -25,6 +26,7 @@ from typing import Any
 import msgspec
 import uvloop
 
+from bench import fleet as fleet_role
 from bench import plain
 from bench.clock import OpenLoop
 from bench.launcher import emit, stop_event
@@ -159,8 +161,16 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
             "config": msgspec.to_builtins(config), **rec.report()}
 
 
+async def fleet(args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up, then run ``fabric worker --config`` with ``--processes`` worker processes (``bench.fleet``)."""
+    client = connect()
+    warm = await warm_up(client, Keys(args.ns), args.symbols, [Priority.parse(p) for p in args.warm.split(",")])
+    await client.aclose()
+    return await fleet_role.fleet(args, GROUP, warm)
+
+
 ROLES: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
-    "producer": producer, "flooder": flooder, "sender": sender, "worker": worker,
+    "producer": producer, "flooder": flooder, "sender": sender, "worker": worker, "fleet": fleet,
     "plain-producer": plain.produce, "plain-consumer": plain.consume,
 }
 
@@ -182,7 +192,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=sorted(MODES), default="noop", help="worker: which handler")
         p.add_argument("--expect", type=int, default=0, help="consumers: events to handle before stopping")
         p.add_argument("--warm", default="normal", help="worker: priorities to warm up, comma-separated")
-        p.add_argument("--config", default="{}", help="worker: more WorkerConfig fields, as JSON")
+        p.add_argument("--config", default="{}", help="worker, fleet: more WorkerConfig fields, as JSON")
+        p.add_argument("--processes", type=int, default=2, help="fleet: worker processes")
     return top
 
 

@@ -98,6 +98,8 @@ TARGETS = [
     Target("latency at 20,000/s: p99 ≤ 2 ms", _fig("latency_20000", "p99_ms"), 2.0, at_least=False),
     Target("critical lane under a low flood: p99 ≤ 2 ms", _fig("priority", "critical_p99_ms"), 2.0, at_least=False),
     Target("end to end with outputs (informational), events/s", _fig("variant_outputs", "events_per_s"), None),
+    Target("end to end, 2 worker processes (informational), events/s", _fig("variant_processes_2", "events_per_s"),
+           None),
     Target("memory per retained tick ≤ 1.3× its encoded payload", _fig("memory", "ratio_to_payload"), 1.3,
            at_least=False),
     Target("metrics on: cost ≤ 10%", _fig("variant_metrics", "events_per_s"), None,

@@ -87,8 +87,18 @@ async def variant_ordered(run: Run) -> dict[str, Any]:
 
 
 async def variant_processes(run: Run) -> dict[str, Any]:
-    """End to end with ``--processes 2`` (a supervisor running two worker processes)."""
-    raise NotAvailable("fabric has no supervisor (--processes) yet (issue 4)")
+    """End to end with two worker processes under one supervisor (fabric worker --config, processes = 2).
+
+    Done when Redis has every entry delivered to the group and acknowledged."""
+    n = run.settings.events
+    fleet = await run.spawn("fleet", config=run.settings.worker_config, processes=2, expect=n)
+    await fleet.expect("ready", READY_S)
+    produced = await (await run.spawn("producer", events=n, chunk=run.settings.chunk)).result(deadline(n))
+    done = await fleet.result(deadline(n))
+    streams = await registered(run.client, run.keys, TOPIC)
+    return {"events_per_s": n / (done["t_done"] - produced["t_start"]), "handled": done["handled"],
+            "lost": n - done["handled"], "unacked": await pending(run.client, streams, GROUP),
+            "failed": produced["failed"] + (done["exit_code"] != 0), "processes": done["processes"]}
 
 
 VARIANTS = {"outputs": variant_outputs, "metrics": variant_metrics, "ordered": variant_ordered,

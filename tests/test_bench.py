@@ -38,7 +38,7 @@ def test_quick_run_loses_nothing(redis_server: RedisServer, tmp_path: Path) -> N
     assert proc.returncode == 0, f"python -m bench --quick failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
     doc = json.loads(results.read_text())
     ran = {name: case for name, case in doc["cases"].items() if case["status"] != "not available"}
-    assert {"publish", "end_to_end", "priority", "memory", "plain_end_to_end"} <= ran.keys()
+    assert {"publish", "end_to_end", "priority", "memory", "plain_end_to_end", "variant_processes_2"} <= ran.keys()
     for name, case in ran.items():
         assert case["status"] == "ok", f"{name}: {case}"
         assert case["lost"] == 0 and all(run["lost"] == 0 for run in case["runs"]), f"{name} lost events: {case}"
