@@ -21,7 +21,7 @@ from fabric.errors import ConfigError
 from fabric.keys import Priority, check_name
 from fabric.lanes import DEFAULT_WEIGHTS
 
-__all__ = ["FabricConfig", "PublisherConfig", "Retention", "WorkerConfig", "WorkerSpec", "load_config"]
+__all__ = ["BreakerConfig", "FabricConfig", "PublisherConfig", "Retention", "WorkerConfig", "WorkerSpec", "load_config"]
 
 DEFAULT_NAMESPACE = "fabric"
 DEFAULT_MAX_BATCH = 512
@@ -75,6 +75,51 @@ class Retention(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
                 self._fail(name, "retention limits must be 0 (none) or positive")
         if self.hard_max_len and self.max_len and self.hard_max_len < self.max_len:
             self._fail("hard_max_len", f"{self.hard_max_len} is below max_len {self.max_len}: raise it")
+
+
+class BreakerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A circuit breaker shared by every process of the fleet (``breaker.py``): when it trips, how long it stays
+    open, how it tries again. Processes using one breaker name should give it the same settings."""
+
+    name: str
+    failure_threshold: int = 5
+    """Trip after this many consecutive failures across the fleet; 0: no such rule."""
+    failure_rate: float = 0.0
+    """Trip when at least this fraction of the calls in ``window_ms`` failed; 0: no such rule."""
+    window_ms: int = 10_000
+    """The failure-rate window, counted in whole seconds."""
+    min_calls: int = 20
+    """The failure-rate rule needs at least this many calls in the window."""
+    recovery_ms: int = 10_000
+    """How long the breaker stays OPEN before it admits trial calls (HALF_OPEN)."""
+    half_open_trials: int = 1
+    """Trial calls admitted across the whole fleet in HALF_OPEN."""
+    close_after: int = 1
+    """Successful trials that close the breaker; one failed trial opens it again."""
+    trial_timeout_ms: int = 120_000
+    """Admitted trials that have not reported back by then count as failed (their process died)."""
+    failures: list[str] = []
+    """Names of the exception classes that count as failures (a class or any base); empty: every exception."""
+    ignore: list[str] = msgspec.field(default_factory=lambda: ["Reject"])
+    """Exception classes that never count: a ``Reject`` of bad input is not the downstream's fault."""
+
+    def __post_init__(self) -> None:
+        try:
+            check_name("breaker", self.name)
+        except ValueError as exc:
+            raise FieldError(f"BreakerConfig: {exc}", "name", str(exc)) from None
+        for field in ("failure_threshold", "window_ms", "min_calls", "recovery_ms", "trial_timeout_ms"):
+            if getattr(self, field) < 0:
+                self._fail(field, "cannot be negative")
+        if not 0 <= self.failure_rate <= 1:
+            self._fail("failure_rate", "is a fraction: between 0 (off) and 1")
+        if not self.failure_threshold and not self.failure_rate:
+            self._fail("failure_threshold", "give failure_threshold or failure_rate, or the breaker never trips")
+        if self.failure_rate and self.window_ms < 1000:
+            self._fail("window_ms", "the window is counted in whole seconds: use at least 1000")
+        for field in ("half_open_trials", "close_after"):
+            if getattr(self, field) < 1:
+                self._fail(field, "must be at least 1")
 
 
 class PublisherConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -140,6 +185,9 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     retention: dict[str, Retention] = {}
     """Per topic; applied by this worker every ``trim_interval_ms``."""
     encoding: Literal["msgpack", "json"] = "msgpack"
+    breakers: list[BreakerConfig] = []
+    """Circuit breakers guarding the handler (a config file names ``[breakers.NAME]`` tables): while one is open,
+    the worker stops reading and calling (or calls its fallback)."""
 
     @property
     def heartbeat_ms(self) -> int:
@@ -194,11 +242,17 @@ class WorkerSpec(WorkerConfig, frozen=True, kw_only=True, forbid_unknown_fields=
     """``MODULE:FUNCTION`` of an async handler."""
     processes: int = 1
     """How many worker processes ``fabric worker --config`` runs for it, on each host that runs the file."""
+    fallback: str | None = None
+    """``MODULE:FUNCTION`` called instead of the handler while one of its breakers is open."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not HANDLER_REF.match(self.handler):
             self._fail("handler", f"{self.handler!r} is not MODULE:FUNCTION (for example handlers.quotes:mid_price)")
+        if self.fallback is not None and not HANDLER_REF.match(self.fallback):
+            self._fail("fallback", f"{self.fallback!r} is not MODULE:FUNCTION")
+        if self.fallback is not None and not self.breakers:
+            self._fail("fallback", "a fallback answers while a breaker is open: name the breakers too")
         if self.processes < 1:
             self._fail("processes", "must be at least 1")
         if self.consumer:
@@ -220,6 +274,8 @@ class FabricConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     namespace: str = DEFAULT_NAMESPACE
     publisher: PublisherConfig = PublisherConfig()
     retention: dict[str, Retention] = {}
+    breakers: dict[str, BreakerConfig] = {}
+    """``[breakers.NAME]`` tables, named by workers' ``breakers = ["NAME", ...]``."""
     workers: dict[str, WorkerSpec] = {}
     """``[workers.NAME]`` tables: what ``fabric worker --config FILE`` runs, in the file's order."""
 
@@ -255,8 +311,9 @@ def load_config(path: str | Path) -> FabricConfig:
     """Read and validate a TOML config; raise ``ConfigError`` naming the file, field and reason."""
     try:
         raw = tomllib.loads(Path(path).read_text())
-        workers = _worker_specs(raw.pop("workers", {}))
-        return msgspec.convert({**raw, "workers": workers}, FabricConfig)
+        breakers = _breakers(raw.pop("breakers", {}))
+        workers = _worker_specs(raw.pop("workers", {}), breakers)
+        return msgspec.convert({**raw, "breakers": breakers, "workers": workers}, FabricConfig)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
@@ -267,15 +324,44 @@ def load_config(path: str | Path) -> FabricConfig:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def _worker_specs(tables: Any) -> dict[str, WorkerSpec]:
+def _breakers(tables: Any) -> dict[str, BreakerConfig]:
+    """The ``[breakers.NAME]`` tables; an error names ``breakers.NAME.FIELD`` and the reason."""
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError("breakers: give each breaker a table of its own, [breakers.NAME]")
+    out = {}
+    for name, table in tables.items():
+        try:
+            out[name] = msgspec.convert({**table, "name": name}, BreakerConfig)
+        except FieldError as exc:
+            raise ConfigError(f"breakers.{name}.{exc.field}: {exc.reason}") from None
+        except msgspec.ValidationError as exc:
+            field, reason = _field_and_reason(str(exc))
+            raise ConfigError(f"breakers.{name}{field}: {reason}") from None
+    return out
+
+
+def _worker_specs(tables: Any, breakers: dict[str, BreakerConfig]) -> dict[str, WorkerSpec]:
     if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
         raise ConfigError("workers: give each worker a table of its own, [workers.NAME]")
-    return {name: _worker_spec(name, table) for name, table in tables.items()}
+    return {name: _worker_spec(name, table, breakers) for name, table in tables.items()}
 
 
-def _worker_spec(name: str, table: dict[str, Any]) -> WorkerSpec:
+def _guards(name: str, table: dict[str, Any], breakers: dict[str, BreakerConfig]) -> dict[str, Any]:
+    """The table with its ``breakers = ["NAME", ...]`` replaced by the ``[breakers.NAME]`` settings."""
+    names = table.get("breakers", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f'workers.{name}.breakers: a list of [breakers.NAME] names, e.g. ["exchange"]')
+    unknown = [n for n in names if n not in breakers]
+    if unknown:
+        known = ", ".join(breakers) or "none"
+        raise ConfigError(f"workers.{name}.breakers: no [breakers.{unknown[0]}] table (the file has: {known})")
+    return {**table, "breakers": [breakers[n] for n in names]} if names else table
+
+
+def _worker_spec(name: str, table: dict[str, Any], breakers: dict[str, BreakerConfig]) -> WorkerSpec:
     """One ``[workers.NAME]`` table; an error names ``workers.NAME.FIELD`` and the reason."""
     _check_worker_name(name)
+    table = _guards(name, table, breakers)
     try:
         if isinstance(table.get("output_priority"), str):  # a file names it ("high"); the field is an IntEnum
             table = {**table, "output_priority": Priority.parse(table["output_priority"])}

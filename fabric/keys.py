@@ -24,7 +24,16 @@ key                                type         written by                  read
 ``ns:dlqs``                        set          worker, before its first    deadletter module, CLI
                                                 dead letter to a dlq key
 ``ns:counters``                    hash         worker, retention           CLI, metrics
+``ns:b:NAME:{~breaker_state_...}`` hash         breaker.lua                 breaker.lua, workers, CLI
+``ns:bw:NAME:{~breaker_state...}`` hash         breaker.lua: calls and      breaker.lua (failure rate over
+                                                failures per second         the window)
+``ns:breakers``                    set          workers and CLI, before a   CLI (``fabric breaker list``)
+                                                breaker's first use
 =================================  ===========  ==========================  ===================================
+
+Breakers live in the slot of the system stream their transitions are written to
+(``ns:s:breaker_state_changed:critical:{~breaker_state_changed}``), so a transition and its event are one script.
+Every transition is also announced on the pub/sub channel ``ns:breakers:changed`` (the breaker's name).
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ from typing import NamedTuple
 
 __all__ = ["Keys", "Priority", "StreamRef", "check_name", "check_symbol"]
 
+BREAKER_TOPIC = "breaker_state_changed"
+"""The topic of ``BreakerStateChanged`` events (its default topic)."""
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 _SYMBOL = re.compile(r"^[A-Za-z0-9_.\-/]{1,64}$")
 _STREAM = re.compile(r"^(?P<ns>.+):s:(?P<topic>[^:]+):(?P<priority>[a-z]+):\{(?P<tag>[^}]+)\}$")
@@ -165,6 +176,26 @@ class Keys:
     def dlq_registry(self) -> str:
         """The set of dead-letter stream keys."""
         return f"{self.ns}:dlqs"
+
+    def breaker(self, name: str) -> str:
+        """The state hash of a circuit breaker."""
+        return f"{self.ns}:b:{check_name('breaker', name)}:{self.tag(BREAKER_TOPIC, None)}"
+
+    def breaker_window(self, name: str) -> str:
+        """The per-second call and failure counts of a circuit breaker."""
+        return f"{self.ns}:bw:{check_name('breaker', name)}:{self.tag(BREAKER_TOPIC, None)}"
+
+    def breaker_registry(self) -> str:
+        """The set of breaker names in use."""
+        return f"{self.ns}:breakers"
+
+    def breaker_channel(self) -> str:
+        """The pub/sub channel a breaker's name is published on at each of its transitions (not a key)."""
+        return f"{self.ns}:breakers:changed"
+
+    def breaker_events(self) -> str:
+        """The system stream of ``BreakerStateChanged`` events."""
+        return self.stream(BREAKER_TOPIC, Priority.CRITICAL, None)
 
     def counters(self) -> str:
         """The hash of operational counters (trimmed-while-pending, dropped by hard cap)."""

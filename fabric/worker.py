@@ -39,6 +39,7 @@ import redis.exceptions as rex
 from redis.asyncio import Redis
 
 from fabric import deadletter, scripts
+from fabric.breaker import Breaker, BreakerStore, Withheld, guard
 from fabric.client import Line, error_code, raise_if_cancelled, translated
 from fabric.codec import FORMAT_VERSION, Encoded, decode_entry, encode, fields_of
 from fabric.config import WorkerConfig
@@ -140,6 +141,7 @@ class Worker:
         keys: Keys | None = None,
         handler_name: str = "handler",
         middleware: Sequence[Middleware] = (),
+        fallback: HandlerFn | None = None,
     ) -> None:
         self.client = client
         self.config = config
@@ -148,7 +150,13 @@ class Worker:
         self._group_bytes = config.group.encode()
         self.consumer = config.consumer or default_consumer_name()
         self.handler_name = handler_name
-        chain = list(middleware)
+        self._breakers = [Breaker(BreakerStore(client, self.keys, c)) for c in config.breakers]
+        self._fallback = fallback
+        self._stop = asyncio.Event()
+        self._withheld: list[Delivery] = []
+        """Entries a breaker held back from the handler when the worker stopped: handed back as unstarted."""
+        chain = [guard(self._breakers, self._stop, fallback)] if self._breakers else []  # outermost: waits untimed
+        chain += middleware
         if config.handler_timeout_s:
             chain.append(timeout(config.handler_timeout_s))
         self._handler = wrap(handler, chain)
@@ -174,7 +182,6 @@ class Worker:
         self._dlqs: set[str] = set()
         self._max_held = config.prefetch * len(Priority) + config.concurrency
         """Past this many held entries (read ahead, in flight, parked, committing) the reader pauses."""
-        self._stop = asyncio.Event()
         self._halt = asyncio.Event()  # set last, at the end of a drain: stops the heartbeat
         self._joined = asyncio.Event()
 
@@ -198,6 +205,8 @@ class Worker:
         commit it, and hand back what was not started. Raises ``FabricError`` if Redis refuses at start."""
         with translated():
             await self.client.ping()
+            for b in self._breakers:
+                await b.start()
         await self.discover()
         self._joined.set()
         readers = [asyncio.create_task(self._read_loop(p)) for p in Priority]
@@ -223,9 +232,13 @@ class Worker:
                 await self._drain(readers, background, dispatchers, committer, heartbeat)
             finally:
                 self._halt.set()
+                for b in self._breakers:
+                    await b.close()
                 stopper.cancel()
                 await _finish([heartbeat, stopper], CANCEL_WAIT_S)
         except asyncio.CancelledError:  # stopped at once: everything unfinished stays pending in Redis
+            for b in self._breakers:
+                b.stop()
             self._stop.set()
             self._halt.set()
             await _finish([*watched, stopper], 0)
@@ -253,7 +266,7 @@ class Worker:
         await _finish([heartbeat], CANCEL_WAIT_S)
         try:
             async with asyncio.timeout(self.config.grace_s):
-                released = await self._release(unstarted)
+                released = await self._release(unstarted + self._withheld)
         except (FabricError, rex.RedisError, OSError, TimeoutError) as exc:
             raise_if_cancelled(exc)
             log.warning("could not hand entries back (they return after reclaim_idle_ms): %s", exc)
@@ -381,6 +394,9 @@ class Worker:
         """How many entries to ask each stream for: the lane's room shared by its streams (at least
         ``MIN_READ``, so a lone busy stream among many idle ones still moves); 0 (after a wait) when the lane
         or the worker is full. Sharing keeps one worker from taking a whole backlog its peers could share."""
+        if not self._reading_allowed():
+            await self._breaker_changed()
+            return 0
         lanes = self._lanes
         room = lanes.room(priority)
         # Past the cap (parked retries and pending commits count too) a lane reads only when it has run dry:
@@ -395,6 +411,19 @@ class Worker:
             await lanes.wait_room((priority,))
             return 0
         return max(MIN_READ, room // max(1, streams))
+
+    def _reading_allowed(self) -> bool:
+        """False while a breaker guarding the handler is open and there is no fallback: entries wait in Redis."""
+        return self._fallback is not None or all(b.reading for b in self._breakers)
+
+    async def _breaker_changed(self) -> None:
+        """Wait (at most ``block_ms``, so a stop is seen) until a closed-to-reading breaker changes."""
+        changes = [asyncio.ensure_future(b.changed().wait()) for b in self._breakers if not b.reading]
+        try:
+            await asyncio.wait(changes, timeout=self.config.block_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for c in changes:
+                c.cancel()
 
     def _take(self, priority: Priority, reply: Any) -> int:
         """Hold a read's entries and queue them in their lane; return how many."""
@@ -447,6 +476,8 @@ class Worker:
         try:
             results = await self._handler(event, ctx)
             outputs = self._outputs(event, results) if results else []
+        except Withheld:
+            self._withheld.append(d)
         except Reject as exc:
             await self._dead_letter(d, "Reject", exc.reason)
         except Retry as exc:
@@ -682,6 +713,8 @@ class Worker:
     async def reclaim(self) -> int:
         """Take over entries idle past ``reclaim_idle_ms`` on the joined streams; return how many."""
         total = 0
+        if not self._reading_allowed():
+            return 0
         for stream, ref in list(self._streams.items()):
             room = self._lanes.room(ref.priority)
             if room <= 0:

@@ -48,7 +48,8 @@ def test_a_file_without_workers_tables_has_none(tmp_path) -> None:
         ("concurrency = 0", "workers.w.concurrency: must be at least 1"),
         ("processes = 0", "workers.w.processes: must be at least 1"),
         ("concurency = 8", "workers.w.concurency: unknown field: did you mean concurrency?"),
-        ("breakers = 3", "workers.w.breakers: unknown field"),
+        ("breakers = 3", "workers.w.breakers: a list of [breakers.NAME] names"),
+        ('breakers = ["nope"]', "workers.w.breakers: no [breakers.nope] table"),
         ('concurrency = "many"', "workers.w.concurrency: expected `int`, got `str`"),
         ("priority_weights = [1, 2, 3]", "workers.w.priority_weights: expected `array` of length 4"),
         ("backoff_base_ms = 500\nbackoff_max_ms = 100", "workers.w.backoff_max_ms: is below backoff_base_ms"),
@@ -56,7 +57,8 @@ def test_a_file_without_workers_tables_has_none(tmp_path) -> None:
         ("[workers.w.retention.tick]\nmax_len = 10", "workers.w.retention: retention is per topic"),
         ('output_priority = "urgent"', "workers.w.output_priority: unknown priority 'urgent': use one of low"),
     ],
-    ids=["concurrency-0", "processes-0", "misspelt", "breakers", "wrong-type", "weights", "backoff", "consumer",
+    ids=["concurrency-0", "processes-0", "misspelt", "breakers", "unknown-breaker", "wrong-type", "weights", "backoff",
+         "consumer",
          "retention", "priority"],
 )
 def test_a_bad_field_is_refused_naming_file_worker_field_and_reason(tmp_path, line, error) -> None:

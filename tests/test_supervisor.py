@@ -464,7 +464,7 @@ async def test_a_process_that_exits_2_at_start_fails_the_supervisor_without_a_re
     ("table", "named"),
     [
         ("concurrency = 0", "workers.x.concurrency: must be at least 1"),
-        ("breakers = 3", "workers.x.breakers: unknown field"),
+        ("breakers_list = 3", "workers.x.breakers_list: unknown field"),
         ("processes = 0", "workers.x.processes: must be at least 1"),
     ],
     ids=["concurrency-0", "unknown-field", "processes-0"],

@@ -16,8 +16,8 @@ from redis.exceptions import NoScriptError
 from fabric.client import Line
 
 __all__ = [
-    "ACK", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE", "TOUCH",
-    "TRIM", "Script",
+    "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE",
+    "TOUCH", "TRIM", "Script",
 ]
 
 
@@ -47,6 +47,7 @@ class Script:
 
 
 ACK = Script("ack")
+BREAKER = Script("breaker")
 PUBLISH = Script("publish")
 COMMIT = Script("commit")
 FAIL = Script("fail")
