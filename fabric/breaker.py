@@ -12,6 +12,9 @@ reported in batches, at most ``REPORT_MS`` (50 ms) after the call: so every proc
 ``REPORT_MS + POLL_MS`` after the failure that tripped the breaker, typically a few milliseconds. In HALF_OPEN
 each trial call needs a permit from Redis (a round trip per trial, and at most ``half_open_trials`` permits
 fleet-wide).
+
+For operators (``fabric breaker``): ``describe`` and ``list_breakers`` read a breaker's state hash, window and
+recent transitions without writing anything; ``force_breaker`` forces one open, closed or reset through the script.
 """
 
 from __future__ import annotations
@@ -19,21 +22,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import msgspec
 import redis.exceptions as rex
 from redis.asyncio import Redis
 
 from fabric import scripts
 from fabric.client import raise_if_cancelled
+from fabric.codec import decode_fields
 from fabric.config import BreakerConfig
-from fabric.errors import FabricError, NotFound
-from fabric.events import Event
+from fabric.errors import DecodeError, FabricError, NotFound
+from fabric.events import BreakerStateChanged, Event
 from fabric.handler import Context, HandlerFn, Middleware
 from fabric.keys import Keys
 
-__all__ = ["POLL_MS", "REPORT_MS", "Breaker", "BreakerState", "BreakerStore", "Withheld", "guard"]
+__all__ = [
+    "FORCE_TARGETS", "POLL_MS", "REPORT_MS", "Breaker", "BreakerInfo", "BreakerState", "BreakerStore", "Transition",
+    "Withheld", "breaker_names", "describe", "force_breaker", "guard", "list_breakers", "require",
+]
 
 log = logging.getLogger("fabric.breaker")
 
@@ -42,6 +50,13 @@ POLL_MS = 1_000
 REPORT_MS = 50
 """How long outcomes wait before they are reported in one batch."""
 CLOSED, OPEN, HALF_OPEN = "CLOSED", "OPEN", "HALF_OPEN"
+FORCE_TARGETS = ("open", "closed", "reset")
+"""What ``force_breaker`` accepts: open until closed by hand, closed, or closed with its counts cleared."""
+TRANSITIONS_SHOWN = 5
+"""How many of a breaker's latest transitions ``describe`` returns."""
+TRANSITIONS_SCANNED = 10_000
+"""How far back ``describe`` looks for them in the system stream, which every breaker of the namespace shares."""
+_PAGE = 500
 
 
 class Withheld(Exception):  # noqa: N818 (not an error: a call that did not happen)
@@ -119,6 +134,143 @@ async def require(client: Redis, keys: Keys, name: str) -> None:
     """Raise ``NotFound`` unless the breaker has been used in the namespace."""
     if not await client.sismember(keys.breaker_registry(), name):
         raise NotFound(f"no breaker {name!r} in namespace {keys.ns!r}: `fabric breaker list` shows those in use")
+
+
+class Transition(msgspec.Struct, frozen=True, kw_only=True):
+    """One state change of a breaker, from its ``BreakerStateChanged`` event."""
+
+    time_ms: int
+    """When, on Redis's clock (the event's ``ts_ns``: the same instant as the state's ``since``)."""
+    old_state: str
+    new_state: str
+    reason: str
+
+
+class BreakerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A breaker as Redis has it, read without changing anything."""
+
+    name: str
+    state: str
+    forced: bool
+    """Forced open: no trials until someone closes it."""
+    since_ms: int | None
+    """When it entered its state (Unix ms, Redis's clock); None if no process has written it yet."""
+    age_ms: int | None
+    consecutive_failures: int
+    trials: int
+    """HALF_OPEN: trial calls admitted so far."""
+    successes: int
+    """HALF_OPEN: trial calls that succeeded so far."""
+    generation: int
+    """How many transitions it has made."""
+    window_ms: int
+    """The failure-rate window the counts below cover (the config's, else the default)."""
+    window_calls: int
+    window_failures: int
+    transitions: list[Transition]
+    """The latest first."""
+
+
+async def describe(client: Redis, keys: Keys, name: str, policy: BreakerConfig | None = None,
+                   transitions: int = TRANSITIONS_SHOWN) -> BreakerInfo:
+    """One breaker's state, counts and latest transitions; ``NotFound`` unless it is in use. ``policy`` (a config
+    file's ``[breakers.NAME]``) gives the window the counts cover."""
+    await require(client, keys, name)
+    (info,) = await _infos(client, keys, [name], {name: policy} if policy else {}, transitions)
+    return info
+
+
+async def list_breakers(client: Redis, keys: Keys, policies: Mapping[str, BreakerConfig] | None = None,
+                        transitions: int = 1) -> list[BreakerInfo]:
+    """Every breaker in use in the namespace, by name, with its latest transition."""
+    return await _infos(client, keys, await breaker_names(client, keys), policies or {}, transitions)
+
+
+async def force_breaker(client: Redis, keys: Keys, name: str, target: str, reason: str) -> BreakerState:
+    """Force a breaker ``open`` (until closed by hand), ``closed``, or ``reset`` (closed, counts cleared), recording
+    ``reason`` in the transition's event; every process's view follows within ``POLL_MS``."""
+    if target not in FORCE_TARGETS:
+        raise ValueError(f"cannot force a breaker {target!r}: use one of {', '.join(FORCE_TARGETS)}")
+    await require(client, keys, name)
+    # "force" reads no policy argument: the defaults only fill the script's argument list
+    return await BreakerStore(client, keys, BreakerConfig(name=name)).force(target, reason)
+
+
+async def _infos(client: Redis, keys: Keys, names: list[str], policies: Mapping[str, BreakerConfig],
+                 transitions: int) -> list[BreakerInfo]:
+    # HGETALL, not breaker.lua's "get": the script writes (and an admit-free read must not turn anything HALF_OPEN)
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.time()
+        for name in names:
+            pipe.hgetall(keys.breaker(name))
+            pipe.hgetall(keys.breaker_window(name))
+        replies = await pipe.execute()
+    seconds, micros = replies[0]
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    history = await _transitions(client, keys, set(names), transitions)
+    default_window_ms = BreakerConfig(name="default").window_ms
+    return [_info(name, now_ms, replies[1 + 2 * i], replies[2 + 2 * i],
+                  policies[name].window_ms if name in policies else default_window_ms, history[name])
+            for i, name in enumerate(names)]
+
+
+def _info(name: str, now_ms: int, state: dict[bytes, bytes], window: dict[bytes, bytes], window_ms: int,
+          transitions: list[Transition]) -> BreakerInfo:
+    def number(field: bytes) -> int:
+        return int(state.get(field, 0))
+
+    since = int(state[b"since"]) if b"since" in state else None
+    calls, failures = _window_counts(window, now_ms, window_ms)
+    return BreakerInfo(
+        name=name, state=state.get(b"state", CLOSED.encode()).decode(), forced=bool(number(b"forced")),
+        since_ms=since, age_ms=None if since is None else max(0, now_ms - since),
+        consecutive_failures=number(b"consecutive"), trials=number(b"trials"), successes=number(b"successes"),
+        generation=number(b"gen"), window_ms=window_ms, window_calls=calls, window_failures=failures,
+        transitions=transitions)
+
+
+def _window_counts(window: dict[bytes, bytes], now_ms: int, window_ms: int) -> tuple[int, int]:
+    """Calls and failures in the window's live buckets, counted as breaker.lua counts them."""
+    oldest = (now_ms - window_ms) // 1000
+    calls = failures = 0
+    for field, value in window.items():
+        second, _, kind = field.partition(b":")
+        if int(second) <= oldest:
+            continue  # expired: breaker.lua deletes it at its next count
+        if kind == b"f":
+            failures += int(value)
+        else:
+            calls += int(value)
+    return calls, failures
+
+
+async def _transitions(client: Redis, keys: Keys, names: set[str], n: int) -> dict[str, list[Transition]]:
+    """The latest ``n`` transitions of each breaker named, newest first, from the shared system stream."""
+    found: dict[str, list[Transition]] = {name: [] for name in names}
+    end, scanned = "+", 0
+    while n and scanned < TRANSITIONS_SCANNED and any(len(t) < n for t in found.values()):
+        page: Any = await client.xrevrange(keys.breaker_events(), max=end, min="-", count=_PAGE)
+        for _, fields in page:
+            about = _transition(fields)
+            if about and about[0] in found and len(found[about[0]]) < n:
+                found[about[0]].append(about[1])
+        scanned += len(page)
+        if len(page) < _PAGE:
+            break
+        end = "(" + page[-1][0].decode()
+    return found
+
+
+def _transition(fields: dict[bytes, bytes]) -> tuple[str, Transition] | None:
+    """The breaker an entry of the system stream is about and its transition; None if it is no transition."""
+    try:
+        event = decode_fields(fields)
+    except DecodeError:
+        event = None  # not written by breaker.lua: someone else's entry on the topic
+    if not isinstance(event, BreakerStateChanged):
+        return None
+    return event.breaker, Transition(time_ms=event.ts_ns // 1_000_000, old_state=event.old_state,
+                                     new_state=event.new_state, reason=event.reason)
 
 
 class _Outcomes:
