@@ -8,12 +8,12 @@ stderr, with an exit code from ``fabric.cli.options.Exit`` (listed in README): 0
 
 from __future__ import annotations
 
-from fabric.cli import dlq, history, inspect, run
+from fabric.cli import breakers, dlq, history, inspect, run
 from fabric.cli.options import app
 
 __all__ = ["app", "main"]
 
-_COMMANDS = (run, inspect, history, dlq)  # each module adds its commands to ``app`` with ``@app.command``
+_COMMANDS = (run, inspect, history, dlq, breakers)  # each module adds its commands to ``app`` with ``@app.command``
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from fabric.errors import (
 from fabric.keys import Keys, check_name
 
 __all__ = [
-    "ConfigFile", "Exit", "Imports", "Json", "Namespace", "RedisUrl", "Settings", "app", "dlq_app", "example",
-    "fail", "import_modules", "reported", "run", "settings",
+    "ConfigFile", "Exit", "Imports", "Json", "Namespace", "RedisUrl", "Settings", "app", "breaker_app", "dlq_app",
+    "example", "fail", "import_modules", "reported", "run", "settings",
 ]
 
 T = TypeVar("T")
@@ -38,6 +38,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 dlq_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                       help="Dead letters: list, show, replay to their origin stream, purge.")
 app.add_typer(dlq_app, name="dlq")
+breaker_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Circuit breakers: list, show, force open or closed, reset.")
+app.add_typer(breaker_app, name="breaker")
 
 
 class Exit(enum.IntEnum):
