@@ -14,7 +14,7 @@ Every message says what happened, the likely cause and the fix, in one line::
     │   ├── PermissionDenied    the ACL user lacks a command or key
     │   └── RedisOutOfMemory    ``maxmemory`` reached: writes are refused
     ├── PublishError            a publish did not complete; the events named were not confirmed
-    ├── NotFound                a stream, group, consumer or dead letter named does not exist
+    ├── NotFound                a stream, group, consumer, dead letter or breaker named does not exist
     ├── HandlerLoadError        ``MODULE:FUNCTION`` cannot be imported or is not a handler
     └── HandlerSignal           raised by handlers to say what to do with the entry
         ├── Retry(after_ms)     redeliver after ``after_ms`` (counts a delivery)
@@ -98,7 +98,7 @@ class PublishError(FabricError):
 
 
 class NotFound(FabricError):
-    """A stream, group, consumer or dead letter that a command names does not exist."""
+    """A stream, group, consumer, dead letter or breaker that a command names does not exist."""
 
 
 class HandlerLoadError(FabricError):

@@ -76,6 +76,15 @@ async def test_forced_open_stays_open_until_closed_by_hand(redis, keys) -> None:
     assert (await s.force("closed", "done")).state == CLOSED
 
 
+async def test_forcing_open_a_tripped_breaker_is_recorded_with_its_reason(redis, keys) -> None:
+    s = store(redis, keys, failure_threshold=1)
+    await s.record(1, 1, 1, 0, 0)
+    assert (await s.force("open", "exchange maintenance")).forced
+    last = decode_fields((await redis.xrevrange(keys.breaker_events(), count=1))[0][1])
+    assert isinstance(last, BreakerStateChanged)
+    assert (last.old_state, last.new_state, last.reason) == (OPEN, OPEN, "exchange maintenance")
+
+
 async def test_each_transition_is_an_event_on_the_system_stream(redis, keys) -> None:
     s = store(redis, keys, failure_threshold=1, recovery_ms=0)
     await s.record(1, 1, 1, 0, 0)

@@ -56,7 +56,7 @@ class Exit(enum.IntEnum):
     AUTH = 4
     """Wrong password or user, or the ACL user lacks a permission."""
     NOT_FOUND = 5
-    """A stream, group, consumer or dead letter named does not exist."""
+    """A stream, group, consumer, dead letter or breaker named does not exist."""
     PARTIAL = 6
     """Some of the work was done and some was not (bad input lines, a replay cut short); the output says which."""
 

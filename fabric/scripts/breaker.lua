@@ -107,7 +107,7 @@ elseif op == 'admit' then
 elseif op == 'force' then
   local target, reason = ARGV[12], ARGV[13]
   if target == 'open' then
-    if st.state ~= 'OPEN' then transition('OPEN', reason) end
+    if st.state ~= 'OPEN' or st.forced == 0 then transition('OPEN', reason) end  -- an OPEN made forced: noted too
     st.forced = 1
     redis.call('PUBLISH', channel, name)
   elseif target == 'closed' or target == 'reset' then
