@@ -20,6 +20,7 @@ from redis.asyncio.connection import AbstractConnection, Connection, SSLConnecti
 
 from fabric.errors import (
     AuthenticationFailed,
+    ConfigError,
     FabricError,
     PermissionDenied,
     RedisError,
@@ -95,7 +96,7 @@ def connect(url: str | None = None, *, max_connections: int = 32) -> aioredis.Re
         )
         return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
     except ValueError as exc:
-        raise RedisError(f"bad Redis URL {redact(url)!r}: {exc}; expected redis://[:password@]host:port/db") from exc
+        raise ConfigError(f"bad Redis URL {redact(url)!r}: {exc}; expected redis://[:password@]host:port/db") from exc
 
 
 def own_connection(client: aioredis.Redis) -> AbstractConnection:

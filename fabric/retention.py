@@ -123,12 +123,14 @@ async def _age_cut(client: Redis, max_age_ms: int) -> _Id | None:
         return None
     now: Any = await client.time()  # Redis's clock, as trim.lua uses
     seconds, micros = now
-    return int(seconds) * 1000 + int(micros) // 1000 - max_age_ms, 0
+    return max(0, int(seconds) * 1000 + int(micros) // 1000 - max_age_ms), 0
 
 
 async def plan_stream(client: Redis, stream: str, retention: Retention) -> TrimPlan:
     """What ``trim_stream`` would remove from ``stream`` now, and what it keeps for groups; writes nothing."""
     length = int(await client.xlen(stream))
+    if not length:  # empty, or deleted while its topic's registry still names it: nothing to plan
+        return TrimPlan(0, 0, 0, 0)
     by_count = max(0, length - retention.max_len) if retention.max_len else 0
     by_cap = max(0, length - retention.hard_max_len) if retention.hard_max_len else 0
     age_cut = await _age_cut(client, retention.max_age_ms)

@@ -37,6 +37,9 @@ BACKOFF_MAX_S = 30.0
 HEALTHY_S = 10.0
 """A child that ran this long before it died is restarted after ``BACKOFF_BASE_S`` again."""
 USAGE_EXIT = 2
+AUTH_EXIT = 4
+FATAL_EXITS = frozenset({USAGE_EXIT, AUTH_EXIT})
+"""Exit codes a restart cannot cure (bad usage, config or handler; refused credentials): the supervisor stops."""
 SUPERVISOR_ENV = "FABRIC_SUPERVISOR_PID"
 """Tells a child its supervisor's pid, so that it drains if the supervisor dies (``runner.drain_when_orphaned``)."""
 MAX_CONSUMER_NAME = 100
@@ -150,8 +153,8 @@ class Supervisor:
             if self._stopping.is_set():
                 slot.final = code
                 return
-            if code == USAGE_EXIT:
-                self._fail(slot)
+            if code in FATAL_EXITS:
+                self._fail(slot, code)
                 return
             healthy = time.monotonic() - started >= self.healthy_s
             slot.delay_s = self.backoff_base_s if healthy or not slot.delay_s else min(
@@ -190,13 +193,14 @@ class Supervisor:
             line = raw.decode(errors="replace").rstrip("\n")
             if line.startswith("error: "):
                 slot.error = line.removeprefix("error: ")
-            sys.stderr.write(f"{slot.label}: {line}\n")
-            sys.stderr.flush()
+            with contextlib.suppress(OSError):  # nobody reads our stderr any more: the workers go on regardless
+                sys.stderr.write(f"{slot.label}: {line}\n")
+                sys.stderr.flush()
 
-    def _fail(self, slot: _Slot) -> None:
+    def _fail(self, slot: _Slot, code: int) -> None:
         """A child could not start: stop the others, and report it once all have exited."""
         reason = slot.error or "bad usage, config or handler (its output is above)"
-        self.fatal = f"worker {slot.label} could not start (exit {USAGE_EXIT}, not restarted): {reason}"
+        self.fatal = f"worker {slot.label} could not start (exit {code}, not restarted): {reason}"
         if not self._stopping.is_set():
             self.forward(signal.SIGTERM)
 

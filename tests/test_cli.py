@@ -211,3 +211,16 @@ async def test_an_invalid_namespace_is_one_line_error(redis_url, keys) -> None:
                           env=subprocess_env(redis_url, keys.ns), stdin="")
     assert_one_line_error(result, "namespace")
     assert result.returncode == Exit.USAGE
+
+
+async def test_an_empty_namespace_is_refused_not_taken_for_the_default(redis_url, keys) -> None:
+    result = await fabric("publish", "--topic", "tick", "--namespace", "", "--redis-url", redis_url,
+                          env=subprocess_env(redis_url, keys.ns), stdin="")
+    assert_one_line_error(result, "namespace")
+    assert result.returncode == Exit.USAGE
+
+
+async def test_a_malformed_redis_url_is_bad_usage(redis_url, keys) -> None:
+    result = await fabric(*publish_args(keys.ns, "foo://x"), env=subprocess_env(redis_url, keys.ns), stdin="")
+    assert_one_line_error(result, "redis://")
+    assert result.returncode == Exit.USAGE

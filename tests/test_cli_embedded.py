@@ -104,3 +104,23 @@ def test_fabric_dev_refuses_a_port_a_redis_already_answers_on(redis_url) -> None
     # Then it says so and exits 2
     assert result.exit_code == Exit.USAGE
     assert "already answers" in result.stderr
+
+
+def test_a_private_redis_server_dies_with_the_command_that_started_it(redis_url, keys) -> None:
+    # Given `fabric dev` serving on a free port
+    port = free_port()
+    proc = subprocess.Popen(fabric_cmd("dev", "--port", str(port)), cwd=ROOT, env=subprocess_env(redis_url, keys.ns),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: answers("127.0.0.1", port), "fabric dev to answer")
+
+        # When fabric is killed outright (no chance to stop its server)
+        proc.kill()
+        proc.wait()
+
+        # Then the server goes too (Linux's parent-death signal), instead of running on orphaned
+        _wait(lambda: not answers("127.0.0.1", port), "the orphaned redis-server to stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

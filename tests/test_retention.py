@@ -7,7 +7,7 @@ from typing import Any
 
 from fabric import Priority, Retention
 from fabric.keys import Keys
-from fabric.retention import trim_stream, trim_topic
+from fabric.retention import plan_stream, trim_stream, trim_topic
 
 GROUP = "g"
 
@@ -170,3 +170,23 @@ async def test_hard_max_len_counts_each_dropped_entry_once_however_many_groups_m
     # then six entries are counted as dropped, not one per group that missed each
     assert result == (6, 6)
     assert await redis.hget(keys.counters(), f"dropped_by_cap:{stream}") == b"6"
+
+
+async def test_an_age_limit_longer_than_the_epoch_keeps_everything(redis, keys):
+    # given entries and an age limit reaching before 1970
+    stream = stream_of(keys)
+    all_ids = await fill(redis, stream, 5)
+    retention = Retention(max_age_ms=99_999_999_999_999)
+    # when planned and trimmed, then nothing is too old, and nothing fails
+    assert (await plan_stream(redis, stream, retention)).remove == 0
+    assert await trim_stream(redis, keys, stream, retention) == (0, 0)
+    assert await ids(redis, stream) == all_ids
+
+
+async def test_the_plan_of_a_deleted_stream_is_empty(redis, keys):
+    # given a stream deleted while its topic's registry still names it
+    stream = stream_of(keys)
+    await fill(redis, stream, 3)
+    await redis.delete(stream)
+    # when planned, then there is nothing to remove, and no error
+    assert await plan_stream(redis, stream, Retention(max_len=1)) == (0, 0, 0, 0)

@@ -356,12 +356,17 @@ def trim(
     pending = any(r.remove or r.drop for r in plan)
     if not as_json:
         _show_plan(plan)
-    if dry_run or not pending or not _confirmed(plan, yes):
+    if dry_run or not pending:
         if as_json:
             emit_json(plan)
-        elif not pending or not dry_run:
-            typer.echo("nothing to trim" if not pending else "not applied: nothing removed")
+        elif not pending:
+            typer.echo("nothing to trim")
         return
+    if not _confirmed(plan, yes):
+        if as_json:
+            emit_json(plan)
+        typer.echo("not applied: nothing removed", err=True)
+        raise typer.Exit(int(Exit.FAILED))
     with progress(len(plan), "trimming", quiet=as_json) as advance:
         done = run(lambda url: _on(url, lambda c: history.trim_now(c, s.keys, plan, rules, advance=advance)), s.url,
                    embedded=False)

@@ -143,7 +143,7 @@ def settings(config_file: Path | None, url: str | None, namespace: str | None) -
     """Load and check the settings every command starts from; a problem exits 2 with the field and reason."""
     with reported():
         config = load_config(config_file) if config_file else FabricConfig()
-        ns = namespace or config.namespace
+        ns = config.namespace if namespace is None else namespace  # an empty one is an error, not the default
         try:
             check_name("namespace", ns)
         except ValueError as exc:

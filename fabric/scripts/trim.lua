@@ -33,7 +33,7 @@ if max_len > 0 and len > max_len then
 end
 if max_age > 0 then
   local t = redis.call('TIME')
-  local age_cut = tostring(t[1] * 1000 + math.floor(t[2] / 1000) - max_age) .. '-0'
+  local age_cut = tostring(math.max(0, t[1] * 1000 + math.floor(t[2] / 1000) - max_age)) .. '-0'
   if cut == nil or less(cut, age_cut) then cut = age_cut end
 end
 
