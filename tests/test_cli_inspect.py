@@ -4,6 +4,7 @@ exist exits 5, and health exits 0 or 1 with one line saying why."""
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any, TypeVar
@@ -328,3 +329,19 @@ def test_health_exits_1_on_wrong_credentials_without_showing_the_password(redis_
     # Then health exits 1 with one line about the credentials, never printing the password
     line = one_error_line(result, Exit.FAILED, "unhealthy", "credentials")
     assert secret not in line
+
+
+def test_health_is_unhealthy_when_redis_accepts_but_never_answers(keys) -> None:
+    # Given a socket that accepts connections and never replies (a stalled or paused server)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+
+        # When health is probed with a short timeout
+        result = fabric(url, keys, "health", "--timeout-s", "0.3")
+
+    # Then it answers unhealthy in one line instead of waiting for the socket timeout
+    assert result.exit_code == Exit.FAILED
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unhealthy:")
+    assert "did not answer within 0.3s" in result.stderr

@@ -10,6 +10,7 @@ credentials included (only bad options or a bad config file exit 2, as for every
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
@@ -31,7 +32,7 @@ from fabric.cli.options import (
     settings,
 )
 from fabric.cli.output import age, emit_json, table, timestamp
-from fabric.client import connect, translated
+from fabric.client import connect, redact, translated
 from fabric.keys import Keys, Priority
 
 __all__ = ["consumers", "groups", "health", "pending", "streams"]
@@ -166,6 +167,7 @@ def health(
     topic: Annotated[list[str] | None, typer.Option(metavar="TOPIC", help="Look for the groups on this topic only "
                                                                           "(repeat for several).")] = None,
     max_idle_ms: MaxIdle = inspection.MAX_IDLE_MS,
+    timeout_s: Annotated[float, typer.Option(min=0.1, help="Unhealthy if Redis has not answered by then.")] = 5.0,
     redis_url: RedisUrl = None,
     namespace: Namespace = None,
     config_file: ConfigFile = None,
@@ -175,7 +177,8 @@ def health(
     line saying why (an unreachable Redis and wrong credentials included)."""
     s = settings(config_file, redis_url, namespace)
     # Redis failures come back inside the report; only an unexpected error reaches run(), whose exit is 1 too
-    report = run(lambda url: _health(url, s.keys, group or [], topic or [], max_idle_ms), s.url, embedded=False)
+    report = run(lambda url: _health(url, s.keys, group or [], topic or [], max_idle_ms, timeout_s), s.url,
+                 embedded=False)
     if as_json:
         emit_json(report)
     elif report.groups:
@@ -189,11 +192,15 @@ def health(
                    + ("consuming" if group else "found"))
 
 
-async def _health(url: str, keys: Keys, groups_: list[str], topics: list[str], max_idle_ms: int
-                  ) -> inspection.Health:
+async def _health(url: str, keys: Keys, groups_: list[str], topics: list[str], max_idle_ms: int,
+                  timeout_s: float) -> inspection.Health:
     client = connect(url)
     try:
-        return await inspection.health(client, keys, groups=groups_, topics=topics, max_idle_ms=max_idle_ms,
-                                       url=url)
+        async with asyncio.timeout(timeout_s):  # a probe must answer: a Redis that accepts and stalls is unhealthy
+            return await inspection.health(client, keys, groups=groups_, topics=topics, max_idle_ms=max_idle_ms,
+                                           url=url)
+    except TimeoutError:
+        problem = f"Redis at {redact(url)} did not answer within {timeout_s:g}s: is it overloaded or paused?"
+        return inspection.Health(ok=False, problems=[problem], max_idle_ms=max_idle_ms, groups=[])
     finally:
         await client.aclose()
