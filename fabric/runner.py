@@ -66,11 +66,13 @@ async def serve(
     namespace: str = "fabric",
     handler_name: str = "handler",
     middleware: Sequence[Middleware] = (),
+    fallback: HandlerFn | None = None,
 ) -> bool:
-    """Run one worker until SIGTERM/SIGINT, then drain; return False if a second signal cut the drain short."""
+    """Run one worker until SIGTERM/SIGINT, then drain; return False if a second signal cut the drain short.
+    ``fallback`` answers instead of the handler while one of its breakers is open."""
     client = connect(url)
     worker = Worker(client, handler, config, keys=Keys(namespace), handler_name=handler_name,
-                    middleware=middleware)
+                    middleware=middleware, fallback=fallback)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     signals = 0

@@ -164,6 +164,8 @@ class _Job:
     config: WorkerConfig
     processes: int
     args: list[str]
+    fallback: str | None = None
+    """``MODULE:FUNCTION`` answering while one of its breakers is open (a config file's ``fallback``)."""
 
 
 def _options(values: dict[str, Any]) -> list[str]:
@@ -204,20 +206,26 @@ def _jobs_from_file(path: Path | None, only: list[str], consumer: str, processes
             where = option if exc.field in overrides else f"{path}: workers.{name}.{exc.field}"
             raise ConfigError(f"{where}: {exc.reason}") from None
         jobs.append(_Job(name, spec.handler, config, processes or spec.processes,
-                         ["--only", name, *_options(overrides)]))
+                         ["--only", name, *_options(overrides)], spec.fallback))
     if consumer and sum(j.processes for j in jobs) > 1:
         raise ConfigError("--consumer names one process: these tables run several; drop it")
     return jobs
 
 
-def _load_handler(job: _Job, path: Path | None) -> tuple[str, HandlerFn]:
-    """Import a job's handler now, so a bad one stops the command before any worker starts."""
+def _load(ref: str, job: _Job, path: Path | None, field: str) -> tuple[str, HandlerFn]:
     try:
-        return load_handler(job.handler)
+        return load_handler(ref)
     except HandlerLoadError as exc:
         if path is None:
             raise
-        raise HandlerLoadError(f"{path}: workers.{job.name}.handler: {exc}") from None
+        raise HandlerLoadError(f"{path}: workers.{job.name}.{field}: {exc}") from None
+
+
+def _load_handler(job: _Job, path: Path | None) -> tuple[str, HandlerFn, HandlerFn | None]:
+    """Import a job's handler and fallback now, so a bad one stops the command before any worker starts."""
+    name, fn = _load(job.handler, job, path, "handler")
+    fallback = _load(job.fallback, job, path, "fallback")[1] if job.fallback else None
+    return name, fn, fallback
 
 
 def _programs(jobs: list[_Job], url: str, ns: str, common: list[str]) -> list[Program]:
@@ -297,13 +305,14 @@ def worker(
         raise typer.Exit(int(Exit.FAILED))
 
 
-def _serve(job: _Job, name: str, fn: HandlerFn, s: Settings) -> NoReturn:
+def _serve(job: _Job, name: str, fn: HandlerFn, fallback: HandlerFn | None, s: Settings) -> NoReturn:
     """Run the one worker in this process; exit 0 once drained, 1 if a second signal cut the drain short."""
     from fabric.runner import drain_when_orphaned, serve, tune_gc
 
     drain_when_orphaned()
     tune_gc()
-    graceful = run(lambda url: serve(url, fn, job.config, namespace=s.keys.ns, handler_name=name), s.url)
+    graceful = run(lambda url: serve(url, fn, job.config, namespace=s.keys.ns, handler_name=name, fallback=fallback),
+                   s.url)
     raise typer.Exit(int(Exit.OK if graceful else Exit.FAILED))
 
 
