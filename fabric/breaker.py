@@ -39,8 +39,8 @@ from fabric.handler import Context, HandlerFn, Middleware
 from fabric.keys import Keys
 
 __all__ = [
-    "FORCE_TARGETS", "POLL_MS", "REPORT_MS", "Breaker", "BreakerInfo", "BreakerState", "BreakerStore", "Transition",
-    "Withheld", "breaker_names", "describe", "force_breaker", "guard", "list_breakers", "require",
+    "FORCE_TARGETS", "POLL_MS", "REPORT_MS", "Breaker", "BreakerInfo", "BreakerState", "BreakerStore", "Deferred",
+    "Transition", "Withheld", "breaker_names", "describe", "force_breaker", "guard", "list_breakers", "require",
 ]
 
 log = logging.getLogger("fabric.breaker")
@@ -62,6 +62,10 @@ _PAGE = 500
 class Withheld(Exception):  # noqa: N818 (not an error: a call that did not happen)
     """The worker is stopping while a breaker held this call back: the handler never ran, the entry goes back to
     the group as unstarted."""
+
+
+class Deferred(Withheld):
+    """A HALF_OPEN trial call failed: the entry waits for the next trial without being charged a delivery."""
 
 
 class BreakerState(NamedTuple):
@@ -343,9 +347,15 @@ class Breaker:
                 await self._flush()
 
     @property
+    def holding(self) -> bool:
+        """OPEN and before its recovery time (or forced open): no call may go ahead, not even a trial."""
+        return self.state == OPEN and (self.forced or self._wait_ms != 0)
+
+    @property
     def reading(self) -> bool:
-        """False while OPEN: entries wait in Redis, undelivered."""
-        return self.state != OPEN
+        """False while holding: entries wait in Redis, undelivered. Past the recovery time reading resumes, since
+        only a call asks Redis for a trial (``admit``): a worker holding no entry must read one to recover."""
+        return not self.holding
 
     def _apply(self, s: BreakerState) -> None:
         if s.generation < self._generation:
@@ -431,14 +441,17 @@ def guard(breakers: list[Breaker], stop: asyncio.Event, fallback: HandlerFn | No
 
     def middleware(handler: HandlerFn) -> HandlerFn:
         async def guarded(event: Event, ctx: Context) -> list[Event]:
-            if fallback is not None and any(b.state == OPEN for b in breakers):
+            if fallback is not None and any(b.holding for b in breakers):  # past it: ask for a trial
                 return await fallback(event, ctx)
             trials = [await b.enter(stop) for b in breakers]
             try:
                 result = await handler(event, ctx)
             except Exception as exc:
-                for b, trial in zip(breakers, trials, strict=True):
-                    b.outcome(b.counts(exc), trial)
+                counted = [b.counts(exc) for b in breakers]
+                for b, trial, failed in zip(breakers, trials, counted, strict=True):
+                    b.outcome(failed, trial)
+                if any(t and f for t, f in zip(trials, counted, strict=True)):
+                    raise Deferred(f"a trial call failed: {type(exc).__name__}: {exc}") from exc
                 raise
             for b, trial in zip(breakers, trials, strict=True):
                 b.outcome(False, trial)

@@ -39,7 +39,7 @@ import redis.exceptions as rex
 from redis.asyncio import Redis
 
 from fabric import deadletter, scripts
-from fabric.breaker import Breaker, BreakerStore, Withheld, guard
+from fabric.breaker import Breaker, BreakerStore, Deferred, Withheld, guard
 from fabric.client import Line, error_code, raise_if_cancelled, translated
 from fabric.codec import FORMAT_VERSION, Encoded, decode_entry, encode, fields_of
 from fabric.config import WorkerConfig
@@ -476,6 +476,8 @@ class Worker:
         try:
             results = await self._handler(event, ctx)
             outputs = self._outputs(event, results) if results else []
+        except Deferred:  # still pending to this consumer: its next call waits for the breaker, same delivery
+            self._lanes.put(d.stream.priority, d)
         except Withheld:
             self._withheld.append(d)
         except Reject as exc:

@@ -86,8 +86,6 @@ async def test_once_the_breaker_closes_the_handler_answers_again(redis, keys, wo
 
 
 @pytest.mark.real_only
-@pytest.mark.xfail(strict=True, reason="breaker.py guard: with a fallback, every call while OPEN goes to the fallback, "
-                   "never to admit(), the only way OPEN becomes HALF_OPEN: a worker with a fallback never recovers")
 async def test_a_worker_with_a_fallback_recovers_after_the_recovery_time(redis, keys, worker_process,
                                                                          tmp_path) -> None:
     # Given a config-file worker with a fallback, its breaker tripped (not forced: 300 ms to recover), on a steady

@@ -331,9 +331,6 @@ async def test_three_processes_stop_within_the_bound_wait_in_redis_and_recover_l
 # ---- bugs found on the way (fabric/breaker.py, fabric/worker.py): the fix is proposed, the test waits for it ---
 
 
-@pytest.mark.xfail(strict=True, reason="breaker.py: only a call's admit() turns OPEN into HALF_OPEN, and a worker "
-                   "stops reading while OPEN: one holding no entry when the breaker opened never calls, so never "
-                   "asks, and stays stopped past the recovery time (for good, if the whole fleet is idle)")
 async def test_a_worker_holding_nothing_when_the_breaker_opened_still_recovers(redis, keys, fleet, tmp_path) -> None:
     # Given breaker x tripped by another process (300 ms to recover), and a worker process started while it is
     # open, so it holds no entry
@@ -350,9 +347,6 @@ async def test_a_worker_holding_nothing_when_the_breaker_opened_still_recovers(r
     await stop(sup)
 
 
-@pytest.mark.xfail(strict=True, reason="worker.py: a failed HALF_OPEN trial counts against max_deliveries like any "
-                   "failure, so an entry picked as the trial in max_deliveries-1 failed trials of one outage is "
-                   "dead-lettered because of the outage")
 async def test_an_entry_whose_trials_fail_during_the_outage_is_not_dead_lettered(redis, keys, fleet, tmp_path) -> None:
     # Given breaker x two failures short of tripping (300 ms to recover), a downstream that is down, and one worker
     # process working on one event, which is the one that fails the third time and trips the breaker
