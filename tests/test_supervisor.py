@@ -395,6 +395,29 @@ async def test_workers_drain_and_exit_when_their_supervisor_is_killed(redis, key
             assert all(p["time_since_delivered"] >= RELEASE_IDLE_MS for p in held), f"{child.label} kept entries"
 
 
+@pytest.mark.real_only
+async def test_the_redis_url_reaches_children_in_their_environment_not_on_their_command_line(
+        redis, redis_url, keys, supervise) -> None:
+    # Given a supervisor of 2 worker processes, given the URL on its own command line
+    sup = supervise(*handler_args(processes=2))
+    children = await sup.started(2)
+
+    # Then no child's command line carries it (`ps` would show a password to every user of the host)
+    for child in children:
+        cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert redis_url not in cmdline and "--redis-url" not in cmdline, cmdline
+
+    # and the children work against it all the same
+    published = await publish_ticks(redis, keys, 50)
+
+    async def all_handled() -> bool:
+        return {r[0] for r in await records(redis, keys.ns)} >= published
+
+    await eventually(all_handled, what="every event handled")
+    sup.proc.send_signal(signal.SIGTERM)
+    assert await sup.exit_code() == 0, sup.output()
+
+
 # ---- what never starts -------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from fabric.cli.options import (
     settings,
 )
 from fabric.cli.output import progress
-from fabric.client import connect, translated
+from fabric.client import URL_ENV, connect, translated
 from fabric.config import (
     DEFAULT_BLOCK_MS,
     DEFAULT_CONCURRENCY,
@@ -229,11 +230,13 @@ def _load_handler(job: _Job, path: Path | None) -> tuple[str, HandlerFn, Handler
 
 
 def _programs(jobs: list[_Job], url: str, ns: str, common: list[str]) -> list[Program]:
-    """Each job as a supervised program: ``fabric worker`` with its arguments, run as a single process."""
+    """Each job as a supervised program: ``fabric worker`` with its arguments, run as a single process. The Redis
+    URL goes to the children in their environment, never on a command line, where ``ps`` would show a password."""
+    os.environ[URL_ENV] = url
 
     def argv(job: _Job) -> Callable[[str], list[str]]:
         return lambda consumer: [sys.executable, "-m", "fabric", "worker", *job.args, *common, "--processes", "1",
-                                 "--consumer", consumer, "--redis-url", url, "--namespace", ns]
+                                 "--consumer", consumer, "--namespace", ns]
 
     return [Program(job.name, job.processes, argv(job)) for job in jobs]
 
