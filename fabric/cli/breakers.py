@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import getpass
 import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from redis.asyncio import Redis
 
 from fabric.breaker import OPEN, BreakerInfo, BreakerState, describe, force_breaker, list_breakers
-from fabric.cli.options import ConfigFile, Json, Namespace, RedisUrl, breaker_app, example, run, settings
+from fabric.cli.options import ConfigFile, Json, Namespace, RedisUrl, breaker_app, example, on_redis, settings
 from fabric.cli.output import age, emit_json, table, timestamp
-from fabric.client import connect, translated
 
 __all__ = ["close", "list_all", "open_", "reset", "show"]
 
@@ -30,20 +27,6 @@ T = TypeVar("T")
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The breaker, as `fabric breaker list` names it.")]
 Reason = Annotated[str | None, typer.Option(metavar="TEXT", help="Why: recorded in the BreakerStateChanged event "
                                                                   "(default: the command, user and host).")]
-
-
-def _on_redis(url: str | None, work: Callable[[Redis], Awaitable[T]]) -> T:
-    """Run ``work(client)`` against the Redis the command names (never a private one), errors as one line."""
-
-    async def main(resolved: str) -> T:
-        client = connect(resolved)
-        try:
-            with translated(resolved):
-                return await work(client)
-        finally:
-            await client.aclose()
-
-    return run(main, url, embedded=False)
 
 
 def _state(info: BreakerInfo) -> str:
@@ -58,7 +41,7 @@ def list_all(json: Json = False, redis_url: RedisUrl = None, namespace: Namespac
 
     Window counts cover the --config file's [breakers.NAME] window_ms, else the default 10 s."""
     s = settings(config_file, redis_url, namespace)
-    infos = _on_redis(s.url, lambda client: list_breakers(client, s.keys, s.config.breakers))
+    infos = on_redis(s.url, lambda client: list_breakers(client, s.keys, s.config.breakers))
     if json:
         emit_json(infos)
         return
@@ -90,7 +73,7 @@ def show(name: Name, json: Json = False, redis_url: RedisUrl = None, namespace: 
     """Show one breaker: its state and since when, its failure counts, and its latest transitions with their
     reasons. An unknown NAME exits 5."""
     s = settings(config_file, redis_url, namespace)
-    info = _on_redis(s.url, lambda client: describe(client, s.keys, name, s.config.breakers.get(name)))
+    info = on_redis(s.url, lambda client: describe(client, s.keys, name, s.config.breakers.get(name)))
     if json:
         emit_json(info)
     else:
@@ -109,7 +92,7 @@ def _force(name: str, target: str, reason: str, json: bool, redis_url: str | Non
            config_file: Path | None) -> None:
     """Force the breaker, then print its new state in one line (or JSON)."""
     s = settings(config_file, redis_url, namespace)
-    state: BreakerState = _on_redis(s.url, lambda client: force_breaker(client, s.keys, name, target, reason))
+    state: BreakerState = on_redis(s.url, lambda client: force_breaker(client, s.keys, name, target, reason))
     if json:
         emit_json({"name": name, "state": state.state, "forced": state.forced, "generation": state.generation,
                    "reason": reason})

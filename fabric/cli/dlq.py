@@ -24,11 +24,10 @@ from fabric.cli.options import (
     example,
     fail,
     import_modules,
-    run,
+    on_redis,
     settings,
 )
 from fabric.cli.output import age, emit_json, progress, table, timestamp
-from fabric.client import connect, translated
 from fabric.deadletter import (
     DeadLetter,
     DeadLetterFilter,
@@ -74,20 +73,6 @@ def _filter(topic: str | None, stream: str | None, event_type: str | None, error
         fail(f"bad filter: {exc}", Exit.USAGE)
 
 
-def _on_redis(url: str | None, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run ``work(client)`` against the Redis the command names, reporting errors as one line."""
-
-    async def main(resolved: str) -> T:
-        client = connect(resolved)
-        try:
-            with translated(resolved):
-                return await work(client)
-        finally:
-            await client.aclose()
-
-    return run(main, url, embedded=False)
-
-
 def _summary(letter: DeadLetter, now_ms: int) -> dict[str, Any]:
     return {
         "id": letter.ref, "dlq": letter.dlq, "entry_id": letter.id, "origin_stream": letter.origin_stream,
@@ -118,7 +103,7 @@ def list_letters(
         now = await server_time_ms(client)
         return now, await find(client, s.keys, flt, limit=limit + 1, now_ms=now)
 
-    now, letters = _on_redis(s.url, work)
+    now, letters = on_redis(s.url, work)
     more, letters = len(letters) > limit, letters[:limit]
     if json:
         emit_json([_summary(letter, now) for letter in letters])
@@ -179,7 +164,7 @@ def show(
             fail(str(exc), Exit.USAGE)
         return await server_time_ms(client), letter
 
-    now, letter = _on_redis(s.url, work)
+    now, letter = on_redis(s.url, work)
     if json:
         event, why = _decoded(letter)
         emit_json({**_summary(letter, now), "event": event, "decode_error": why, "original_fields": letter.fields})
@@ -216,7 +201,7 @@ def replay(
         with progress(len(letters), "replaying", quiet=json or dry_run) as advance:
             return await replay_many(client, letters, rate_per_s=rate, dry_run=dry_run, advance=advance)
 
-    report = _on_redis(s.url, work)
+    report = on_redis(s.url, work)
     if json:
         emit_json(report)
     else:
@@ -255,7 +240,7 @@ def purge(
              Exit.USAGE)
     s = settings(config_file, redis_url, namespace)
     flt = _filter(topic, stream, event_type, error, older_than_ms, newer_than_ms, group)
-    report = _on_redis(s.url, _purge(s.keys, flt, limit, yes))
+    report = on_redis(s.url, _purge(s.keys, flt, limit, yes))
     if report is None:
         fail("purge cancelled: nothing deleted", Exit.FAILED)
     if json:

@@ -7,8 +7,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import Callable, Coroutine
+from contextlib import aclosing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -29,12 +29,11 @@ from fabric.cli.options import (
     example,
     fail,
     import_modules,
+    on_redis,
     reported,
-    run,
     settings,
 )
 from fabric.cli.output import emit_json, progress, table, timestamp
-from fabric.client import connect, translated
 from fabric.config import Retention
 from fabric.events import Event, event_types
 from fabric.handler import load_handler
@@ -57,24 +56,6 @@ Priorities = Annotated[list[str] | None, typer.Option("--priority", help="Only t
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def _connected(url: str) -> AsyncIterator[Redis]:
-    client = connect(url)
-    try:
-        with translated(url):
-            yield client
-    finally:
-        await client.aclose()
-
-
-def _on(url: str, work: Callable[[Redis], Awaitable[T]]) -> Coroutine[Any, Any, T]:
-    async def main() -> T:
-        async with _connected(url) as client:
-            return await work(client)
-
-    return main()
 
 
 def _usage(check: Callable[[], T]) -> T:
@@ -202,8 +183,7 @@ def tail(
     position = _usage(lambda: history.parse_time(start)) if start else "$"
     filters = _filters(types, symbols, priorities)
     s = settings(config_file, redis_url, namespace)
-    run(lambda url: _until_interrupted(
-        _on(url, lambda c: _follow(c, s.keys, topic, position, filters, limit, as_json))), s.url, embedded=False)
+    on_redis(s.url, lambda c: _until_interrupted(_follow(c, s.keys, topic, position, filters, limit, as_json)))
 
 
 # ---- replay ------------------------------------------------------------------------------------------------
@@ -235,7 +215,7 @@ def _run_replay(s: Settings, topic: str, span: TimeRange, into: str | None, opti
                 return await history.replay_into(client, s.keys, topic, span, into, advance=advance, **options)
             return await history.replay_to_handler(client, s.keys, topic, span, advance=advance, **options)
 
-        return run(lambda url: _on(url, work), s.url, embedded=False)
+        return on_redis(s.url, work)
 
 
 @app.command(epilog=example(
@@ -351,8 +331,7 @@ def trim(
     after confirmation. Entries a group has not acknowledged are kept (only hard_max_len drops them)."""
     s = settings(config_file, redis_url, namespace)
     rules = _retention(s, topics or [], max_len, max_age_ms)
-    plan = run(lambda url: _on(url, lambda c: history.trim_plan(c, s.keys, rules, missing_ok=not topics)), s.url,
-               embedded=False)
+    plan = on_redis(s.url, lambda c: history.trim_plan(c, s.keys, rules, missing_ok=not topics))
     pending = any(r.remove or r.drop for r in plan)
     if not as_json:
         _show_plan(plan)
@@ -368,8 +347,7 @@ def trim(
         typer.echo("not applied: nothing removed", err=True)
         raise typer.Exit(int(Exit.FAILED))
     with progress(len(plan), "trimming", quiet=as_json) as advance:
-        done = run(lambda url: _on(url, lambda c: history.trim_now(c, s.keys, plan, rules, advance=advance)), s.url,
-                   embedded=False)
+        done = on_redis(s.url, lambda c: history.trim_now(c, s.keys, plan, rules, advance=advance))
     if as_json:
         emit_json(done)
         return

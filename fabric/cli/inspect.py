@@ -11,11 +11,9 @@ credentials included (only bad options or a bad config file exit 2, as for every
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import typer
-from redis.asyncio import Redis
 
 from fabric import inspection
 from fabric.cli.options import (
@@ -24,15 +22,15 @@ from fabric.cli.options import (
     Json,
     Namespace,
     RedisUrl,
-    Settings,
     app,
     example,
     fail,
+    on_redis,
     run,
     settings,
 )
 from fabric.cli.output import age, emit_json, table, timestamp
-from fabric.client import connect, redact, translated
+from fabric.client import connect, redact
 from fabric.keys import Keys, Priority
 
 __all__ = ["consumers", "groups", "health", "pending", "streams"]
@@ -44,20 +42,6 @@ Topics = Annotated[list[str] | None, typer.Option("--topic", metavar="TOPIC",
 Groups = Annotated[list[str] | None, typer.Option("--group", metavar="GROUP",
                                                   help="Only this consumer group (repeat for several).")]
 MaxIdle = Annotated[int, typer.Option(min=1, help="A consumer idle this long (no read, no claim) is not consuming.")]
-
-
-def _query(s: Settings, query: Callable[[Redis, Keys], Awaitable[T]]) -> T:
-    """Run one inspection function against the configured Redis (never a private one); errors become one line."""
-
-    async def main(url: str) -> T:
-        client = connect(url)
-        try:
-            with translated(url):
-                return await query(client, s.keys)
-        finally:
-            await client.aclose()
-
-    return run(main, s.url, embedded=False)
 
 
 def _lag(value: int | None) -> int | str:
@@ -85,7 +69,7 @@ def streams(
     """Every stream: topic, priority, symbol, length, first and last entry, groups, lag and pending."""
     prio = _priority(priority)
     s = settings(config_file, redis_url, namespace)
-    rows = _query(s, lambda c, k: inspection.streams(c, k, topics=topic or (), symbol=symbol, priority=prio))
+    rows = on_redis(s.url, lambda c: inspection.streams(c, s.keys, topics=topic or (), symbol=symbol, priority=prio))
     if as_json:
         emit_json(rows)
         return
@@ -106,7 +90,7 @@ def groups(
 ) -> None:
     """Every consumer group per topic: streams, consumers, pending, lag and last delivery."""
     s = settings(config_file, redis_url, namespace)
-    rows = _query(s, lambda c, k: inspection.groups(c, k, topics=topic or (), groups=group or ()))
+    rows = on_redis(s.url, lambda c: inspection.groups(c, s.keys, topics=topic or (), groups=group or ()))
     if as_json:
         emit_json(rows)
         return
@@ -126,7 +110,7 @@ def consumers(
 ) -> None:
     """Every consumer per group: pending, idle time, last seen and (Redis 7.2+) last delivery."""
     s = settings(config_file, redis_url, namespace)
-    rows = _query(s, lambda c, k: inspection.consumers(c, k, topics=topic or (), groups=group or ()))
+    rows = on_redis(s.url, lambda c: inspection.consumers(c, s.keys, topics=topic or (), groups=group or ()))
     if as_json:
         emit_json(rows)
         return
@@ -149,7 +133,7 @@ def pending(
 ) -> None:
     """The oldest entries delivered and not yet acknowledged, oldest first: age, consumer, idle, deliveries."""
     s = settings(config_file, redis_url, namespace)
-    rows = _query(s, lambda c, k: inspection.pending(c, k, topics=topic or (), groups=group or (),
+    rows = on_redis(s.url, lambda c: inspection.pending(c, s.keys, topics=topic or (), groups=group or (),
                                                       consumer=consumer, limit=limit))
     if as_json:
         emit_json(rows)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import enum
 import importlib
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 import uvloop
+from redis.asyncio import Redis
 
+from fabric.client import connect, translated
 from fabric.config import FabricConfig, load_config
 from fabric.embedded import redis_url
 from fabric.errors import (
@@ -175,3 +177,17 @@ def run(main: Callable[[str], Coroutine[Any, Any, T]], url: str | None, *, embed
             return uvloop.run(main(resolved))
     raise AssertionError("unreachable")  # reported() exits on every error
 
+
+def on_redis(url: str | None, work: Callable[[Redis], Awaitable[T]]) -> T:
+    """Run ``work(client)`` against the Redis ``url`` names (never a private one: the commands that look at what
+    is there would find it empty), reporting errors as one line."""
+
+    async def main(resolved: str) -> T:
+        client = connect(resolved)
+        try:
+            with translated(resolved):
+                return await work(client)
+        finally:
+            await client.aclose()
+
+    return run(main, url, embedded=False)
