@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from click.testing import Result
+from typer.testing import Result
 
 from fabric import Publisher
 from fabric.breaker import CLOSED, HALF_OPEN, OPEN, BreakerStore

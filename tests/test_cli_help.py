@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import click
+from typing import Any
+
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 from fabric.cli import app
 
 
-def _commands(group: click.Command, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def _commands(group: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     found = []
     for name, command in getattr(group, "commands", {}).items():
         if hasattr(command, "commands"):  # typer vendors its own click: a TyperGroup is not a click.Group

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import pytest
-from click.testing import Result
+from typer.testing import Result
 
 from fabric import Publisher
 from fabric.cli.options import Exit

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 import pytest
-from click.testing import Result
+from typer.testing import Result
 
 from fabric import Publisher
 from fabric.cli.options import Exit
