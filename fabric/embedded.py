@@ -3,10 +3,8 @@ here on a free loopback port for as long as the caller needs it (no persistence,
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,11 +15,11 @@ from contextlib import contextmanager
 
 from fabric.client import URL_ENV, resolve_url
 from fabric.errors import RedisUnavailable
+from fabric.supervisor import signal_on_parent_death
 
 __all__ = ["answers", "redis_server", "redis_url"]
 
 START_TIMEOUT_S = 10.0
-PR_SET_PDEATHSIG = 1
 
 
 def answers(host: str, port: int) -> bool:
@@ -41,12 +39,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the server's process, before it starts: Linux stops it when fabric dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @contextmanager
 def redis_server(port: int, *, quiet: bool = True) -> Iterator[subprocess.Popen[bytes]]:
     """Run a ``redis-server`` on 127.0.0.1:port (no persistence, a temporary directory) while the block runs."""
@@ -58,7 +50,7 @@ def redis_server(port: int, *, quiet: bool = True) -> Iterator[subprocess.Popen[
                                  "--appendonly", "no", "--dir", tmp],
                                 stdout=subprocess.DEVNULL if quiet else None,
                                 start_new_session=True,  # a Ctrl-C is for fabric, which stops the server last
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=signal_on_parent_death)  # stops when fabric dies, even by SIGKILL
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while not answers("127.0.0.1", port):

@@ -7,12 +7,10 @@ in-flight work at once. What did not finish stays pending in Redis for the rest 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import logging
 import os
 import signal
-import sys
 from collections.abc import Sequence
 
 import uvloop
@@ -21,7 +19,7 @@ from fabric.client import connect, translated
 from fabric.config import WorkerConfig
 from fabric.handler import HandlerFn, Middleware
 from fabric.keys import Keys
-from fabric.supervisor import SUPERVISOR_ENV
+from fabric.supervisor import SUPERVISOR_ENV, signal_on_parent_death
 from fabric.worker import Worker
 
 __all__ = ["drain_when_orphaned", "run_worker", "serve", "tune_gc"]
@@ -42,18 +40,14 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
-PR_SET_PDEATHSIG = 1
-
-
 def drain_when_orphaned() -> None:
     """In a process a supervisor started: ask Linux for SIGTERM when the supervisor dies, even by SIGKILL, so the
     worker drains and hands its entries back instead of running on unsupervised (its own session keeps it from the
     terminal's signals). Elsewhere, or outside a supervisor, nothing."""
     parent = os.environ.get(SUPERVISOR_ENV)
-    if not parent or not sys.platform.startswith("linux"):
+    if not parent:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal_on_parent_death(signal.SIGTERM)
     if os.getppid() != int(parent):  # the supervisor died before the request above: nothing is held yet
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 from fabric.errors import ConfigError
 
-__all__ = ["SUPERVISOR_ENV", "Program", "Supervisor", "consumer_name"]
+__all__ = ["SUPERVISOR_ENV", "Program", "Supervisor", "consumer_name", "signal_on_parent_death"]
 
 log = logging.getLogger("fabric.supervisor")
 
@@ -44,6 +45,15 @@ SUPERVISOR_ENV = "FABRIC_SUPERVISOR_PID"
 """Tells a child its supervisor's pid, so that it drains if the supervisor dies (``runner.drain_when_orphaned``)."""
 MAX_CONSUMER_NAME = 100
 STDERR_LINE_LIMIT = 1 << 20
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def signal_on_parent_death(sig: signal.Signals = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies, even by SIGKILL (elsewhere: nothing)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 @dataclass(frozen=True)
