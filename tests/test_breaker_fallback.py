@@ -88,9 +88,9 @@ async def test_once_the_breaker_closes_the_handler_answers_again(redis, keys, wo
 @pytest.mark.real_only
 async def test_a_worker_with_a_fallback_recovers_after_the_recovery_time(redis, keys, worker_process,
                                                                          tmp_path) -> None:
-    # Given a config-file worker with a fallback, its breaker tripped (not forced: 300 ms to recover), on a steady
-    # flow of events its fallback answers
-    config = write_config(tmp_path, processes=1, recovery_ms=300, fallback="fallback_record")
+    # Given a config-file worker with a fallback, its breaker tripped (not forced: 5 s to recover, ample for the
+    # worker to start and answer from its fallback first, even on a loaded machine), on a steady flow of events
+    config = write_config(tmp_path, processes=1, recovery_ms=5000, fallback="fallback_record")
     assert (await breaker_store(redis, keys, config).record(3, 3, 3, 0, 0)).state == OPEN
     worker = worker_process(config)
     async with Flow(redis, keys):
@@ -101,7 +101,7 @@ async def test_a_worker_with_a_fallback_recovers_after_the_recovery_time(redis, 
         async def closed_and_handling() -> bool:
             return (await breaker(redis, keys))[0] == CLOSED and await redis.llen(handled_key(keys.ns)) > 0
 
-        await eventually(closed_and_handling, timeout_s=15, what="the breaker closed and the handler answering")
+        await eventually(closed_and_handling, timeout_s=30, what="the breaker closed and the handler answering")
     await stop(worker)
 
 
