@@ -29,6 +29,10 @@ key                                type         written by                  read
                                                 failures per second         the window)
 ``ns:breakers``                    set          workers and CLI, before a   CLI (``fabric breaker list``)
                                                 breaker's first use
+``ns:sampler:GROUP``               string, TTL  the worker process that     the same (SET NX PX renews it):
+                                                samples the group's lag     one sampler per group, fleet-wide
+``ns:sampler:~namespace``          string, TTL  the worker process that     the same: one sampler of dead
+                                                samples namespace gauges    letters and breakers, fleet-wide
 =================================  ===========  ==========================  ===================================
 
 Breakers live in the slot of the system stream their transitions are written to
@@ -196,6 +200,11 @@ class Keys:
     def breaker_events(self) -> str:
         """The system stream of ``BreakerStateChanged`` events."""
         return self.stream(BREAKER_TOPIC, Priority.CRITICAL, None)
+
+    def sampler(self, group: str | None = None) -> str:
+        """The lease of the process sampling a group's lag and pending entries (``None``: the namespace's dead
+        letters and breakers) for the metrics, so that one process per group does it, not every worker."""
+        return f"{self.ns}:sampler:" + ("~namespace" if group is None else check_name("group", group))
 
     def counters(self) -> str:
         """The hash of operational counters (trimmed-while-pending, dropped by hard cap)."""
