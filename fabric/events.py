@@ -233,6 +233,10 @@ class Tick(Event, frozen=True, kw_only=True):
     bid_size: NonNegative = 0.0
     ask_size: NonNegative = 0.0
     exchange: str = ""
+    market_ts_ns: int = 0
+    """Market time of the quote, Unix nanoseconds (not when the event was produced)."""
+    seq: int = 0
+    """Position in its symbol's sequence of ticks, from 1 (0: unnumbered); consumers drop repeats."""
 
 
 class Bar(Event, frozen=True, kw_only=True):
@@ -247,6 +251,8 @@ class Bar(Event, frozen=True, kw_only=True):
     close: float
     volume: NonNegative = 0.0
     trades: int = 0
+    seq: int = 0
+    """Position in its symbol's sequence of bars of this timeframe, from 1 (0: unnumbered); consumers drop repeats."""
 
 
 class OrderBook(Event, frozen=True, kw_only=True):
@@ -291,6 +297,10 @@ class Features(Event, frozen=True, kw_only=True):
     symbol: str
     values: dict[str, float]
     timeframe: str = ""
+    market_ts_ns: int = 0
+    """Market time of the data this event is about, Unix nanoseconds (not when it was produced)."""
+    seq: int = 0
+    """Position in its symbol's sequence of feature vectors, from 1 (0: unnumbered); consumers drop repeats."""
 
 
 class Prediction(Event, frozen=True, kw_only=True):
@@ -314,6 +324,12 @@ class Signal(Event, frozen=True, kw_only=True):
     strategy: str
     target: float | None = None
     stop: float | None = None
+    price: float = 0.0
+    """The market price the strategy saw when it decided."""
+    market_ts_ns: int = 0
+    """Market time of the data this event is about, Unix nanoseconds (not when it was produced)."""
+    seq: int = 0
+    """Position in its symbol's sequence of signals, from 1 (0: unnumbered); consumers drop repeats."""
 
 
 class Order(Event, frozen=True, kw_only=True):
@@ -329,6 +345,12 @@ class Order(Event, frozen=True, kw_only=True):
     price: float | None = None
     stop_price: float | None = None
     strategy: str = ""
+    mark_price: float = 0.0
+    """The market price when the order was made; a paper broker fills a market order there."""
+    market_ts_ns: int = 0
+    """Market time of the data this event is about, Unix nanoseconds (not when it was produced)."""
+    seq: int = 0
+    """Position in its symbol's sequence of orders, from 1 (0: unnumbered); consumers drop repeats."""
 
 
 class Fill(Event, frozen=True, kw_only=True):
@@ -343,6 +365,10 @@ class Fill(Event, frozen=True, kw_only=True):
     quantity: Positive
     commission: NonNegative = 0.0
     fill_id: str = ""
+    market_ts_ns: int = 0
+    """Market time of the data this event is about, Unix nanoseconds (not when it was produced)."""
+    seq: int = 0
+    """Position in its symbol's sequence of fills, from 1 (0: unnumbered); consumers drop repeats."""
 
 
 class PortfolioUpdate(Event, frozen=True, kw_only=True):
@@ -353,6 +379,10 @@ class PortfolioUpdate(Event, frozen=True, kw_only=True):
     positions: dict[str, Position] = {}
     realized_pnl: float = 0.0
     unrealized_pnl: float = 0.0
+    market_ts_ns: int = 0
+    """Market time of the data this event is about, Unix nanoseconds (not when it was produced)."""
+    seq: int = 0
+    """Position in its symbol's sequence of portfolio updates, from 1 (0: unnumbered); consumers drop repeats."""
 
 
 class Alert(Event, frozen=True, kw_only=True):
