@@ -33,6 +33,15 @@ key                                type         written by                  read
                                                 samples the group's lag     one sampler per group, fleet-wide
 ``ns:sampler:~namespace``          string, TTL  the worker process that     the same: one sampler of dead
                                                 samples namespace gauges    letters and breakers, fleet-wide
+``ns:lease:GROUP:TOPIC:PRI:TAG``   hash, TTL    lease*.lua: ``owner``,      lease*.lua; fenced writes
+                                                ``token``, ``releasing``    (fenced_ack.lua) compare
+                                                (holder handing over)       ``token``; balancer, CLI
+``ns:fence:GROUP:TOPIC:PRI:TAG``   string       lease.lua: INCR, the last   lease.lua
+                                                token issued; no TTL, so
+                                                a token is never reused
+``ns:members:GROUP``               zset         members.lua: member →       members.lua (live: seen
+                                                last heartbeat ms (Redis's  within the TTL), balancer,
+                                                clock)                      CLI
 =================================  ===========  ==========================  ===================================
 
 Breakers live in the slot of the system stream their transitions are written to
@@ -209,3 +218,15 @@ class Keys:
     def counters(self) -> str:
         """The hash of operational counters (trimmed-while-pending, dropped by hard cap)."""
         return f"{self.ns}:counters"
+
+    def lease(self, group: str, stream_key: str) -> str:
+        """The ownership lease of one stream in an ordered group (in the stream's slot, for fenced writes)."""
+        return f"{self.ns}:lease:{check_name('group', group)}:" + stream_key[len(self.ns) + 3 :]
+
+    def fence(self, group: str, stream_key: str) -> str:
+        """The counter of fencing tokens issued for one stream in an ordered group (in the stream's slot)."""
+        return f"{self.ns}:fence:{check_name('group', group)}:" + stream_key[len(self.ns) + 3 :]
+
+    def members(self, group: str) -> str:
+        """The registry of an ordered group's live members and their last heartbeat (ms, Redis's clock)."""
+        return f"{self.ns}:members:{check_name('group', group)}"
