@@ -16,8 +16,9 @@ from redis.exceptions import NoScriptError
 from fabric.client import Line
 
 __all__ = [
-    "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE",
-    "TOUCH", "TRIM", "Script",
+    "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "FENCED_ACK", "LEASE", "LEASE_HANDOVER", "LEASE_RELEASE",
+    "LEASE_RENEW", "MEMBERS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE", "TAKEOVER", "TOUCH", "TRIM",
+    "Script",
 ]
 
 
@@ -59,3 +60,10 @@ CLAIM = Script("claim")
 REPLAY = Script("replay")
 RELEASE = Script("release")
 RETIRE = Script("retire")
+LEASE = Script("lease")
+LEASE_RENEW = Script("lease_renew")
+LEASE_RELEASE = Script("lease_release")
+LEASE_HANDOVER = Script("lease_handover")
+TAKEOVER = Script("takeover")
+MEMBERS = Script("members")
+FENCED_ACK = Script("fenced_ack")

@@ -1,0 +1,177 @@
+"""Stream ownership for ordered groups: a lease per stream with a fencing token, and a registry of live members.
+
+In an ordered group each stream (topic × priority × symbol) has at most one owner at a time, which handles its
+entries one after another. Ownership is a lease in Redis (``Keys.lease``, in the stream's slot) that expires
+after ``ttl_ms`` on Redis's clock unless its owner renews it every ``ttl_ms / 3``::
+
+    free ──acquire──▶ held ──hand_over──▶ releasing ──release, or expiry──▶ free
+                       └──────────release, or expiry──────────────────────▶ free
+
+Only the owner renews, marks releasing or releases, and only under its current token. A releasing lease is still
+its owner's (it finishes the entry in hand and commits it); nobody else acquires it until it is released or has
+expired.
+
+Each acquisition of a free stream draws a new token from the stream's fence counter (``Keys.fence``, no TTL):
+tokens only grow and are never reused. A write for an owned stream is applied only if its token is still the
+lease's, in the same script (``fenced_ack.lua`` shows the check), so a paused former owner writes nothing once
+the stream has moved on. A new owner calls ``take_over`` before reading new entries: it claims, oldest first,
+what the former owner had read and not finished, under the new token.
+
+Membership is a zset of member → last heartbeat (``Keys.members``); the live members, with the streams and the
+current owners, are what ``balance.balance`` spreads the streams over.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from fabric import scripts
+from fabric.keys import Keys
+
+__all__ = [
+    "FENCED", "LEASE_TTL_MS", "MEMBER_TTL_MS", "TAKEOVER_COUNT", "Lease", "Leases", "Members", "Takeover",
+    "renew_interval_ms",
+]
+
+LEASE_TTL_MS = 3_000
+"""How long a lease lives without a renewal (Redis's clock)."""
+MEMBER_TTL_MS = 3_000
+"""How long a member stays live without a heartbeat (Redis's clock)."""
+TAKEOVER_COUNT = 100
+"""Pending entries claimed per ``take_over`` call."""
+FENCED = -1
+"""An entry's status from a fenced write whose token is no longer the stream's (``fenced_ack.lua``)."""
+
+
+def renew_interval_ms(ttl_ms: int) -> int:
+    """How often a holder renews (or a member heartbeats): a third of the TTL, so one late call loses nothing."""
+    return max(1, ttl_ms // 3)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Lease(NamedTuple):
+    """A live lease: who owns a stream, under which token, whether it is being handed over, how long it has."""
+
+    stream: str
+    owner: str
+    token: int
+    releasing: bool
+    ttl_ms: int
+
+
+class Takeover(NamedTuple):
+    """One page of a takeover: entries claimed oldest first, ids found deleted, where the next page starts."""
+
+    entries: list[tuple[bytes, list[bytes], int]]
+    """(entry id, fields, delivery count), oldest first."""
+    deleted: list[bytes]
+    """Entries that were pending but are gone from the stream (trimmed): nothing to handle."""
+    after: str | None
+    """The ``start`` of the next page; ``None`` when this page was the last."""
+
+
+class Leases:
+    """The lease table of one ordered group: who owns which stream, under which fencing token."""
+
+    def __init__(self, client: Redis, keys: Keys, group: str, *, ttl_ms: int = LEASE_TTL_MS) -> None:
+        if ttl_ms < 3:
+            raise ValueError(f"lease ttl_ms must be at least 3 (got {ttl_ms}): a holder renews every ttl_ms / 3")
+        self.client = client
+        self.keys = keys
+        self.group = group
+        self.ttl_ms = ttl_ms
+
+    def key(self, stream: str) -> str:
+        """The lease key of a stream (what a fenced script gets as its lease KEY)."""
+        return self.keys.lease(self.group, stream)
+
+    async def acquire(self, stream: str, member: str) -> int | None:
+        """Take a free stream; return its new fencing token (the holder's own, if it holds it already), or
+        ``None`` while another member holds it, releasing or not."""
+        token = await scripts.LEASE(
+            self.client, [self.key(stream), self.keys.fence(self.group, stream)], [member, self.ttl_ms]
+        )
+        return None if token is None else int(token)
+
+    async def renew(self, tokens: Mapping[str, int], member: str) -> set[str]:
+        """Extend the leases ``member`` holds (stream → token), one call per cluster slot; return those lost."""
+        by_slot: defaultdict[int, list[str]] = defaultdict(list)
+        for stream in tokens:
+            by_slot[key_slot(self.key(stream).encode())].append(stream)
+        lost: set[str] = set()
+        for streams in by_slot.values():
+            args: list[Any] = [member, self.ttl_ms, *(tokens[s] for s in streams)]
+            kept = await scripts.LEASE_RENEW(self.client, [self.key(s) for s in streams], args)
+            lost.update(s for s, ok in zip(streams, kept, strict=True) if not ok)
+        return lost
+
+    async def release(self, stream: str, member: str, token: int) -> bool:
+        """Give a stream up at once; False if ``member`` no longer held it under ``token``."""
+        return bool(await scripts.LEASE_RELEASE(self.client, [self.key(stream)], [member, token]))
+
+    async def hand_over(self, stream: str, member: str, token: int) -> bool:
+        """Mark a held stream releasing (its owner was told to give it up and finishes the entry in hand first);
+        False if ``member`` no longer held it under ``token``."""
+        return bool(await scripts.LEASE_HANDOVER(self.client, [self.key(stream)], [member, token]))
+
+    async def owners(self, streams: Iterable[str]) -> dict[str, Lease]:
+        """The live leases of the given streams (free streams are absent)."""
+        names = list(streams)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream in names:
+                pipe.hmget(self.key(stream), "owner", "token", "releasing")
+                pipe.pttl(self.key(stream))
+            replies = await pipe.execute()
+        leases = {}
+        for i, stream in enumerate(names):
+            (owner, token, releasing), ttl_ms = replies[2 * i], replies[2 * i + 1]
+            if owner is not None and token is not None and ttl_ms > 0:
+                leases[stream] = Lease(stream, _text(owner), int(token), releasing is not None, int(ttl_ms))
+        return leases
+
+    async def take_over(
+        self, stream: str, member: str, token: int, *, after: str = "-", count: int = TAKEOVER_COUNT
+    ) -> Takeover | None:
+        """Claim, oldest first, up to ``count`` entries pending in the group on ``stream`` (after ``after``) for
+        ``member``, under ``token``; ``None`` when ``token`` is no longer the stream's. Call again with
+        ``after=page.after`` until it is ``None``, and handle these entries before reading new ones."""
+        reply = await scripts.TAKEOVER(
+            self.client,
+            [stream, self.key(stream), self.keys.failures(stream)],
+            [self.group, member, token, after, count],
+        )
+        if reply is None:
+            return None
+        claimed, deleted, last = reply
+        entries = [(entry_id, fields, int(n)) for entry_id, fields, n in claimed]
+        more = len(claimed) + len(deleted) >= count
+        return Takeover(entries, list(deleted), "(" + _text(last) if more else None)
+
+
+class Members:
+    """The registry of an ordered group's live members, on Redis's clock."""
+
+    def __init__(self, client: Redis, keys: Keys, group: str, *, ttl_ms: int = MEMBER_TTL_MS) -> None:
+        self.client = client
+        self.key = keys.members(group)
+        self.ttl_ms = ttl_ms
+
+    async def heartbeat(self, member: str) -> list[str]:
+        """Record that ``member`` is alive (drop members silent for ``ttl_ms``); return the live ones, sorted."""
+        return sorted(_text(m) for m in await scripts.MEMBERS(self.client, [self.key], [self.ttl_ms, member]))
+
+    async def live(self) -> list[str]:
+        """The members heard from within ``ttl_ms``, sorted (writes nothing)."""
+        return sorted(_text(m) for m in await scripts.MEMBERS(self.client, [self.key], [self.ttl_ms, ""]))
+
+    async def leave(self, member: str) -> None:
+        """Remove ``member`` at once (a clean stop), so its streams move without waiting for its TTL."""
+        await self.client.zrem(self.key, member)

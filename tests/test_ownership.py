@@ -1,0 +1,314 @@
+"""Stream ownership leases: exclusive, fenced, renewed, handed over; and the member registry, on Redis's clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+
+from fabric import scripts
+from fabric.keys import Keys, Priority
+from fabric.ownership import FENCED, Leases, Members
+from tests.waiting import eventually
+
+GROUP = "g"
+SHORT_TTL_MS = 50
+
+
+def tick(keys: Keys, symbol: str = "A") -> str:
+    return keys.stream("tick", Priority.NORMAL, symbol)
+
+
+async def fenced_ack(redis: Any, leases: Leases, stream: str, consumer: str, token: int,
+                     entry_id: bytes, output: str | None = None) -> list[int]:
+    """Commit one entry through fenced_ack.lua, with one output to ``output`` if given."""
+    keys = [stream, leases.key(stream)] + ([output] if output else [])
+    outs = [1, 3, "Tick", "json", b"{}"] if output else [0]
+    return list(await scripts.FENCED_ACK(redis, keys, [GROUP, consumer, token, 1, entry_id, *outs]))
+
+
+async def backlog(redis: Any, stream: str, n: int) -> list[bytes]:
+    """``n`` entries on ``stream``, and the group created before them."""
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    return [await redis.xadd(stream, {"n": str(i)}) for i in range(n)]
+
+
+async def read(redis: Any, stream: str, consumer: str, count: int) -> list[bytes]:
+    reply = await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
+    return [entry_id for _, entries in reply for entry_id, _ in entries]
+
+
+async def pending_of(redis: Any, stream: str) -> dict[bytes, str]:
+    """Entry id -> consumer, for the group's pending entries."""
+    rows = await redis.xpending_range(stream, GROUP, "-", "+", 1000)
+    return {r["message_id"]: r["consumer"].decode() for r in rows}
+
+
+# ---- acquiring, renewing, releasing ---------------------------------------------------------------------
+
+
+async def test_a_held_stream_is_refused_to_another_member(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    assert await leases.acquire(tick(keys), "a") == 1
+    assert await leases.acquire(tick(keys), "b") is None
+    assert (await leases.owners([tick(keys)]))[tick(keys)].owner == "a"
+
+
+async def test_the_holder_asking_again_gets_its_own_token(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    token = await leases.acquire(tick(keys), "a")
+    assert await leases.acquire(tick(keys), "a") == token
+
+
+async def test_a_lease_not_renewed_expires_and_another_member_takes_it(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=SHORT_TTL_MS)
+    first = await leases.acquire(tick(keys), "a")
+    # When "a" stops renewing, "b" gets the stream once the TTL has passed on Redis's clock, with a newer token
+    second = await eventually(lambda: leases.acquire(tick(keys), "b"), what="b acquiring the expired lease")
+    assert first is not None and second > first
+    assert (await leases.owners([tick(keys)]))[tick(keys)].owner == "b"
+
+
+async def test_tokens_only_grow_across_releases_and_expiry(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=SHORT_TTL_MS)
+    stream = tick(keys)
+    tokens = []
+    for member in ("a", "b", "a", "c"):
+        token = await eventually(lambda m=member: leases.acquire(stream, m), what=f"{member} acquiring")
+        tokens.append(token)
+        if member != "c":
+            await leases.release(stream, member, token)
+    # the last lease expires rather than being released: the token after it is still new
+    tokens.append(await eventually(lambda: leases.acquire(stream, "d"), what="d acquiring after expiry"))
+    assert tokens == sorted(set(tokens)) and len(tokens) == 5
+
+
+async def test_a_renewal_restarts_the_ttl(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=60_000)
+    token = await leases.acquire(tick(keys), "a")
+    assert token is not None
+
+    async def aged() -> int:
+        left = (await leases.owners([tick(keys)]))[tick(keys)].ttl_ms
+        return left if left < 59_990 else 0
+
+    before = await eventually(aged, what="the lease ageing 10 ms")
+    assert await leases.renew({tick(keys): token}, "a") == set()
+    assert (await leases.owners([tick(keys)]))[tick(keys)].ttl_ms > before
+
+
+async def test_renew_reports_the_leases_lost_across_slots(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    kept, moved, stale = tick(keys, "A"), tick(keys, "B"), tick(keys, "C")
+    assert len({key_slot(leases.key(s).encode()) for s in (kept, moved, stale)}) == 3
+    tokens = {s: await leases.acquire(s, "a") for s in (kept, moved, stale)}
+    # Given: "moved" released and taken by "b"; "stale" presented with a token "a" no longer holds
+    await leases.release(moved, "a", tokens[moved])
+    await leases.acquire(moved, "b")
+    held = {kept: tokens[kept], moved: tokens[moved], stale: tokens[stale] - 1}
+    # When "a" renews what it believes it holds, then only "kept" is still its own
+    assert await leases.renew(held, "a") == {moved, stale}
+    assert (await leases.owners([moved]))[moved].owner == "b"
+
+
+async def test_only_the_holder_under_its_current_token_releases(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    token = await leases.acquire(tick(keys), "a")
+    assert token is not None
+    assert not await leases.release(tick(keys), "b", token)
+    assert not await leases.release(tick(keys), "a", token + 1)
+    assert await leases.release(tick(keys), "a", token)
+    assert not await leases.release(tick(keys), "a", token)  # released already
+    assert await leases.owners([tick(keys)]) == {}
+
+
+async def test_a_lease_is_too_short_to_renew_below_three_ms(redis, keys: Keys) -> None:
+    with pytest.raises(ValueError, match="at least 3"):
+        Leases(redis, keys, GROUP, ttl_ms=2)
+
+
+def test_lease_and_fence_live_in_the_slot_of_their_stream(keys: Keys) -> None:
+    for symbol in ("A", "BTC-USD", None):
+        stream = keys.stream("tick", Priority.HIGH, symbol)
+        slots = {key_slot(k.encode()) for k in (stream, keys.lease(GROUP, stream), keys.fence(GROUP, stream))}
+        assert len(slots) == 1
+
+
+# ---- fencing --------------------------------------------------------------------------------------------
+
+
+async def test_a_fenced_write_is_refused_after_the_lease_moved(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=SHORT_TTL_MS)
+    stream, output = tick(keys), keys.stream("bar", Priority.NORMAL, "A")
+    entry = (await backlog(redis, stream, 1))[0]
+    old = await leases.acquire(stream, "a")
+    await read(redis, stream, "a", 1)
+    # Given "a" paused past its TTL while "b" took the stream over, entry and all
+    new = await eventually(lambda: leases.acquire(stream, "b"), what="b acquiring")
+    assert old is not None and await leases.take_over(stream, "b", new) is not None
+    # When "a" resumes and commits its entry with an output under its old token
+    assert await fenced_ack(redis, leases, stream, "a", old, entry, output) == [FENCED]
+    # Then nothing was written; "b" commits it under the current token
+    assert await redis.xlen(output) == 0
+    assert await fenced_ack(redis, leases, stream, "b", new, entry, output) == [1]
+    assert await redis.xlen(output) == 1 and await pending_of(redis, stream) == {}
+
+
+async def test_an_expired_lease_fences_its_former_owner_even_before_anyone_takes_it(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=SHORT_TTL_MS)
+    stream = tick(keys)
+    entry = (await backlog(redis, stream, 1))[0]
+    token = await leases.acquire(stream, "a")
+    await read(redis, stream, "a", 1)
+    await eventually(lambda: _free(leases, stream), what="the lease expiring")
+    assert token is not None
+    assert await fenced_ack(redis, leases, stream, "a", token, entry) == [FENCED]
+    assert await pending_of(redis, stream) == {entry: "a"}
+
+
+async def test_a_fenced_write_of_an_entry_not_pending_for_the_writer_is_refused(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    stream = tick(keys)
+    entry = (await backlog(redis, stream, 1))[0]
+    token = await leases.acquire(stream, "a")
+    await read(redis, stream, "other", 1)
+    assert token is not None
+    assert await fenced_ack(redis, leases, stream, "a", token, entry) == [0]
+    assert await pending_of(redis, stream) == {entry: "other"}
+
+
+async def _free(leases: Leases, stream: str) -> bool:
+    return stream not in await leases.owners([stream])
+
+
+# ---- hand-over ------------------------------------------------------------------------------------------
+
+
+async def test_a_releasing_stream_waits_for_its_owner_to_release_it(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    stream = tick(keys)
+    entry = (await backlog(redis, stream, 1))[0]
+    old = await leases.acquire(stream, "a")
+    await read(redis, stream, "a", 1)
+    assert old is not None
+    # Given "a" told to give the stream up, with an entry in hand
+    assert await leases.hand_over(stream, "a", old)
+    assert (await leases.owners([stream]))[stream].releasing
+    # Then nobody else takes it, while "a" still renews and commits the entry in hand
+    assert await leases.acquire(stream, "b") is None
+    assert await leases.renew({stream: old}, "a") == set()
+    assert await fenced_ack(redis, leases, stream, "a", old, entry) == [1]
+    # and once "a" releases it, "b" takes it under a newer token
+    assert await leases.release(stream, "a", old)
+    new = await leases.acquire(stream, "b")
+    assert new is not None and new > old
+    assert not (await leases.owners([stream]))[stream].releasing
+
+
+async def test_a_releasing_stream_whose_owner_died_goes_over_once_its_lease_expired(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=SHORT_TTL_MS)
+    stream = tick(keys)
+    old = await leases.acquire(stream, "a")
+    assert old is not None and await leases.hand_over(stream, "a", old)
+    # "a" never releases (it died): "b" gets the stream when the lease expires
+    new = await eventually(lambda: leases.acquire(stream, "b"), what="b acquiring after the lease expired")
+    assert new > old
+
+
+async def test_only_the_holder_marks_its_stream_releasing(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    token = await leases.acquire(tick(keys), "a")
+    assert token is not None
+    assert not await leases.hand_over(tick(keys), "b", token)
+    assert not await leases.hand_over(tick(keys), "a", token + 1)
+    assert not (await leases.owners([tick(keys)]))[tick(keys)].releasing
+
+
+async def test_the_new_owner_claims_the_former_owners_pending_entries_oldest_first(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    stream = tick(keys)
+    ids = await backlog(redis, stream, 10)
+    # Given a dead consumer "c" holding the 2 oldest, and "a" holding the next 4, of which it committed 2
+    await read(redis, stream, "c", 2)
+    old = await leases.acquire(stream, "a")
+    await read(redis, stream, "a", 4)
+    assert old is not None
+    for entry in ids[2:4]:
+        assert await fenced_ack(redis, leases, stream, "a", old, entry) == [1]
+    await leases.hand_over(stream, "a", old)
+    await leases.release(stream, "a", old)
+    new = await leases.acquire(stream, "b")
+    assert new is not None
+    # When "b" takes over, two entries a page
+    taken, after, pages = [], "-", 0
+    while after is not None:
+        page = await leases.take_over(stream, "b", new, after=after, count=2)
+        assert page is not None and page.deleted == []
+        taken += page.entries
+        after, pages = page.after, pages + 1
+    # Then it has every unfinished entry, oldest first, each as a second delivery; then new ones follow on
+    assert [entry_id for entry_id, _, _ in taken] == ids[0:2] + ids[4:6]
+    assert [fields for _, fields, _ in taken] == [[b"n", str(i).encode()] for i in (0, 1, 4, 5)]
+    assert {count for _, _, count in taken} == {2}
+    assert set((await pending_of(redis, stream)).values()) == {"b"}
+    assert await read(redis, stream, "b", 10) == ids[6:]
+    # and the former owner's late commit of one of them is refused
+    assert await fenced_ack(redis, leases, stream, "a", old, ids[4]) == [FENCED]
+
+
+async def test_a_takeover_under_a_stale_token_claims_nothing(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    stream = tick(keys)
+    await backlog(redis, stream, 2)
+    token = await leases.acquire(stream, "a")
+    await read(redis, stream, "c", 2)
+    assert token is not None
+    assert await leases.take_over(stream, "b", token) is None  # not b's lease
+    assert await leases.take_over(stream, "a", token - 1) is None  # not the current token
+    assert set((await pending_of(redis, stream)).values()) == {"c"}
+
+
+async def test_a_takeover_reports_pending_entries_deleted_from_the_stream(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    stream = tick(keys)
+    ids = await backlog(redis, stream, 3)
+    await read(redis, stream, "c", 3)
+    await redis.hset(keys.failures(stream), f"{GROUP}/{ids[1].decode()}", "record")
+    await redis.xdel(stream, ids[1])
+    token = await leases.acquire(stream, "b")
+    assert token is not None
+    page = await leases.take_over(stream, "b", token)
+    assert page is not None
+    assert [e[0] for e in page.entries] == [ids[0], ids[2]] and page.deleted == [ids[1]]
+    assert await pending_of(redis, stream) == {ids[0]: "b", ids[2]: "b"}
+    assert await redis.hlen(keys.failures(stream)) == 0
+
+
+# ---- members --------------------------------------------------------------------------------------------
+
+
+async def test_a_heartbeat_lists_the_live_members(redis, keys: Keys) -> None:
+    members = Members(redis, keys, GROUP)
+    await members.heartbeat("b")
+    assert await members.heartbeat("a") == ["a", "b"]
+    assert await members.live() == ["a", "b"]
+
+
+async def test_a_silent_member_drops_out_after_its_ttl(redis, keys: Keys) -> None:
+    members = Members(redis, keys, GROUP, ttl_ms=SHORT_TTL_MS)
+    await members.heartbeat("silent")
+
+    async def gone() -> bool:
+        return await members.heartbeat("alive") == ["alive"]
+
+    await eventually(gone, what="the silent member dropping out")
+    assert await redis.zrange(keys.members(GROUP), 0, -1) == [b"alive"]  # and is removed from the registry
+
+
+async def test_a_member_that_leaves_is_gone_at_once(redis, keys: Keys) -> None:
+    members = Members(redis, keys, GROUP)
+    await members.heartbeat("a")
+    await members.heartbeat("b")
+    await members.leave("a")
+    assert await members.live() == ["b"]
