@@ -73,13 +73,15 @@ class _Request:
 class _Batch:
     """Requests sent together; ``packed`` keeps its numbering so that a resend is recognised."""
 
-    __slots__ = ("requests", "size", "packed", "attempts")
+    __slots__ = ("requests", "size", "packed", "attempts", "streams")
 
     def __init__(self, requests: list[_Request]) -> None:
         self.requests = requests
         self.size = sum(len(r.items) for r in requests)
         self.packed: bytes | None = None
         self.attempts = 0
+        self.streams: list[tuple[str, int]] = []
+        """Events per stream, in the order ``_pack`` numbered them."""
 
     def fail(self, error: FabricError) -> None:
         for req in self.requests:
@@ -128,6 +130,8 @@ class Publisher:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._conn: AbstractConnection | None = None
+        self.published: dict[str, int] = {}
+        """Events written per stream since this publisher started (confirmed by Redis; duplicates not counted)."""
 
     async def __aenter__(self) -> Publisher:
         return self
@@ -329,10 +333,23 @@ class Publisher:
             else:
                 batch = self._inflight.popleft()
                 batch.complete(ids)
+                self._count(batch, ids)
                 self._done(batch)
             if not self._inflight:
                 self._stall_released()
             self._wake.set()
+
+    def _count(self, batch: _Batch, ids: list[bytes | None]) -> None:
+        published = self.published
+        if None not in ids:  # the usual case: everything was new, count by stream
+            for stream, n in batch.streams:
+                published[stream] = published.get(stream, 0) + n
+            return
+        written = iter(ids)
+        for req in batch.requests:
+            for item in req.items:
+                if next(written) is not None:
+                    published[item[0]] = published.get(item[0], 0) + 1
 
     def _refusal(self, batch: _Batch, exc: rex.ResponseError) -> None:
         code = error_code(exc)
@@ -395,6 +412,7 @@ class Publisher:
                 body += (i, tag, data)
                 if window:
                     dedup.append(self.keys.dedup(stream, event_id))
+        batch.streams = list(zip(index, counts, strict=True))
         seq = self._seq
         firsts = []
         for stream, n in zip(index, counts, strict=True):

@@ -7,11 +7,13 @@ in-flight work at once. What did not finish stays pending in Redis for the rest 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvloop
 
@@ -19,7 +21,11 @@ from fabric.client import connect, translated
 from fabric.config import WorkerConfig
 from fabric.handler import HandlerFn, Middleware
 from fabric.keys import Keys
+from fabric.logs import log_context
+from fabric.metrics import HandlerTallies, measured
+from fabric.snapshots import DIR_ENV
 from fabric.supervisor import SUPERVISOR_ENV, signal_on_parent_death
+from fabric.telemetry import exposed
 from fabric.worker import Worker
 
 __all__ = ["drain_when_orphaned", "run_worker", "serve", "tune_gc"]
@@ -61,12 +67,18 @@ async def serve(
     handler_name: str = "handler",
     middleware: Sequence[Middleware] = (),
     fallback: HandlerFn | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "0.0.0.0",  # noqa: S104 (a scrape target listens for scrapers)
 ) -> bool:
     """Run one worker until SIGTERM/SIGINT, then drain; return False if a second signal cut the drain short.
-    ``fallback`` answers instead of the handler while one of its breakers is open."""
+    ``fallback`` answers instead of the handler while one of its breakers is open. Metrics are served on
+    ``metrics_port`` or, under a supervisor that serves them, written to its ``$FABRIC_METRICS_DIR``."""
     client = connect(url)
+    directory = os.environ.get(DIR_ENV)
+    tallies = HandlerTallies() if directory or metrics_port is not None else None
+    chain = [*([measured(tallies)] if tallies else []), log_context, *middleware]
     worker = Worker(client, handler, config, keys=Keys(namespace), handler_name=handler_name,
-                    middleware=middleware, fallback=fallback)
+                    middleware=chain, fallback=fallback)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     signals = 0
@@ -85,7 +97,8 @@ async def serve(
     try:
         with translated(url):
             log.info("worker %s of group %s on topics %s", worker.consumer, config.group, ", ".join(config.topics))
-            await worker.run()
+            async with _exposed(worker, tallies, metrics_port, metrics_host, directory):
+                await worker.run()
             log.info("stopped: %s", worker.stats)
             return True
     except asyncio.CancelledError:
@@ -98,6 +111,13 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await client.aclose()
+
+
+def _exposed(worker: Worker, tallies: HandlerTallies | None, port: int | None, host: str,
+             directory: str | None) -> contextlib.AbstractAsyncContextManager[object]:
+    if tallies is None:
+        return contextlib.nullcontext()
+    return exposed(worker, tallies, port=port, host=host, directory=Path(directory) if directory else None)
 
 
 def run_worker(url: str | None, handler: HandlerFn, config: WorkerConfig, **kwargs: object) -> bool:

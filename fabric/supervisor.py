@@ -106,8 +106,11 @@ class Supervisor:
     """Runs the programs' processes until SIGTERM/SIGINT, restarting those that die; see the module docstring."""
 
     def __init__(self, programs: Sequence[Program], *, backoff_base_s: float = BACKOFF_BASE_S,
-                 backoff_max_s: float = BACKOFF_MAX_S, healthy_s: float = HEALTHY_S) -> None:
+                 backoff_max_s: float = BACKOFF_MAX_S, healthy_s: float = HEALTHY_S,
+                 on_exit: Callable[[int], None] | None = None) -> None:
+        """``on_exit(pid)`` is called as each child process exits (the metrics fold in its final counts)."""
         self.slots = [_Slot(p, i) for p in programs for i in range(p.processes)]
+        self.on_exit = on_exit
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.healthy_s = healthy_s
@@ -146,6 +149,15 @@ class Supervisor:
         self._stopping.set()
         for slot in self._running():
             self._send(slot, sig)
+
+    @property
+    def stopping(self) -> bool:
+        """Told to stop: the children are draining."""
+        return self._stopping.is_set()
+
+    def running(self) -> dict[str, int]:
+        """The pid of each slot's running process, by label (slots between restarts are missing)."""
+        return {s.label: s.proc.pid for s in self._running() if s.proc is not None}
 
     def _running(self) -> list[_Slot]:
         return [s for s in self.slots if s.proc is not None and s.proc.returncode is None]
@@ -188,7 +200,10 @@ class Supervisor:
         if self.signals:  # told to stop while it was being started
             self._send(slot, self.signals[-1])
         await self._relay(slot, proc)
-        return await proc.wait()
+        code = await proc.wait()
+        if self.on_exit is not None:
+            self.on_exit(proc.pid)
+        return code
 
     async def _relay(self, slot: _Slot, proc: asyncio.subprocess.Process) -> None:
         """Copy the child's stderr to ours, each line prefixed with its label, until it closes."""

@@ -51,6 +51,7 @@ from fabric.lanes import Lanes
 from fabric.retention import trim_stream
 from fabric.retirement import retire_idle_consumers
 from fabric.retry import RetryTimer, backoff_ms
+from fabric.tally import BATCH_BUCKETS, Tally
 from fabric.turns import Turns
 
 __all__ = ["Delivery", "Worker", "WorkerStats", "default_consumer_name"]
@@ -96,16 +97,28 @@ class Delivery:
 
 
 class WorkerStats(msgspec.Struct, kw_only=True):
-    """What this worker did since it started."""
+    """What this worker did since it started (the metrics read these: counting costs the hot path nothing more)."""
 
+    delivered: int = 0
+    """Entries taken for handling: new reads, reclaimed ones and retries."""
     handled: int = 0
+    """Acknowledged after success."""
     failed: int = 0
+    """Deliveries whose handler failed."""
+    retried: int = 0
+    """Failures parked for another delivery."""
     dead_lettered: int = 0
+    rejected: int = 0
+    """Handler calls that raised ``Reject`` (dead-lettered)."""
+    invalid: int = 0
+    """Entries that did not decode to a known event (dead-lettered)."""
     reclaimed: int = 0
     refused: int = 0
     """Commits refused because another consumer had taken the entry over."""
     trimmed_pending: int = 0
     """Pending entries found trimmed from their stream before anyone handled them."""
+    read_sizes: Tally = msgspec.field(default_factory=lambda: Tally(BATCH_BUCKETS))
+    """Entries per XREADGROUP reply."""
 
 
 _Commit = tuple[Delivery, list[tuple[str, Encoded]]]
@@ -184,6 +197,7 @@ class Worker:
         """Past this many held entries (read ahead, in flight, parked, committing) the reader pauses."""
         self._halt = asyncio.Event()  # set last, at the end of a drain: stops the heartbeat
         self._joined = asyncio.Event()
+        self._reads_failing = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -195,6 +209,23 @@ class Worker:
     def stop(self) -> None:
         """Begin a graceful drain; ``run`` returns when it is done."""
         self._stop.set()
+
+    @property
+    def readiness(self) -> str | None:
+        """None when ready for work (joined its group, reading from Redis without errors, not draining), else
+        why not."""
+        if self._stop.is_set():
+            return "draining"
+        if not self._joined.is_set():
+            return "joining its group"
+        if self._reads_failing:
+            return "reads from Redis are failing"
+        return None
+
+    @property
+    def ready(self) -> bool:
+        """``readiness`` is None."""
+        return self.readiness is None
 
     async def wait_joined(self) -> None:
         """Wait until the first discovery has joined the group on the known streams."""
@@ -358,9 +389,11 @@ class Worker:
                         "STREAMS", *streams, *(">",) * len(streams),
                     )
                     delay = ERROR_BACKOFF_S[0]
+                    self._reads_failing = False
                 except (rex.RedisError, OSError) as exc:
                     primed = primed or self._prime()
                     raise_if_cancelled(exc)
+                    self._reads_failing = True
                     if isinstance(exc, rex.ResponseError) and error_code(exc) in GONE:
                         self._group_gone(exc)
                         continue
@@ -438,6 +471,8 @@ class Worker:
                 held[d.entry_id] = now
             self._lanes.extend(priority, batch)
             taken += len(batch)
+        self.stats.delivered += taken
+        self.stats.read_sizes.observe(taken)
         return taken
 
     def _held_total(self) -> int:
@@ -481,17 +516,18 @@ class Worker:
         except Withheld:
             self._withheld.append(d)
         except Reject as exc:
-            await self._dead_letter(d, "Reject", exc.reason)
+            self.stats.rejected += 1
+            await self._dead_letter(d, "Reject", exc.reason, event)
         except Retry as exc:
-            await self._failed(d, "Retry", exc.reason, exc.after_ms / 1000)
+            await self._failed(d, "Retry", exc.reason, exc.after_ms / 1000, event)
         except Exception as exc:  # a handler's failure is data: recorded, retried, dead-lettered
-            await self._failed(d, type(exc).__name__, str(exc) or repr(exc), None)
+            await self._failed(d, type(exc).__name__, str(exc) or repr(exc), None, event)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is None or task.cancelling():
                 raise  # this worker is being stopped
             # the handler itself raised CancelledError (it awaited something another party cancelled)
-            await self._failed(d, "CancelledError", str(exc) or "the handler raised CancelledError", None)
+            await self._failed(d, "CancelledError", str(exc) or "the handler raised CancelledError", None, event)
         else:
             self._commits.append((d, outputs))
             self._commit_ready.set()
@@ -508,6 +544,7 @@ class Worker:
         try:
             return decode_entry(d.fields)
         except DecodeError as exc:
+            self.stats.invalid += 1
             return (type(exc).__name__, exc.reason)
 
     async def _turn_away(self, d: Delivery, why: tuple[str, ...]) -> None:
@@ -534,12 +571,21 @@ class Worker:
 
     # ---- outcomes --------------------------------------------------------------------------------
 
-    async def _failed(self, d: Delivery, error_type: str, message: str, after_s: float | None) -> None:
+    def _log_ids(self, d: Delivery, event: Event | None) -> dict[str, str]:
+        """What a log line about a delivery carries beside its text (``logs.py`` prints it)."""
+        ids = {"stream": d.stream.key, "entry_id": d.entry_id.decode(), "group": self.group,
+               "consumer": self.consumer}
+        if event is not None:
+            ids |= {"event_id": event.event_id, "correlation_id": event.root_id}
+        return ids
+
+    async def _failed(self, d: Delivery, error_type: str, message: str, after_s: float | None,
+                      event: Event | None = None) -> None:
         self.stats.failed += 1
         log.warning("%s failed on %s %s (delivery %d): %s: %s", self.handler_name, d.stream.key,
-                    d.entry_id.decode(), d.deliveries, error_type, message)
+                    d.entry_id.decode(), d.deliveries, error_type, message, extra=self._log_ids(d, event))
         if d.deliveries >= self.config.max_deliveries:
-            await self._dead_letter(d, error_type, message)
+            await self._dead_letter(d, error_type, message, event)
             return
         ref = d.stream
         owned = await self._retrying(lambda: scripts.FAIL(
@@ -553,9 +599,10 @@ class Worker:
         cfg = self.config
         if after_s is None:
             after_s = backoff_ms(d.deliveries, cfg.backoff_base_ms, cfg.backoff_max_ms) / 1000
+        self.stats.retried += 1
         self._retries.park(d, after_s)
 
-    async def _dead_letter(self, d: Delivery, error_type: str, message: str) -> None:
+    async def _dead_letter(self, d: Delivery, error_type: str, message: str, event: Event | None = None) -> None:
         moved = await self._retrying(lambda: deadletter.move(
             self.client, self.keys, d.stream.key, d.entry_id, group=self.group, consumer=self.consumer,
             handler=self.handler_name, error_type=error_type, error=message, deliveries=d.deliveries,
@@ -566,7 +613,7 @@ class Worker:
         if moved:
             self.stats.dead_lettered += 1
             log.error("dead-lettered %s %s after %d deliveries: %s %s", d.stream.key, d.entry_id.decode(),
-                      d.deliveries, error_type or "max deliveries", message)
+                      d.deliveries, error_type or "max deliveries", message, extra=self._log_ids(d, event))
 
     # ---- committing ------------------------------------------------------------------------------
 
@@ -739,6 +786,7 @@ class Worker:
             if deleted:
                 await self._trimmed_pending(stream, deleted)
         self.stats.reclaimed += total
+        self.stats.delivered += total
         if total:
             log.info("reclaimed %d entries idle over %d ms", total, self.config.reclaim_idle_ms)
         return total
@@ -765,6 +813,7 @@ class Worker:
                 got = {entry_id: int(count) for entry_id, _, count in claimed or ()}
                 for d in ds:
                     if d.entry_id in got:
+                        self.stats.delivered += 1
                         d.deliveries = got[d.entry_id]
                         self._held[stream][d.entry_id] = time.monotonic()
                         self._lanes.put(d.stream.priority, d)

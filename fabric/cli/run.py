@@ -44,11 +44,14 @@ from fabric.config import (
     WorkerConfig,
 )
 from fabric.embedded import answers, redis_server
+from fabric.endpoints import PORT_ENV
 from fabric.errors import ConfigError, HandlerLoadError
 from fabric.events import Event, event_type, event_types
 from fabric.handler import HandlerFn, load_handler
 from fabric.keys import Keys, Priority
+from fabric.logs import FORMAT_ENV, configure
 from fabric.publisher import Publisher
+from fabric.snapshots import DIR_ENV
 from fabric.supervisor import Program, Supervisor
 
 __all__ = ["dev", "publish", "worker"]
@@ -145,9 +148,12 @@ def publish(
         raise typer.Exit(int(Exit.PARTIAL))
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(verbose: bool, fmt: str) -> None:
+    with reported():
+        try:
+            configure(fmt, logging.DEBUG if verbose else logging.INFO)
+        except ValueError as exc:
+            raise ConfigError(f"--log-format: {exc}") from None
 
 
 WORKER_OPTIONS = ("concurrency", "max_deliveries", "output_topic", "reclaim_idle_ms", "block_ms", "grace_s",
@@ -275,11 +281,16 @@ def worker(
     namespace: Namespace = None,
     config_file: ConfigFile = None,
     imports: Imports = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        envvar=PORT_ENV, min=0, max=65535, help="Serve /metrics, /healthz and /readyz on this port (0: any free "
+        "one); with several processes, the supervisor serves them all on it.  [default: off]")] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address the metrics port listens on.")] = "0.0.0.0",  # noqa: S104
+    log_format: Annotated[str, typer.Option(envvar=FORMAT_ENV, help="text or json (one object per line).")] = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a worker (or, with --processes or a config file's [workers.NAME] tables, a supervisor of worker
     processes) until SIGTERM/SIGINT, then drain gracefully and exit 0 (a second signal: at once, exit 1)."""
-    _logging(verbose)
+    _logging(verbose, log_format)
     import_modules(imports)
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
@@ -299,23 +310,38 @@ def worker(
             jobs = [_job_from_args(handler, topic, group, consumer, processes, overrides, s)]
         handlers = [_load_handler(job, config_file if handler is None else None) for job in jobs]
     if sum(job.processes for job in jobs) == 1:
-        _serve(jobs[0], *handlers[0], s)
-    common = [*(a for m in imports or () for a in ("--import", m)), *(["-v"] if verbose else [])]
+        _serve(jobs[0], *handlers[0], s, metrics_port, metrics_host)
+    common = [*(a for m in imports or () for a in ("--import", m)), *(["-v"] if verbose else []),
+              "--log-format", log_format]
     if config_file is not None:
         common += ["--config", str(config_file)]
-    graceful = run(lambda url: Supervisor(_programs(jobs, url, s.keys.ns, common)).run(), s.url)
+    graceful = run(lambda url: _supervise(_programs(jobs, url, s.keys.ns, common), metrics_port, metrics_host), s.url)
     if not graceful:
         raise typer.Exit(int(Exit.FAILED))
 
 
-def _serve(job: _Job, name: str, fn: HandlerFn, fallback: HandlerFn | None, s: Settings) -> NoReturn:
+async def _supervise(programs: list[Program], metrics_port: int | None, metrics_host: str) -> bool:
+    """Run the supervisor; with a metrics port, serve its children's metrics there (they write, it serves)."""
+    supervisor = Supervisor(programs)
+    os.environ.pop(PORT_ENV, None)  # the children must not each try to serve on the same port
+    if metrics_port is None:
+        return await supervisor.run()
+    from fabric.telemetry import supervised
+
+    async with supervised(supervisor, port=metrics_port, host=metrics_host) as (_, directory):
+        os.environ[DIR_ENV] = str(directory)
+        return await supervisor.run()
+
+
+def _serve(job: _Job, name: str, fn: HandlerFn, fallback: HandlerFn | None, s: Settings,
+           metrics_port: int | None, metrics_host: str) -> NoReturn:
     """Run the one worker in this process; exit 0 once drained, 1 if a second signal cut the drain short."""
     from fabric.runner import drain_when_orphaned, serve, tune_gc
 
     drain_when_orphaned()
     tune_gc()
-    graceful = run(lambda url: serve(url, fn, job.config, namespace=s.keys.ns, handler_name=name, fallback=fallback),
-                   s.url)
+    graceful = run(lambda url: serve(url, fn, job.config, namespace=s.keys.ns, handler_name=name, fallback=fallback,
+                                     metrics_port=metrics_port, metrics_host=metrics_host), s.url)
     raise typer.Exit(int(Exit.OK if graceful else Exit.FAILED))
 
 
