@@ -14,8 +14,9 @@ expired.
 Each acquisition of a free stream draws a new token from the stream's fence counter (``Keys.fence``, no TTL):
 tokens only grow and are never reused. A write for an owned stream is applied only if its token is still the
 lease's, in the same script (``fenced_ack.lua`` shows the check), so a paused former owner writes nothing once
-the stream has moved on. A new owner calls ``take_over`` before reading new entries: it claims, oldest first,
-what the former owner had read and not finished, under the new token.
+the stream has moved on. Reads are fenced too (``read``): an entry read by a stale owner would become pending to
+it, and the new owner, reading past it, would break the order. A new owner calls ``take_over`` before reading
+new entries: it claims, oldest first, what the former owner had read and not finished, under the new token.
 
 Membership is a zset of member → last heartbeat (``Keys.members``); the live members, with the streams and the
 current owners, are what ``balance.balance`` spreads the streams over.
@@ -55,6 +56,14 @@ def renew_interval_ms(ttl_ms: int) -> int:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _by_slot(streams: Iterable[str]) -> list[list[str]]:
+    """Streams grouped by cluster slot (a stream's lease and companions share its slot), so one script each."""
+    groups: defaultdict[int, list[str]] = defaultdict(list)
+    for stream in streams:
+        groups[key_slot(stream.encode())].append(stream)
+    return list(groups.values())
 
 
 class Lease(NamedTuple):
@@ -103,15 +112,28 @@ class Leases:
 
     async def renew(self, tokens: Mapping[str, int], member: str) -> set[str]:
         """Extend the leases ``member`` holds (stream → token), one call per cluster slot; return those lost."""
-        by_slot: defaultdict[int, list[str]] = defaultdict(list)
-        for stream in tokens:
-            by_slot[key_slot(self.key(stream).encode())].append(stream)
         lost: set[str] = set()
-        for streams in by_slot.values():
+        for streams in _by_slot(tokens):
             args: list[Any] = [member, self.ttl_ms, *(tokens[s] for s in streams)]
             kept = await scripts.LEASE_RENEW(self.client, [self.key(s) for s in streams], args)
             lost.update(s for s, ok in zip(streams, kept, strict=True) if not ok)
         return lost
+
+    async def read(self, tokens: Mapping[str, int], member: str, count: int) -> tuple[dict[str, list[Any]], set[str]]:
+        """Read up to ``count`` new entries of each stream ``member`` holds (stream → token) as its consumer, one
+        call per cluster slot; return the entries (id, fields) by stream, and the streams fenced out (lost)."""
+        entries: dict[str, list[Any]] = {}
+        lost: set[str] = set()
+        for streams in _by_slot(tokens):
+            keys = [k for s in streams for k in (s, self.key(s))]
+            args: list[Any] = [self.group, member, count, *(tokens[s] for s in streams)]
+            replies = await scripts.FENCED_READ(self.client, keys, args)
+            for stream, reply in zip(streams, replies, strict=True):
+                if reply is None:
+                    lost.add(stream)
+                elif reply:
+                    entries[stream] = reply
+        return entries, lost
 
     async def release(self, stream: str, member: str, token: int) -> bool:
         """Give a stream up at once; False if ``member`` no longer held it under ``token``."""

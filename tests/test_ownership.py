@@ -182,6 +182,39 @@ async def _free(leases: Leases, stream: str) -> bool:
     return stream not in await leases.owners([stream])
 
 
+@pytest.mark.real_only  # fakeredis hands XREADGROUP's reply to Lua one level less nested than Redis does
+async def test_a_fenced_read_reads_the_held_streams_and_reports_the_lost(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP)
+    held, empty, lost = tick(keys, "A"), tick(keys, "B"), tick(keys, "C")
+    ids = {s: await backlog(redis, s, n) for s, n in ((held, 3), (empty, 0), (lost, 2))}
+    tokens = {s: await leases.acquire(s, "a") for s in (held, empty, lost)}
+    tokens[lost] -= 1  # a token "a" no longer holds
+    entries, fenced = await leases.read(tokens, "a", 2)
+    assert {s: [e[0] for e in es] for s, es in entries.items()} == {held: ids[held][:2]}
+    assert fenced == {lost}
+    assert await pending_of(redis, lost) == {}
+
+
+@pytest.mark.real_only  # fakeredis hands XREADGROUP's reply to Lua one level less nested than Redis does
+async def test_a_former_owner_resumed_reads_nothing_behind_the_new_owners_back(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=SHORT_TTL_MS)
+    stream = tick(keys)
+    ids = await backlog(redis, stream, 4)
+    old = await leases.acquire(stream, "a")
+    assert old is not None
+    assert [e[0] for e in (await leases.read({stream: old}, "a", 1))[0][stream]] == ids[:1]
+    # Given "a" paused past its TTL, and "b" owning the stream now
+    new = await eventually(lambda: leases.acquire(stream, "b"), what="b acquiring")
+    # When "a" resumes and reads on, then it gets nothing and learns it lost the stream
+    assert await leases.read({stream: old}, "a", 10) == ({}, {stream})
+    # and "b" takes over the entry "a" had, then reads every later one, none skipped
+    page = await leases.take_over(stream, "b", new)
+    assert page is not None and [e[0] for e in page.entries] == ids[:1]
+    entries, _ = await leases.read({stream: new}, "b", 10)
+    assert [e[0] for e in entries[stream]] == ids[1:]
+    assert set((await pending_of(redis, stream)).values()) == {"b"}
+
+
 # ---- hand-over ------------------------------------------------------------------------------------------
 
 

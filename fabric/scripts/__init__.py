@@ -16,9 +16,9 @@ from redis.exceptions import NoScriptError
 from fabric.client import Line
 
 __all__ = [
-    "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "FENCED_ACK", "LEASE", "LEASE_HANDOVER", "LEASE_RELEASE",
-    "LEASE_RENEW", "MEMBERS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE", "TAKEOVER", "TOUCH", "TRIM",
-    "Script",
+    "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "FENCED_ACK", "FENCED_READ", "LEASE", "LEASE_HANDOVER",
+    "LEASE_RELEASE", "LEASE_RENEW", "MEMBERS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE", "TAKEOVER", "TOUCH",
+    "TRIM", "Script",
 ]
 
 
@@ -67,3 +67,4 @@ LEASE_HANDOVER = Script("lease_handover")
 TAKEOVER = Script("takeover")
 MEMBERS = Script("members")
 FENCED_ACK = Script("fenced_ack")
+FENCED_READ = Script("fenced_read")
