@@ -33,9 +33,10 @@ key                                type         written by                  read
                                                 samples the group's lag     one sampler per group, fleet-wide
 ``ns:sampler:~namespace``          string, TTL  the worker process that     the same: one sampler of dead
                                                 samples namespace gauges    letters and breakers, fleet-wide
-``ns:lease:GROUP:TOPIC:PRI:TAG``   hash, TTL    lease*.lua: ``owner``,      lease*.lua; fenced writes
-                                                ``token``, ``releasing``    (fenced_ack.lua) compare
-                                                (holder handing over)       ``token``; balancer, CLI
+``ns:lease:GROUP:TOPIC:PRI:TAG``   hash, TTL    lease*.lua: ``owner``,      lease*.lua; fenced reads and
+                                                ``token``, ``releasing``    writes (fenced_*.lua,
+                                                (holder handing over)       takeover.lua) compare ``token``;
+                                                                            ownership module, CLI
 ``ns:fence:GROUP:TOPIC:PRI:TAG``   string       lease.lua: INCR, the last   lease.lua
                                                 token issued; no TTL, so
                                                 a token is never reused
