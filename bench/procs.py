@@ -37,7 +37,9 @@ from bench.workload import SYMBOLS, TOPIC, WARMUP, tick, ticks
 from fabric import Keys, Priority, Publisher, Worker, WorkerConfig, connect
 from fabric.events import Tick
 from fabric.handler import as_handler
+from fabric.metrics import HandlerTallies, measured
 from fabric.runner import tune_gc
+from fabric.telemetry import exposed
 
 __all__ = ["GROUP", "OUTPUT_TOPIC", "main"]
 
@@ -143,7 +145,12 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.mode == "outputs":
         fields["output_topic"] = OUTPUT_TOPIC
     config = msgspec.convert(fields, WorkerConfig)
-    w = Worker(client, as_handler(MODES[args.mode](rec), f"bench.{args.mode}"), config, keys=keys)
+    tallies = HandlerTallies() if args.metrics else None  # as `fabric worker --metrics-port` runs it
+    w = Worker(client, as_handler(MODES[args.mode](rec), f"bench.{args.mode}"), config, keys=keys,
+               middleware=[measured(tallies)] if tallies else [])
+    exposing = contextlib.AsyncExitStack()
+    if tallies:
+        await exposing.enter_async_context(exposed(w, tallies, port=0, host="127.0.0.1"))
     run = asyncio.create_task(w.run())
     poll_s = POLL_S[args.mode]
     if await until(lambda: w.stats.handled >= warm, stop, run, 0.01):
@@ -156,6 +163,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     t_done, cpu = time.time(), time.process_time() - cpu
     w.stop()
     await run
+    await exposing.aclose()
     await client.aclose()
     return {"reached": reached, "t_done": t_done, "cpu_s": cpu, "stats": msgspec.structs.asdict(w.stats),
             "config": msgspec.to_builtins(config), **rec.report()}
@@ -194,6 +202,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--warm", default="normal", help="worker: priorities to warm up, comma-separated")
         p.add_argument("--config", default="{}", help="worker, fleet: more WorkerConfig fields, as JSON")
         p.add_argument("--processes", type=int, default=2, help="fleet: worker processes")
+        p.add_argument("--metrics", type=int, default=0, help="worker: 1 to count and serve metrics")
     return top
 
 

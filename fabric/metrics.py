@@ -178,7 +178,7 @@ class Metrics:
         stats = worker.stats
         for name, field in _WORKER_COUNTERS:
             yield Series(name, labels, getattr(stats, field))
-        yield _histogram("fabric_read_batch_size", (worker.group,), stats.read_sizes)
+        yield _histogram("fabric_read_batch_size", (worker.group,), worker.read_sizes)
         if tallies is not None:
             yield _histogram("fabric_handler_duration_seconds", labels, tallies.duration)
             yield _histogram("fabric_end_to_end_latency_seconds", labels, tallies.latency)

@@ -117,8 +117,6 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     """Commits refused because another consumer had taken the entry over."""
     trimmed_pending: int = 0
     """Pending entries found trimmed from their stream before anyone handled them."""
-    read_sizes: Tally = msgspec.field(default_factory=lambda: Tally(BATCH_BUCKETS))
-    """Entries per XREADGROUP reply."""
 
 
 _Commit = tuple[Delivery, list[tuple[str, Encoded]]]
@@ -174,6 +172,8 @@ class Worker:
             chain.append(timeout(config.handler_timeout_s))
         self._handler = wrap(handler, chain)
         self.stats = WorkerStats()
+        self.read_sizes = Tally(BATCH_BUCKETS)
+        """Entries per XREADGROUP reply."""
         self._lanes: Lanes[Delivery] = Lanes(config.prefetch, config.priority_weights)
         self._turns = Turns()
         self._unprimed = len(Priority)  # readers yet to make their first read
@@ -472,7 +472,7 @@ class Worker:
             self._lanes.extend(priority, batch)
             taken += len(batch)
         self.stats.delivered += taken
-        self.stats.read_sizes.observe(taken)
+        self.read_sizes.observe(taken)
         return taken
 
     def _held_total(self) -> int:
