@@ -150,7 +150,7 @@ class Metrics:
         self._routes: dict[str, tuple[str, str]] = {}
 
     def watch_worker(self, worker: Worker, tallies: HandlerTallies | None = None) -> None:
-        """Export a worker's counts (and its handler's histograms, when measured)."""
+        """Export a worker's counts, the events its handler published (and its histograms, when measured)."""
         self._workers.append((worker, tallies))
 
     def watch_publisher(self, publisher: Publisher) -> None:
@@ -185,8 +185,9 @@ class Metrics:
 
     def _published(self) -> Iterator[Series]:
         totals: dict[tuple[str, str], int] = {}
-        for pub in self._publishers:
-            for stream, n in list(pub.published.items()):
+        counts = [p.published for p in self._publishers] + [w.published for w, _ in self._workers]
+        for published in counts:
+            for stream, n in list(published.items()):
                 route = self._routes.get(stream)
                 if route is None:
                     ref = self.keys.parse_stream(stream)

@@ -174,6 +174,8 @@ class Worker:
         self.stats = WorkerStats()
         self.read_sizes = Tally(BATCH_BUCKETS)
         """Entries per XREADGROUP reply."""
+        self.published: dict[str, int] = {}
+        """Events the handler returned and the worker wrote, per stream (committed with their input's ack)."""
         self._lanes: Lanes[Delivery] = Lanes(config.prefetch, config.priority_weights)
         self._turns = Turns()
         self._unprimed = len(Priority)  # readers yet to make their first read
@@ -690,9 +692,12 @@ class Worker:
             self._held[d.stream.key].pop(d.entry_id, None)
         if results is None:  # the group is gone: nothing to ack; the rejoin delivers these again
             return
-        for (d, _), ok in zip(batch, results, strict=True):
+        published = self.published
+        for (d, outputs), ok in zip(batch, results, strict=True):
             if ok:
                 self.stats.handled += 1
+                for stream, _ in outputs:
+                    published[stream] = published.get(stream, 0) + 1
             else:
                 self.stats.refused += 1
                 log.warning("commit of %s %s refused: another consumer took it over (late, not applied)",

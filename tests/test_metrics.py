@@ -264,3 +264,27 @@ async def test_a_handler_logging_while_it_handles_an_event_logs_the_event_ids(ca
     first, second = (json.loads(line) for line in capsys.readouterr().err.splitlines())
     assert (first["event_id"], first["correlation_id"], first["entry_id"]) == (event.event_id, "root-1", "1-0")
     assert "event_id" not in second
+
+
+async def test_a_worker_counts_the_events_its_handler_published(redis, keys) -> None:
+    async def double(event: Tick) -> list[Event]:
+        return [Tick(symbol=event.symbol, bid=event.bid * 2, ask=event.ask * 2)] * 2
+
+    config = WorkerConfig(group="g", topics=["tick"], block_ms=50, output_topic="doubled")
+    worker = Worker(redis, as_handler(double), config, keys=keys)
+    metrics = Metrics(keys)
+    metrics.watch_worker(worker)
+    async with Publisher(redis, keys=keys) as pub:
+        await pub.publish_many([Tick(symbol=s, bid=1, ask=2) for s in "ABC"])
+
+    async def published() -> float:
+        return sum(s.value for s in metrics.snapshot().series
+                   if s.name == "fabric_published_events_total" and s.labels == ("doubled", "normal"))
+
+    async with running(worker):
+        assert await eventually(lambda: _equal(published(), 6), what="6 outputs counted") == 6
+
+
+async def _equal(value: Any, expected: float) -> float:
+    found = await value
+    return found if found == expected else 0
