@@ -38,8 +38,7 @@ def _line(hop: Hop) -> str:
     latency = "root" if hop.depth == 0 and not hop.causation_id else f"+{duration(hop.latency_ns)}"
     if hop.latency_ns is None and hop.causation_id:
         latency = "?"  # its cause was not read (outside the window, trimmed, or on a topic not searched)
-    return (f"{INDENT * hop.depth}{latency:>9}  {hop.topic}  {hop.type}  {hop.symbol or '-'}  {hop.event_id}"
-            ).rstrip()
+    return f"{INDENT * hop.depth}{latency}  {hop.topic}  {hop.type}  {hop.symbol or '-'}  {hop.event_id}"
 
 
 def _total(t: Trace) -> str:
