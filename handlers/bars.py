@@ -31,7 +31,7 @@ import msgspec
 
 from fabric.events import Bar, Tick, new_event_id
 from handlers.feed import stable_event_id
-from handlers.state import Store, admit
+from handlers.state import Store, admit, replay
 
 __all__ = [
     "CSV_COLUMNS", "SAMPLE_BARS", "BarFileError", "BarState", "OpenBar", "add_tick", "close_bars",
@@ -67,10 +67,11 @@ class OpenBar(msgspec.Struct):
 
 
 class BarState(msgspec.Struct):
-    """One symbol's aggregation: the last tick applied and an open bar per timeframe."""
+    """One symbol's aggregation: the last tick applied, an open bar per timeframe, the bars the last tick closed."""
 
     last_seq: int = 0
     open: dict[str, OpenBar] = {}
+    last_outputs: list[Bar] = []
 
 
 def _to_bar(symbol: str, timeframe: str, b: OpenBar) -> Bar:
@@ -114,8 +115,8 @@ def make_bar_handler(store: Store[BarState],
         """Aggregate a tick into its symbol's bars."""
         state = await store.get(tick.symbol) or BarState()
         if not admit(state.last_seq, tick.seq, "tick", tick.symbol):
-            return None
-        closed = add_tick(state, tick, timeframes)
+            return replay(state.last_seq, tick.seq, state.last_outputs) or None
+        closed = state.last_outputs = add_tick(state, tick, timeframes)
         await store.put(tick.symbol, state)
         return closed or None
 

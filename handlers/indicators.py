@@ -24,7 +24,7 @@ import msgspec
 
 from fabric.events import Bar, Features
 from handlers.bars import timeframe_ns
-from handlers.state import Store, admit
+from handlers.state import Store, admit, replay
 
 __all__ = [
     "Bollinger", "Ema", "IndicatorState", "Macd", "Rsi", "Sma", "Window", "make_indicator_handler",
@@ -171,7 +171,7 @@ class Bollinger(msgspec.Struct):
 
 
 class IndicatorState(msgspec.Struct):
-    """One symbol's indicators on one timeframe, and the last bar applied."""
+    """One symbol's indicators on one timeframe, the last bar applied and the features it gave."""
 
     last_seq: int = 0
     sma: Sma = msgspec.field(default_factory=lambda: Sma(20))
@@ -179,6 +179,7 @@ class IndicatorState(msgspec.Struct):
     rsi: Rsi = msgspec.field(default_factory=Rsi)
     macd: Macd = msgspec.field(default_factory=Macd)
     bollinger: Bollinger = msgspec.field(default_factory=Bollinger)
+    last_outputs: Features | None = None
 
 
 def update_features(state: IndicatorState, close: float) -> dict[str, float]:
@@ -208,11 +209,12 @@ def make_indicator_handler(store: Store[IndicatorState],
             return None
         state = await store.get(bar.symbol) or IndicatorState()
         if not admit(state.last_seq, bar.seq, "bar", bar.symbol):
-            return None
+            return replay(state.last_seq, bar.seq, state.last_outputs)
         values = update_features(state, bar.close)
         state.last_seq = bar.seq
+        state.last_outputs = Features(symbol=bar.symbol, values=values, timeframe=timeframe,
+                                      market_ts_ns=bar.start_ns + period_ns, seq=bar.seq)
         await store.put(bar.symbol, state)
-        return Features(symbol=bar.symbol, values=values, timeframe=timeframe,
-                        market_ts_ns=bar.start_ns + period_ns, seq=bar.seq)
+        return state.last_outputs
 
     return indicators

@@ -21,7 +21,7 @@ import msgspec
 
 from fabric.events import Fill, PortfolioUpdate, Position, Side
 from handlers.broker import cash_change
-from handlers.state import Store, admit
+from handlers.state import Store, admit, replay
 
 __all__ = ["Allocation", "Holding", "apply_fill", "combine", "make_portfolio_handler", "sleeve_update"]
 
@@ -43,7 +43,8 @@ class Allocation(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Holding(msgspec.Struct):
-    """One symbol's sleeve: its cash, position, realized PnL and last price, and the last fill applied."""
+    """One symbol's sleeve: its cash, position, realized PnL and last price, the last fill applied and the
+    update it gave."""
 
     cash: float
     last_seq: int = 0
@@ -51,6 +52,7 @@ class Holding(msgspec.Struct):
     avg_price: float = 0.0
     realized_pnl: float = 0.0
     mark_price: float = 0.0
+    last_outputs: PortfolioUpdate | None = None
 
 
 def apply_fill(h: Holding, fill: Fill) -> None:
@@ -91,10 +93,11 @@ def make_portfolio_handler(store: Store[Holding],
         """Apply a fill to its symbol's sleeve."""
         h = await store.get(fill.symbol) or Holding(cash=allocation.sleeve_cash)
         if not admit(h.last_seq, fill.seq, "fill", fill.symbol):
-            return None
+            return replay(h.last_seq, fill.seq, h.last_outputs)
         apply_fill(h, fill)
+        h.last_outputs = sleeve_update(fill.symbol, h, market_ts_ns=fill.market_ts_ns)
         await store.put(fill.symbol, h)
-        return sleeve_update(fill.symbol, h, market_ts_ns=fill.market_ts_ns)
+        return h.last_outputs
 
     return portfolio
 

@@ -33,7 +33,7 @@ import msgspec
 from fabric.events import Action, Alert, Order, Severity, Side, Signal
 from handlers.broker import Costs, cash_change
 from handlers.portfolio import Allocation
-from handlers.state import Store, admit
+from handlers.state import Store, admit, replay
 
 __all__ = ["RiskLimits", "Sleeve", "make_risk_handler"]
 
@@ -49,7 +49,8 @@ class RiskLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Sleeve(msgspec.Struct):
-    """One symbol's risk book: cash, position, peak equity, whether buying stopped, orders made."""
+    """One symbol's risk book: cash, position, peak equity, whether buying stopped, orders made, and the order
+    or alert (or None) the last signal gave."""
 
     cash: float
     peak_equity: float
@@ -57,6 +58,7 @@ class Sleeve(msgspec.Struct):
     quantity: float = 0.0
     halted: bool = False
     orders: int = 0
+    last_outputs: Order | Alert | None = None
 
 
 def _alert(signal: Signal, severity: Severity, why: str) -> Alert:
@@ -90,7 +92,9 @@ class _Risk:
         budget = self.limits.trade_fraction * signal.strength * equity
         room = self.limits.max_exposure * equity - s.quantity * signal.price
         affordable = s.cash / (1 + self.costs.commission_bps / 10_000)
-        quantity = math.floor(min(budget, room, affordable) / price)
+        # a float, as Order.quantity is: an int would come back from the stored state as a float, so a replayed
+        # order would differ from the original
+        quantity = float(math.floor(min(budget, room, affordable) / price))
         if quantity >= 1:
             return self.order(s, signal, Side.BUY, quantity)
         if budget < price:
@@ -120,8 +124,8 @@ def make_risk_handler(store: Store[Sleeve], allocation: Allocation, limits: Risk
         """Check a signal against its symbol's sleeve."""
         s = await store.get(signal.symbol) or Sleeve(cash=allocation.sleeve_cash, peak_equity=allocation.sleeve_cash)
         if not admit(s.last_seq, signal.seq, "signal", signal.symbol):
-            return None
-        decision = rules.decide(s, signal)
+            return replay(s.last_seq, signal.seq, s.last_outputs)
+        decision = s.last_outputs = rules.decide(s, signal)
         s.last_seq = signal.seq
         await store.put(signal.symbol, s)
         return decision

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from fabric.events import Action, Features, Signal
-from handlers.state import Store, admit
+from handlers.state import Store, admit, replay
 
 __all__ = ["StrategyParams", "StrategyState", "decide", "make_strategy_handler"]
 
@@ -32,12 +32,14 @@ class StrategyParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class StrategyState(msgspec.Struct):
-    """One symbol's strategy state: the previous histogram, the position asked for, signals sent."""
+    """One symbol's strategy state: the previous histogram, the position asked for, signals sent, and the
+    signal (or None) the last features gave."""
 
     last_seq: int = 0
     previous_hist: float | None = None
     long: bool = False
     signals: int = 0
+    last_outputs: Signal | None = None
 
 
 def decide(state: StrategyState, values: dict[str, float], params: StrategyParams) -> tuple[Action, float] | None:
@@ -67,7 +69,7 @@ def make_strategy_handler(store: Store[StrategyState],
         """Decide on one bar's features."""
         state = await store.get(features.symbol) or StrategyState()
         if not admit(state.last_seq, features.seq, "features", features.symbol):
-            return None
+            return replay(state.last_seq, features.seq, state.last_outputs)
         decision = decide(state, features.values, p)
         state.last_seq = features.seq
         signal = None
@@ -76,6 +78,7 @@ def make_strategy_handler(store: Store[StrategyState],
             action, strength = decision
             signal = Signal(symbol=features.symbol, action=action, strength=strength, strategy=p.name,
                             price=features.values["close"], market_ts_ns=features.market_ts_ns, seq=state.signals)
+        state.last_outputs = signal
         await store.put(features.symbol, state)
         return signal
 
