@@ -8,7 +8,20 @@ from typing import Annotated
 import typer
 
 from fabric import trace as tracing
-from fabric.cli.options import ConfigFile, Exit, Json, Namespace, RedisUrl, app, example, fail, on_redis, settings
+from fabric.cli.options import (
+    ConfigFile,
+    Exit,
+    Imports,
+    Json,
+    Namespace,
+    RedisUrl,
+    app,
+    example,
+    fail,
+    import_modules,
+    on_redis,
+    settings,
+)
 from fabric.cli.output import emit_json
 from fabric.history import parse_time
 from fabric.keys import check_name
@@ -96,9 +109,11 @@ def trace(
     redis_url: RedisUrl = None,
     namespace: Namespace = None,
     config_file: ConfigFile = None,
+    imports: Imports = None,
 ) -> None:
     """Show the events of one correlation id (tick -> bar -> ... -> portfolio update) as a tree of causes, each
     with its hop's latency (its ts_ns minus its cause's), read back from the streams without joining a group."""
+    import_modules(imports)
     _checked(correlation_id, topics or [])
     since_ms = _since(since)
     s = settings(config_file, redis_url, namespace)
