@@ -690,8 +690,10 @@ class Worker:
         results = await self._retrying(lambda: scripts.COMMIT.on(line, keys, args))
         for d, _ in batch:
             self._held[d.stream.key].pop(d.entry_id, None)
-        if results is None:  # the group is gone: nothing to ack; the rejoin delivers these again
-            return
+        if results is not None:  # else the group is gone: nothing to ack; the rejoin delivers these again
+            self._count_commits(batch, results)
+
+    def _count_commits(self, batch: list[_Commit], results: list[int]) -> None:
         published = self.published
         for (d, outputs), ok in zip(batch, results, strict=True):
             if ok:
