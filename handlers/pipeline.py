@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -30,12 +30,26 @@ from handlers.broker import Costs, Exchange, make_broker_handler, paper_exchange
 from handlers.indicators import IndicatorState, make_indicator_handler
 from handlers.portfolio import Allocation, Holding, combine, make_portfolio_handler
 from handlers.risk import RiskLimits, Sleeve, make_risk_handler
-from handlers.state import MemoryStore
+from handlers.state import MemoryStore, Store
 from handlers.strategy import StrategyParams, StrategyState, make_strategy_handler
 
-__all__ = ["PipelineConfig", "PipelineResult", "Stage", "contents", "run_pipeline", "stages"]
+__all__ = [
+    "PipelineConfig", "PipelineResult", "Stage", "StoreFactory", "contents", "memory_stores", "run_pipeline", "stages",
+]
 
 Handler = Callable[[Any], Awaitable[Event | Sequence[Event] | None]]
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+class StoreFactory(Protocol):
+    """Makes the store a stage keeps its per-symbol state in: (stage name, state type) -> store."""
+
+    def __call__(self, stage: str, state_type: type[S], /) -> Store[S]: ...
+
+
+def memory_stores(stage: str, state_type: type[S]) -> Store[S]:
+    """A ``MemoryStore`` for every stage: the single-process mode's state."""
+    return MemoryStore(state_type)
 
 
 class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -57,17 +71,19 @@ class Stage:
     handler: Handler
 
 
-def stages(config: PipelineConfig, allocation: Allocation, exchange: Exchange | None = None) -> list[Stage]:
-    """The pipeline's table, with in-memory state stores and the paper exchange unless one is given."""
+def stages(config: PipelineConfig, allocation: Allocation, exchange: Exchange | None = None,
+           store: StoreFactory = memory_stores) -> list[Stage]:
+    """The pipeline's table, with state in ``store``'s stores (in memory unless given) and the paper exchange
+    unless one is given."""
     return [
-        Stage("bars", Tick, make_bar_handler(MemoryStore(BarState), (config.timeframe,))),
-        Stage("indicators", Bar, make_indicator_handler(MemoryStore(IndicatorState), config.timeframe)),
-        Stage("strategy", Features, make_strategy_handler(MemoryStore(StrategyState), config.strategy)),
-        Stage("risk", Signal, make_risk_handler(MemoryStore(Sleeve), allocation, config.limits, config.costs)),
+        Stage("bars", Tick, make_bar_handler(store("bars", BarState), (config.timeframe,))),
+        Stage("indicators", Bar, make_indicator_handler(store("indicators", IndicatorState), config.timeframe)),
+        Stage("strategy", Features, make_strategy_handler(store("strategy", StrategyState), config.strategy)),
+        Stage("risk", Signal, make_risk_handler(store("risk", Sleeve), allocation, config.limits, config.costs)),
         Stage("broker", Order, make_broker_handler(exchange or paper_exchange(config.costs))),
         Stage("audit", Order, audit),
         Stage("audit", Fill, audit),
-        Stage("portfolio", Fill, make_portfolio_handler(MemoryStore(Holding), allocation)),
+        Stage("portfolio", Fill, make_portfolio_handler(store("portfolio", Holding), allocation)),
     ]
 
 
@@ -88,13 +104,18 @@ def _stamped(outputs: Event | Sequence[Event] | None, cause: Event, producer: st
 
 
 async def run_pipeline(events: Iterable[Tick] | Iterable[Bar], symbols: Iterable[str],
-                       config: PipelineConfig | None = None, exchange: Exchange | None = None) -> PipelineResult:
-    """Run ticks or bars (each symbol's in order) through every stage; the capital is split over ``symbols``."""
+                       config: PipelineConfig | None = None, exchange: Exchange | None = None,
+                       store: StoreFactory = memory_stores,
+                       wrap: Callable[[Stage], Stage] | None = None) -> PipelineResult:
+    """Run ticks or bars (each symbol's in order) through every stage; the capital is split over ``symbols``.
+
+    ``store`` makes the stages' state stores; ``wrap``, if given, replaces each stage (a test's fault injection).
+    """
     config = config or PipelineConfig()
     allocation = Allocation(initial_cash=config.initial_cash, symbols=tuple(sorted(set(symbols))))
     routes: dict[type[Event], list[Stage]] = {}
-    for stage in stages(config, allocation, exchange):
-        routes.setdefault(stage.takes, []).append(stage)
+    for stage in stages(config, allocation, exchange, store):
+        routes.setdefault(stage.takes, []).append(wrap(stage) if wrap else stage)
     counts: Counter[str] = Counter()
     sleeves: dict[str, PortfolioUpdate] = {}
     marks: dict[str, float] = {}
