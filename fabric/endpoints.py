@@ -16,21 +16,25 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["Endpoints", "PORT_ENV"]
+__all__ = ["ANY_HOST", "Endpoints", "PORT_ENV"]
 
 log = logging.getLogger("fabric.endpoints")
 
 PORT_ENV = "FABRIC_METRICS_PORT"
 """The port ``fabric worker`` serves the endpoints on when ``--metrics-port`` is not given."""
+ANY_HOST = "0.0.0.0"  # noqa: S104 (a scrape target listens for scrapers)
+"""The default address: every interface."""
 READ_TIMEOUT_S = 5.0
-MAX_REQUEST = 8192
+MAX_REQUEST_BYTES = 8192
+REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
+           503: "Service Unavailable"}
 
 
 class Endpoints:
     """Serves the endpoints for ``registry``; ``ready()`` returns None when ready, else why not."""
 
     def __init__(self, registry: CollectorRegistry, ready: Callable[[], str | None], *,
-                 host: str = "0.0.0.0", port: int = 0) -> None:  # noqa: S104 (a scrape target listens for scrapers)
+                 host: str = ANY_HOST, port: int = 0) -> None:
         self.registry = registry
         self.ready = ready
         self.host = host
@@ -62,19 +66,29 @@ class Endpoints:
                 503, "text/plain; charset=utf-8", f"not ready: {why}\n".encode())
         return 404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz or /readyz\n"
 
+    def _respond(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain; charset=utf-8", b"GET only\n"
+        try:
+            return self._answer(path.split("?", 1)[0])
+        except Exception:  # a bug in collecting: say so to the scraper and in the log, keep serving
+            log.exception("answering %s failed", path)
+            return 500, "text/plain; charset=utf-8", b"internal error: see the process's log\n"
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
-            method, path, *_ = head[:MAX_REQUEST].decode("latin-1").split(" ", 2)
-            status, ctype, body = (405, "text/plain", b"GET only\n") if method not in ("GET", "HEAD") else \
-                self._answer(path.split("?", 1)[0])
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
-            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + (body if method == "GET" else b""))
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
+                method, path, *_ = head[:MAX_REQUEST_BYTES].decode("latin-1").split(" ", 2)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+                return  # no complete request: nothing to answer
+            status, ctype, body = self._respond(method, path)
+            writer.write(f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                         + (body if method == "GET" else b""))
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError,
-                ConnectionError):
-            pass  # a client that sent no complete request or went away: nothing to answer
+        except ConnectionError:
+            pass  # the client went away
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):

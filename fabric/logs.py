@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -18,6 +19,7 @@ import msgspec
 
 from fabric.events import Event
 from fabric.handler import Context, HandlerFn
+from fabric.supervisor import LABEL_ENV
 
 __all__ = ["FORMAT_ENV", "FORMATS", "JsonFormatter", "TextFormatter", "configure", "log_context"]
 
@@ -64,14 +66,19 @@ def _ids(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"ts": ..., "level": ..., "logger": ..., "message": ..., <ids>, "exc": ...}``, one line each."""
+    """``{"ts": ..., "level": ..., "logger": ..., "message": ..., "worker": ..., <ids>, "exc": ...}``, one line
+    each (``worker``: the label a supervisor gave this process, if any)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.worker = os.environ.get(LABEL_ENV)
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as one JSON line."""
         out: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
-            **_ids(record),
+            **({"worker": self.worker} if self.worker else {}), **_ids(record),
         }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)

@@ -1,12 +1,10 @@
-"""Prometheus metrics: every family defined once here, read from what the workers and publishers already count.
+"""Prometheus metrics, read from what the workers and publishers already count (the families: ``families.py``).
 
 Nothing is counted twice: a worker counts into ``WorkerStats`` and ``Tally``s (plain integers, no locks), a
 publisher into ``Publisher.published``, and the sampler (``sampler.py``) keeps the gauges it reads from Redis.
 ``Metrics`` turns them into a ``Snapshot`` when asked; ``Collector`` yields Prometheus families from the snapshots
 of this process and of the other processes of a supervisor (``snapshots.py``), and is registered on a registry the
 caller passes in. Nothing happens at import time.
-
-Labels stay low in cardinality: group, handler, topic, priority, breaker; never symbol or stream.
 """
 
 from __future__ import annotations
@@ -14,75 +12,23 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector as _Collector
 
 from fabric.events import Event
+from fabric.families import FAMILIES, NAMES, Series, Snapshot, merge
 from fabric.handler import Context, HandlerFn, Middleware
 from fabric.keys import Keys
-from fabric.tally import BATCH_BUCKETS, SECONDS_BUCKETS, Tally
+from fabric.tally import SECONDS_BUCKETS, Tally
 
 if TYPE_CHECKING:
     from fabric.publisher import Publisher
     from fabric.worker import Worker
 
-__all__ = [
-    "FAMILIES", "NAMES", "Collector", "Family", "HandlerTallies", "Metrics", "Series", "Snapshot", "Snapshots",
-    "measured", "merge",
-]
+__all__ = ["NAMES", "Collector", "HandlerTallies", "Metrics", "Snapshots", "measured"]
 
-
-@dataclass(frozen=True)
-class Family:
-    """One metric family: its exposed name (counters end in ``_total``), kind, help and label names."""
-
-    name: str
-    kind: str
-    help: str
-    labels: tuple[str, ...]
-    buckets: tuple[float, ...] = ()
-
-
-_WORKER = ("group", "handler")
-_LANE = ("group", "topic", "priority")
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("fabric_published_events_total", "counter", "Events written to Redis by publishers.", ("topic", "priority")),
-    Family("fabric_delivered_events_total", "counter", "Entries taken for handling: new reads, reclaims, retries.",
-           _WORKER),
-    Family("fabric_handled_events_total", "counter", "Entries acknowledged after their handler succeeded.", _WORKER),
-    Family("fabric_failed_events_total", "counter", "Deliveries whose handler failed.", _WORKER),
-    Family("fabric_retried_events_total", "counter", "Failures scheduled for another delivery.", _WORKER),
-    Family("fabric_dead_lettered_events_total", "counter", "Entries moved to a dead-letter stream.", _WORKER),
-    Family("fabric_rejected_events_total", "counter", "Handler calls that raised Reject (dead-lettered).", _WORKER),
-    Family("fabric_invalid_events_total", "counter", "Entries that failed validation: not a known, decodable event "
-           "(dead-lettered).", _WORKER),
-    Family("fabric_reclaimed_events_total", "counter", "Entries taken over from consumers idle too long.", _WORKER),
-    Family("fabric_refused_commits_total", "counter", "Commits refused: another consumer had taken the entry over.",
-           _WORKER),
-    Family("fabric_trimmed_pending_events_total", "counter", "Pending entries trimmed from their stream before they "
-           "were handled.", _WORKER),
-    Family("fabric_handler_duration_seconds", "histogram", "Handler call duration.", _WORKER, SECONDS_BUCKETS),
-    Family("fabric_end_to_end_latency_seconds", "histogram", "Time from an event's ts_ns to the end of its handling.",
-           _WORKER, SECONDS_BUCKETS),
-    Family("fabric_read_batch_size", "histogram", "Entries per read from Redis.", ("group",), BATCH_BUCKETS),
-    Family("fabric_workers_ready", "gauge", "Worker processes connected, joined and not draining.", ()),
-    Family("fabric_consumer_lag", "gauge", "Entries not yet delivered to the group (sampled by one process per "
-           "group).", _LANE),
-    Family("fabric_pending_events", "gauge", "Entries delivered to the group and not yet acknowledged (sampled).",
-           _LANE),
-    Family("fabric_oldest_pending_age_seconds", "gauge", "Age of the group's oldest pending entry (sampled).", _LANE),
-    Family("fabric_dead_letters", "gauge", "Entries in the namespace's dead-letter streams (sampled).", ()),
-    Family("fabric_breaker_state", "gauge", "Circuit breaker state: 0 closed, 1 half-open, 2 open (sampled).",
-           ("breaker",)),
-    Family("fabric_breaker_transitions_total", "counter", "Circuit breaker state changes (sampled from Redis).",
-           ("breaker",)),
-)}
-NAMES = frozenset(FAMILIES)
-"""Every exposed family name (histograms by their base name)."""
 
 _WORKER_COUNTERS = (
     ("fabric_delivered_events_total", "delivered"), ("fabric_handled_events_total", "handled"),
@@ -91,23 +37,6 @@ _WORKER_COUNTERS = (
     ("fabric_invalid_events_total", "invalid"), ("fabric_reclaimed_events_total", "reclaimed"),
     ("fabric_refused_commits_total", "refused"), ("fabric_trimmed_pending_events_total", "trimmed_pending"),
 )
-
-
-class Series(msgspec.Struct, array_like=True):
-    """One labelled value of a family; histograms carry bucket counts (not cumulative) and a sum."""
-
-    name: str
-    labels: tuple[str, ...]
-    value: float = 0.0
-    counts: list[int] = []
-
-
-class Snapshot(msgspec.Struct, kw_only=True):
-    """What one process has counted, at ``written_s`` (Unix time)."""
-
-    pid: int
-    written_s: float
-    series: list[Series]
 
 
 class HandlerTallies:
@@ -199,32 +128,6 @@ class Metrics:
 
 def _histogram(name: str, labels: tuple[str, ...], tally: Tally) -> Series:
     return Series(name, labels, tally.sum, list(tally.counts))
-
-
-def merge(snapshots: Iterable[Snapshot], *, gauges_from: Iterable[Snapshot] = ()) -> list[Series]:
-    """Sum counters and histograms over ``snapshots`` (processes alive or not), and gauges over ``gauges_from``
-    (live processes only: a dead one's lag or readiness is no longer true)."""
-    totals: dict[tuple[str, tuple[str, ...]], Series] = {}
-
-    def add(s: Series) -> None:
-        key = (s.name, s.labels)
-        found = totals.get(key)
-        if found is None:
-            totals[key] = Series(s.name, s.labels, s.value, list(s.counts))
-        else:
-            found.value += s.value
-            if s.counts:
-                found.counts = [a + b for a, b in zip(found.counts, s.counts, strict=True)]
-
-    for snap in snapshots:
-        for s in snap.series:
-            if FAMILIES[s.name].kind != "gauge":
-                add(s)
-    for snap in gauges_from:
-        for s in snap.series:
-            if FAMILIES[s.name].kind == "gauge":
-                add(s)
-    return list(totals.values())
 
 
 def _families(series: Iterable[Series]) -> Iterator[Metric]:

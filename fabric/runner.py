@@ -19,6 +19,7 @@ import uvloop
 
 from fabric.client import connect, translated
 from fabric.config import WorkerConfig
+from fabric.endpoints import ANY_HOST
 from fabric.handler import HandlerFn, Middleware
 from fabric.keys import Keys
 from fabric.logs import log_context
@@ -68,7 +69,7 @@ async def serve(
     middleware: Sequence[Middleware] = (),
     fallback: HandlerFn | None = None,
     metrics_port: int | None = None,
-    metrics_host: str = "0.0.0.0",  # noqa: S104 (a scrape target listens for scrapers)
+    metrics_host: str = ANY_HOST,
 ) -> bool:
     """Run one worker until SIGTERM/SIGINT, then drain; return False if a second signal cut the drain short.
     ``fallback`` answers instead of the handler while one of its breakers is open. Metrics are served on

@@ -6,9 +6,9 @@ One process per group does it, fleet-wide, at a modest rate: the worker process 
 namespace's gauges have a lease of their own, so they are not sampled once per group. Only the lease holder exports
 these gauges, so dashboards and alerts aggregate them without the instance label (max or sum by group).
 
-Renewal is two commands (SET NX, then PEXPIRE if we are the holder): a lease that expires between them may be
-extended for its new holder by the old one. The only effect is two samplers for one interval, which exports the
-same values twice, under two instance labels.
+The lease is taken, renewed and dropped by ``sampler.lua``, atomically. A round that fails exports nothing until
+the next one succeeds: stale gauges would look like live ones. A lane whose lag Redis cannot tell (XINFO GROUPS
+reports null lag after some deletions and trims) exports no lag rather than a made-up 0.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from typing import Any
 import redis.exceptions as rex
 from redis.asyncio import Redis
 
+from fabric import scripts
 from fabric.breaker import CLOSED, HALF_OPEN, OPEN, list_breakers
 from fabric.client import raise_if_cancelled
 from fabric.errors import FabricError
+from fabric.families import Series
 from fabric.keys import Keys
-from fabric.metrics import Series
 
 __all__ = ["SAMPLE_INTERVAL_MS", "Sampler", "lease"]
 
@@ -41,13 +42,7 @@ BREAKER_STATES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 async def lease(client: Redis, key: str, owner: str, ttl_ms: int) -> bool:
     """Take or renew the lease ``key`` for ``owner``; True if ``owner`` holds it now."""
-    if await client.set(key, owner, nx=True, px=ttl_ms):
-        return True
-    holder = await client.get(key)
-    if holder is not None and _text(holder) == owner:
-        await client.pexpire(key, ttl_ms)
-        return True
-    return False
+    return bool(await scripts.SAMPLER(client, [key], ["hold", owner, ttl_ms]))
 
 
 class Sampler:
@@ -74,6 +69,7 @@ class Sampler:
                 await self.sample()
             except (FabricError, rex.RedisError, OSError) as exc:
                 raise_if_cancelled(exc)
+                self.series = []
                 log.warning("sampling group %s for metrics failed (next try in %d ms): %s", self.group,
                             self.interval_ms, exc)
             with contextlib.suppress(TimeoutError):
@@ -94,9 +90,7 @@ class Sampler:
     async def _give_up(self) -> None:
         """Hand the leases on at once (a draining worker): the next sampler need not wait for them to expire."""
         for key in (self.keys.sampler(self.group), self.keys.sampler()):
-            holder = await self.client.get(key)
-            if holder is not None and _text(holder) == self.owner:
-                await self.client.delete(key)
+            await scripts.SAMPLER(self.client, [key], ["drop", self.owner])
 
     async def _group_series(self) -> list[Series]:
         streams = list(self.streams())
@@ -104,7 +98,7 @@ class Sampler:
                                                                      ("xpending", s, self.group))])
         seconds, micros = replies.pop()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
-        lanes: dict[tuple[str, str], list[int]] = {}  # (topic, priority) -> [lag, pending, oldest ms]
+        lanes: dict[tuple[str, str], list[int | None]] = {}  # (topic, priority) -> [lag, pending, oldest ms]
         for i, stream in enumerate(streams):
             groups, pending = replies[2 * i], replies[2 * i + 1]
             if isinstance(groups, Exception) or isinstance(pending, Exception):
@@ -113,15 +107,18 @@ class Sampler:
             lane = lanes.setdefault((ref.topic, ref.priority.label), [0, 0, now_ms])
             for g in groups:
                 if _text(g["name"]) == self.group:
-                    lane[0] += int(g.get("lag") or 0)
-                    lane[1] += int(g["pending"])
+                    lag = g.get("lag")
+                    lane[0] = None if lag is None or lane[0] is None else lane[0] + int(lag)
+                    lane[1] = int(g["pending"]) + (lane[1] or 0)
             if pending and pending.get("min"):
-                lane[2] = min(lane[2], int(_text(pending["min"]).split("-")[0]))
+                lane[2] = min(lane[2] or now_ms, int(_text(pending["min"]).split("-")[0]))
         out = []
         for (topic, priority), (lag, count, oldest_ms) in sorted(lanes.items()):
             labels = (self.group, topic, priority)
-            out += [Series("fabric_consumer_lag", labels, lag), Series("fabric_pending_events", labels, count),
-                    Series("fabric_oldest_pending_age_seconds", labels, max(0, now_ms - oldest_ms) / 1000)]
+            if lag is not None:
+                out.append(Series("fabric_consumer_lag", labels, lag))
+            out += [Series("fabric_pending_events", labels, count or 0),
+                    Series("fabric_oldest_pending_age_seconds", labels, max(0, now_ms - (oldest_ms or now_ms)) / 1000)]
         return out
 
     async def _namespace_series(self) -> list[Series]:

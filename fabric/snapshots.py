@@ -20,7 +20,8 @@ from pathlib import Path
 
 import msgspec
 
-from fabric.metrics import FAMILIES, Metrics, Snapshot, merge
+from fabric.families import FAMILIES, Snapshot, merge
+from fabric.metrics import Metrics
 
 __all__ = ["DIR_ENV", "WRITE_INTERVAL_S", "SnapshotDirectory", "write_snapshots"]
 
@@ -89,13 +90,17 @@ class SnapshotDirectory:
         return ([retired] if retired else []) + live, live
 
     def retire(self, pid: int) -> None:
-        """Fold an exited child's counters and histograms into ``retired.snap`` and forget its file."""
+        """Fold an exited child's counters and histograms into ``retired.snap`` and forget its file (a disk error
+        is logged: it must not stop the supervisor)."""
         path = self.directory / f"{pid}.snap"
         snap = self._read(path)
         if snap is None:
             return
         retired = self._read(self.directory / RETIRED)
         counted = merge([s for s in (retired, snap) if s is not None])
-        _write(self.directory / RETIRED, Snapshot(pid=0, written_s=snap.written_s,
-                                                  series=[s for s in counted if FAMILIES[s.name].kind != "gauge"]))
-        path.unlink(missing_ok=True)
+        kept = [s for s in counted if not FAMILIES[s.name].live_only]
+        try:
+            _write(self.directory / RETIRED, Snapshot(pid=0, written_s=snap.written_s, series=kept))
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot fold the metrics of exited process %d into %s: %s", pid, self.directory, exc)

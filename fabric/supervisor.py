@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from fabric.errors import ConfigError
 
-__all__ = ["SUPERVISOR_ENV", "Program", "Supervisor", "consumer_name", "signal_on_parent_death"]
+__all__ = ["LABEL_ENV", "SUPERVISOR_ENV", "Program", "Supervisor", "consumer_name", "signal_on_parent_death"]
 
 log = logging.getLogger("fabric.supervisor")
 
@@ -41,6 +41,8 @@ USAGE_EXIT = 2
 AUTH_EXIT = 4
 FATAL_EXITS = frozenset({USAGE_EXIT, AUTH_EXIT})
 """Exit codes a restart cannot cure (bad usage, config or handler; refused credentials): the supervisor stops."""
+LABEL_ENV = "FABRIC_WORKER_LABEL"
+"""Tells a child its label (``indicators[1]``): JSON log lines carry it, where text lines get it as a prefix."""
 SUPERVISOR_ENV = "FABRIC_SUPERVISOR_PID"
 """Tells a child its supervisor's pid, so that it drains if the supervisor dies (``runner.drain_when_orphaned``)."""
 MAX_CONSUMER_NAME = 100
@@ -107,10 +109,12 @@ class Supervisor:
 
     def __init__(self, programs: Sequence[Program], *, backoff_base_s: float = BACKOFF_BASE_S,
                  backoff_max_s: float = BACKOFF_MAX_S, healthy_s: float = HEALTHY_S,
-                 on_exit: Callable[[int], None] | None = None) -> None:
-        """``on_exit(pid)`` is called as each child process exits (the metrics fold in its final counts)."""
+                 on_exit: Callable[[int], None] | None = None, label_lines: bool = True) -> None:
+        """``on_exit(pid)`` is called as each child process exits (the metrics fold in its final counts);
+        ``label_lines=False`` relays the children's lines as they are (JSON logs, which carry the label)."""
         self.slots = [_Slot(p, i) for p in programs for i in range(p.processes)]
         self.on_exit = on_exit
+        self.label_lines = label_lines
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.healthy_s = healthy_s
@@ -193,7 +197,8 @@ class Supervisor:
         slot.error = ""
         proc = await asyncio.create_subprocess_exec(
             *slot.program.argv(slot.consumer), stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, limit=STDERR_LINE_LIMIT, env={**os.environ, SUPERVISOR_ENV: str(os.getpid())},
+            start_new_session=True, limit=STDERR_LINE_LIMIT,
+            env={**os.environ, SUPERVISOR_ENV: str(os.getpid()), LABEL_ENV: slot.label},
         )
         slot.proc = proc
         log.info("started worker %s (pid %d, consumer %s)", slot.label, proc.pid, slot.consumer)
@@ -219,7 +224,7 @@ class Supervisor:
             if line.startswith("error: "):
                 slot.error = line.removeprefix("error: ")
             with contextlib.suppress(OSError):  # nobody reads our stderr any more: the workers go on regardless
-                sys.stderr.write(f"{slot.label}: {line}\n")
+                sys.stderr.write(f"{slot.label}: {line}\n" if self.label_lines else f"{line}\n")
                 sys.stderr.flush()
 
     def _fail(self, slot: _Slot, code: int) -> None:

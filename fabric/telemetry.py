@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import shutil
 import tempfile
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from fabric.endpoints import Endpoints
+from fabric.endpoints import ANY_HOST, PORT_ENV, Endpoints
 from fabric.errors import ConfigError
 from fabric.metrics import Collector, HandlerTallies, Metrics
 from fabric.sampler import SAMPLE_INTERVAL_MS, Sampler
@@ -29,9 +31,11 @@ from fabric.worker import Worker
 
 __all__ = ["DIR_ENV", "exposed", "supervised"]
 
+log = logging.getLogger("fabric.telemetry")
+
 
 @contextlib.asynccontextmanager
-async def exposed(worker: Worker, tallies: HandlerTallies | None, *, port: int | None = None, host: str = "0.0.0.0",
+async def exposed(worker: Worker, tallies: HandlerTallies | None, *, port: int | None = None, host: str = ANY_HOST,
                   directory: Path | None = None, sample_interval_ms: int = SAMPLE_INTERVAL_MS,
                   registry: CollectorRegistry | None = None) -> AsyncIterator[Endpoints | None]:
     """Expose ``worker`` (and ``tallies``, its ``measured`` middleware's) while the block runs: on ``port``, or
@@ -41,20 +45,22 @@ async def exposed(worker: Worker, tallies: HandlerTallies | None, *, port: int |
     sampler = Sampler(worker.client, worker.keys, worker.group, worker.consumer, lambda: worker.streams,
                       interval_ms=sample_interval_ms)
     metrics.watch_gauges(sampler)
+    endpoints = None
+    if directory is None and port is not None:  # bind first: a taken port stops the worker before it starts
+        registry = registry or CollectorRegistry()
+        registry.register(Collector(metrics))
+        endpoints = await _serving(Endpoints(registry, lambda: worker.readiness, host=host, port=port))
     stop = asyncio.Event()
     tasks = [asyncio.create_task(sampler.run(stop))]
-    endpoints = None
+    if directory is not None:
+        tasks.append(asyncio.create_task(write_snapshots(metrics, directory, stop)))
     try:
-        if directory is not None:
-            tasks.append(asyncio.create_task(write_snapshots(metrics, directory, stop)))
-        elif port is not None:
-            registry = registry or CollectorRegistry()
-            registry.register(Collector(metrics))
-            endpoints = await _serving(Endpoints(registry, lambda: worker.readiness, host=host, port=port))
         yield endpoints
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("metrics stopped early: %s: %s", type(result).__name__, result, exc_info=result)
         if endpoints is not None:
             await endpoints.close()
 
@@ -86,10 +92,11 @@ def _readiness(supervisor: Supervisor, snapshots: SnapshotDirectory) -> str | No
 
 
 @contextlib.asynccontextmanager
-async def supervised(supervisor: Supervisor, *, port: int, host: str = "0.0.0.0",
+async def supervised(supervisor: Supervisor, *, port: int, host: str = ANY_HOST,
                      registry: CollectorRegistry | None = None) -> AsyncIterator[tuple[Endpoints, Path]]:
-    """Serve the children's merged metrics while the block runs; yields the endpoints and the snapshot directory
-    (give it to the children as ``$FABRIC_METRICS_DIR``). Children that exit are folded in as they go."""
+    """Serve the children's merged metrics while the block runs; yields the endpoints and the snapshot directory.
+    Children started meanwhile write there (``$FABRIC_METRICS_DIR`` is set for them, and ``$FABRIC_METRICS_PORT``
+    removed: they must not each try the port); those that exit are folded in as they go."""
     directory = Path(tempfile.mkdtemp(prefix="fabric-metrics-"))
     snapshots = SnapshotDirectory(directory)
     previous = supervisor.on_exit
@@ -100,7 +107,15 @@ async def supervised(supervisor: Supervisor, *, port: int, host: str = "0.0.0.0"
     try:
         endpoints = await _serving(Endpoints(registry, lambda: _readiness(supervisor, snapshots), host=host,
                                              port=port))
-        yield endpoints, directory
+        saved = {k: os.environ.pop(k, None) for k in (DIR_ENV, PORT_ENV)}
+        os.environ[DIR_ENV] = str(directory)
+        try:
+            yield endpoints, directory
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None)
+                if v is not None:
+                    os.environ[k] = v
     finally:
         supervisor.on_exit = previous
         if endpoints is not None:

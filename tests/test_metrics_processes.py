@@ -5,6 +5,7 @@ its processes, restarted ones included; ``/readyz`` turns not-ready while a work
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -191,3 +192,23 @@ async def test_readyz_turns_not_ready_while_the_worker_drains(redis, keys, start
 async def _is(call: Any, code: int) -> tuple[int, str] | None:
     found = await call
     return found if found[0] == code else None
+
+
+async def test_json_logs_of_a_supervisor_and_its_workers_are_json_lines_naming_the_worker(redis, keys, start) -> None:
+    # given two worker processes logging JSON under a supervisor
+    sup = start("--processes", "2", "--log-format", "json")
+    await sup.started(2)
+    await port_of(sup)
+
+    # when they have started and are stopped
+    async def both_joined() -> bool:
+        return sup.output().count("joined group") >= 2 or sup.output().count("worker ") >= 4
+
+    await eventually(both_joined, what="both workers logging")
+    sup.proc.send_signal(signal.SIGTERM)
+    assert await sup.exit_code() == 0
+
+    # then every line is one JSON object, and the workers' lines name which worker wrote them
+    lines = [json.loads(line) for line in sup.output().splitlines() if line.strip()]
+    assert {line["worker"] for line in lines if "worker" in line} == {f"{GROUP}[0]", f"{GROUP}[1]"}
+    assert all({"ts", "level", "logger", "message"} <= set(line) for line in lines)

@@ -44,14 +44,13 @@ from fabric.config import (
     WorkerConfig,
 )
 from fabric.embedded import answers, redis_server
-from fabric.endpoints import PORT_ENV
+from fabric.endpoints import ANY_HOST, PORT_ENV
 from fabric.errors import ConfigError, HandlerLoadError
 from fabric.events import Event, event_type, event_types
 from fabric.handler import HandlerFn, load_handler
 from fabric.keys import Keys, Priority
 from fabric.logs import FORMAT_ENV, configure
 from fabric.publisher import Publisher
-from fabric.snapshots import DIR_ENV
 from fabric.supervisor import Program, Supervisor
 
 __all__ = ["dev", "publish", "worker"]
@@ -284,7 +283,7 @@ def worker(
     metrics_port: Annotated[int | None, typer.Option(
         envvar=PORT_ENV, min=0, max=65535, help="Serve /metrics, /healthz and /readyz on this port (0: any free "
         "one); with several processes, the supervisor serves them all on it.  [default: off]")] = None,
-    metrics_host: Annotated[str, typer.Option(help="Address the metrics port listens on.")] = "0.0.0.0",  # noqa: S104
+    metrics_host: Annotated[str, typer.Option(help="Address the metrics port listens on.")] = ANY_HOST,
     log_format: Annotated[str, typer.Option(envvar=FORMAT_ENV, help="text or json (one object per line).")] = "text",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -315,21 +314,20 @@ def worker(
               "--log-format", log_format]
     if config_file is not None:
         common += ["--config", str(config_file)]
-    graceful = run(lambda url: _supervise(_programs(jobs, url, s.keys.ns, common), metrics_port, metrics_host), s.url)
+    graceful = run(lambda url: _supervise(Supervisor(_programs(jobs, url, s.keys.ns, common),
+                                                     label_lines=log_format != "json"), metrics_port, metrics_host),
+                   s.url)
     if not graceful:
         raise typer.Exit(int(Exit.FAILED))
 
 
-async def _supervise(programs: list[Program], metrics_port: int | None, metrics_host: str) -> bool:
+async def _supervise(supervisor: Supervisor, metrics_port: int | None, metrics_host: str) -> bool:
     """Run the supervisor; with a metrics port, serve its children's metrics there (they write, it serves)."""
-    supervisor = Supervisor(programs)
-    os.environ.pop(PORT_ENV, None)  # the children must not each try to serve on the same port
     if metrics_port is None:
         return await supervisor.run()
     from fabric.telemetry import supervised
 
-    async with supervised(supervisor, port=metrics_port, host=metrics_host) as (_, directory):
-        os.environ[DIR_ENV] = str(directory)
+    async with supervised(supervisor, port=metrics_port, host=metrics_host):
         return await supervisor.run()
 
 

@@ -17,8 +17,8 @@ from fabric.client import Line
 
 __all__ = [
     "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "FENCED_ACK", "FENCED_READ", "LEASE", "LEASE_HANDOVER",
-    "LEASE_RELEASE", "LEASE_RENEW", "MEMBERS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE", "TAKEOVER", "TOUCH",
-    "TRIM", "Script",
+    "LEASE_RELEASE", "LEASE_RENEW", "MEMBERS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE", "SAMPLER",
+    "TAKEOVER", "TOUCH", "TRIM", "Script",
 ]
 
 
@@ -60,6 +60,7 @@ CLAIM = Script("claim")
 REPLAY = Script("replay")
 RELEASE = Script("release")
 RETIRE = Script("retire")
+SAMPLER = Script("sampler")
 LEASE = Script("lease")
 LEASE_RENEW = Script("lease_renew")
 LEASE_RELEASE = Script("lease_release")
