@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import redis.exceptions as rex
 from redis.asyncio import Redis
@@ -27,6 +26,8 @@ from fabric.breaker import CLOSED, HALF_OPEN, OPEN, list_breakers
 from fabric.client import raise_if_cancelled
 from fabric.errors import FabricError
 from fabric.families import Series
+from fabric.inspection import _text
+from fabric.inspection import _timed as timed
 from fabric.keys import Keys
 
 __all__ = ["SAMPLE_INTERVAL_MS", "Sampler", "lease"]
@@ -36,7 +37,6 @@ log = logging.getLogger("fabric.sampler")
 SAMPLE_INTERVAL_MS = 5_000
 LEASE_INTERVALS = 3
 """A lease lives this many intervals: a sampler that died is replaced within about that long."""
-PIPELINE_CHUNK = 500
 BREAKER_STATES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 
@@ -94,10 +94,8 @@ class Sampler:
 
     async def _group_series(self) -> list[Series]:
         streams = list(self.streams())
-        replies = await self._pipelined([c for s in streams for c in (("xinfo_groups", s),
-                                                                     ("xpending", s, self.group))])
-        seconds, micros = replies.pop()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        now_ms, replies = await timed(self.client, [c for s in streams for c in (("xinfo_groups", s),
+                                                                                 ("xpending", s, self.group))])
         lanes: dict[tuple[str, str], list[int | None]] = {}  # (topic, priority) -> [lag, pending, oldest ms]
         for i, stream in enumerate(streams):
             groups, pending = replies[2 * i], replies[2 * i + 1]
@@ -123,26 +121,10 @@ class Sampler:
 
     async def _namespace_series(self) -> list[Series]:
         dlqs = sorted(await self.client.smembers(self.keys.dlq_registry()))
-        lengths = await self._pipelined([("xlen", d) for d in dlqs])
-        lengths.pop()  # Redis's time
+        _, lengths = await timed(self.client, [("xlen", d) for d in dlqs])
         depth = sum(n for n in lengths if isinstance(n, int))
         out = [Series("fabric_dead_letters", (), depth)]
         for info in await list_breakers(self.client, self.keys, transitions=0):
             out.append(Series("fabric_breaker_state", (info.name,), BREAKER_STATES.get(info.state, 0)))
             out.append(Series("fabric_breaker_transitions_total", (info.name,), info.generation))
         return out
-
-    async def _pipelined(self, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Replies of the calls (errors returned, not raised), then Redis's TIME last."""
-        replies: list[Any] = []
-        calls = [*calls, ("time",)]
-        for start in range(0, len(calls), PIPELINE_CHUNK):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for method, *args in calls[start : start + PIPELINE_CHUNK]:
-                    getattr(pipe, method)(*args)
-                replies += await pipe.execute(raise_on_error=False)
-        return replies
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
