@@ -41,6 +41,7 @@ DEFAULT_RETIRE_IDLE_MS = 600_000
 DEFAULT_RETIRE_INTERVAL_MS = 60_000
 DEFAULT_GRACE_S = 10.0
 DEFAULT_HANDLER_TIMEOUT_S = 60.0
+DEFAULT_LEASE_MS = 3_000
 MAX_BLOCK_MS = 10_000
 
 
@@ -185,6 +186,13 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     retention: dict[str, Retention] = {}
     """Per topic; applied by this worker every ``trim_interval_ms``."""
     encoding: Literal["msgpack", "json"] = "msgpack"
+    ordered: bool = False
+    """Ordered mode: each stream (topic × priority × symbol) has one owner in the group at a time, which handles
+    its entries one after another, committing each before the next (``ownership.py``); False: any consumer
+    takes any entry, and a symbol's entries may be handled concurrently and out of order."""
+    lease_ms: int = DEFAULT_LEASE_MS
+    """Ordered mode: how long a stream's lease lasts unless renewed (every third of it); a dead owner's streams
+    move after this long."""
     breakers: list[BreakerConfig] = []
     """Circuit breakers guarding the handler (a config file names ``[breakers.NAME]`` tables): while one is open,
     the worker stops reading and calling (or calls its fallback)."""
@@ -225,6 +233,8 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
             self._fail("handler_timeout_s", "must be positive, or unset for no limit")
         if self.reclaim_idle_ms < 30:
             self._fail("reclaim_idle_ms", "too small to refresh held entries in time: use at least 30")
+        if self.lease_ms < 30:
+            self._fail("lease_ms", "too small to renew the lease in time: use at least 30")
         if self.retire_idle_ms < 0:
             self._fail("retire_idle_ms", "must be 0 (never retire) or positive")
 

@@ -170,8 +170,10 @@ async def move(
     error: str,
     deliveries: int,
     registered: set[str] | None = None,
+    fence: tuple[str, int] | None = None,
 ) -> bytes | None:
-    """Dead-letter one pending entry and ack it atomically; None if this consumer no longer owns it.
+    """Dead-letter one pending entry and ack it atomically; None if this consumer no longer owns it (or, given
+    ``fence`` = (lease key, token) for an ordered group's stream, if that token is no longer the stream's).
 
     The dead-letter stream is added to ``keys.dlq_registry()`` first, unless it is in ``registered`` (a cache the
     caller keeps, so that a worker pays that round trip once per dead-letter stream)."""
@@ -180,11 +182,12 @@ async def move(
         await client.sadd(keys.dlq_registry(), dlq)
         if registered is not None:
             registered.add(dlq)
-    result: bytes | None = await scripts.DEADLETTER(
-        client,
-        [stream, keys.failures(stream), dlq],
-        [group, consumer, entry_id, handler, error_type, error[:MAX_ERROR_CHARS], deliveries],
-    )
+    script_keys = [stream, keys.failures(stream), dlq]
+    args: list[object] = [group, consumer, entry_id, handler, error_type, error[:MAX_ERROR_CHARS], deliveries]
+    if fence is not None:
+        script_keys.append(fence[0])
+        args.append(fence[1])
+    result: bytes | None = await scripts.DEADLETTER(client, script_keys, args)
     return result
 
 

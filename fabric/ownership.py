@@ -13,7 +13,7 @@ expired.
 
 Each acquisition of a free stream draws a new token from the stream's fence counter (``Keys.fence``, no TTL):
 tokens only grow and are never reused. A write for an owned stream is applied only if its token is still the
-lease's, in the same script (``fenced_ack.lua`` shows the check), so a paused former owner writes nothing once
+lease's, in the same script (``fenced_commit.lua`` shows the check), so a paused former owner writes nothing once
 the stream has moved on. Reads are fenced too (``read``): an entry read by a stale owner would become pending to
 it, and the new owner, reading past it, would break the order. A new owner calls ``take_over`` before reading
 new entries: it claims, oldest first, what the former owner had read and not finished, under the new token.
@@ -29,14 +29,15 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from fabric import scripts
 from fabric.keys import Keys
 
 __all__ = [
-    "FENCED", "LEASE_TTL_MS", "MEMBER_TTL_MS", "TAKEOVER_COUNT", "Lease", "Leases", "Members", "Takeover",
-    "renew_interval_ms",
+    "FENCED", "LEASE_TTL_MS", "MEMBER_TTL_MS", "TAKEOVER_COUNT", "Lease", "Leases", "Members", "Read", "Takeover",
+    "by_slot", "renew_interval_ms",
 ]
 
 LEASE_TTL_MS = 3_000
@@ -46,7 +47,7 @@ MEMBER_TTL_MS = 3_000
 TAKEOVER_COUNT = 100
 """Pending entries claimed per ``take_over`` call."""
 FENCED = -1
-"""An entry's status from a fenced write whose token is no longer the stream's (``fenced_ack.lua``)."""
+"""An entry's status from a fenced write whose token is no longer the stream's (``fenced_commit.lua``)."""
 
 
 def renew_interval_ms(ttl_ms: int) -> int:
@@ -58,8 +59,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _by_slot(streams: Iterable[str]) -> list[list[str]]:
-    """Streams grouped by cluster slot (a stream's lease and companions share its slot), so one script each."""
+def by_slot(streams: Iterable[str], clustered: bool) -> list[list[str]]:
+    """Streams grouped by cluster slot (a stream's lease and companions share its slot), so one script each; on a
+    single Redis, all of them in one group."""
+    if not clustered:
+        return [names] if (names := list(streams)) else []
     groups: defaultdict[int, list[str]] = defaultdict(list)
     for stream in streams:
         groups[key_slot(stream.encode())].append(stream)
@@ -74,6 +78,17 @@ class Lease(NamedTuple):
     token: int
     releasing: bool
     ttl_ms: int
+
+
+class Read(NamedTuple):
+    """What a fenced read found: entries by stream, streams fenced out, and the idle ones' last entry ids."""
+
+    entries: dict[str, list[Any]]
+    """(entry id, fields) by stream, oldest first."""
+    lost: set[str]
+    """Streams whose token is no longer current: nothing was read from them."""
+    idle: dict[str, bytes]
+    """Streams with nothing new, and their last entry id: XREAD BLOCK from there waits for the next entry."""
 
 
 class Takeover(NamedTuple):
@@ -97,6 +112,7 @@ class Leases:
         self.keys = keys
         self.group = group
         self.ttl_ms = ttl_ms
+        self.clustered = isinstance(client, RedisCluster)
 
     def key(self, stream: str) -> str:
         """The lease key of a stream (what a fenced script gets as its lease KEY)."""
@@ -113,27 +129,30 @@ class Leases:
     async def renew(self, tokens: Mapping[str, int], member: str) -> set[str]:
         """Extend the leases ``member`` holds (stream → token), one call per cluster slot; return those lost."""
         lost: set[str] = set()
-        for streams in _by_slot(tokens):
+        for streams in by_slot(tokens, self.clustered):
             args: list[Any] = [member, self.ttl_ms, *(tokens[s] for s in streams)]
             kept = await scripts.LEASE_RENEW(self.client, [self.key(s) for s in streams], args)
             lost.update(s for s, ok in zip(streams, kept, strict=True) if not ok)
         return lost
 
-    async def read(self, tokens: Mapping[str, int], member: str, count: int) -> tuple[dict[str, list[Any]], set[str]]:
+    async def read(self, tokens: Mapping[str, int], member: str, count: int) -> Read:
         """Read up to ``count`` new entries of each stream ``member`` holds (stream → token) as its consumer, one
-        call per cluster slot; return the entries (id, fields) by stream, and the streams fenced out (lost)."""
+        call per cluster slot."""
         entries: dict[str, list[Any]] = {}
         lost: set[str] = set()
-        for streams in _by_slot(tokens):
+        idle: dict[str, bytes] = {}
+        for streams in by_slot(tokens, self.clustered):
             keys = [k for s in streams for k in (s, self.key(s))]
             args: list[Any] = [self.group, member, count, *(tokens[s] for s in streams)]
             replies = await scripts.FENCED_READ(self.client, keys, args)
             for stream, reply in zip(streams, replies, strict=True):
                 if reply is None:
                     lost.add(stream)
-                elif reply:
+                elif isinstance(reply, bytes):
+                    idle[stream] = reply
+                else:
                     entries[stream] = reply
-        return entries, lost
+        return Read(entries, lost, idle)
 
     async def release(self, stream: str, member: str, token: int) -> bool:
         """Give a stream up at once; False if ``member`` no longer held it under ``token``."""

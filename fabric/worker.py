@@ -54,7 +54,7 @@ from fabric.retry import RetryTimer, backoff_ms
 from fabric.tally import BATCH_BUCKETS, Tally
 from fabric.turns import Turns
 
-__all__ = ["Delivery", "Worker", "WorkerStats", "default_consumer_name"]
+__all__ = ["Delivery", "Worker", "WorkerStats", "default_consumer_name", "finish"]
 
 log = logging.getLogger("fabric.worker")
 
@@ -123,7 +123,7 @@ _Commit = tuple[Delivery, list[tuple[str, Encoded]]]
 
 
 
-async def _finish(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> set[asyncio.Task[Any]]:
+async def finish(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> set[asyncio.Task[Any]]:
     """Let tasks end within ``timeout_s``, then cancel the rest; return those cancelled. Never hangs: a task that
     ignores its cancellation is abandoned after ``CANCEL_WAIT_S`` with a warning."""
     if not tasks:
@@ -240,6 +240,9 @@ class Worker:
             await self.client.ping()
             for b in self._breakers:
                 await b.start()
+        if self.config.ordered:
+            await self._run_ordered()
+            return
         await self.discover()
         self._joined.set()
         readers = [asyncio.create_task(self._read_loop(p)) for p in Priority]
@@ -268,16 +271,28 @@ class Worker:
                 for b in self._breakers:
                     await b.close()
                 stopper.cancel()
-                await _finish([heartbeat, stopper], CANCEL_WAIT_S)
+                await finish([heartbeat, stopper], CANCEL_WAIT_S)
         except asyncio.CancelledError:  # stopped at once: everything unfinished stays pending in Redis
             for b in self._breakers:
                 b.stop()
             self._stop.set()
             self._halt.set()
-            await _finish([*watched, stopper], 0)
+            await finish([*watched, stopper], 0)
             raise
         if crashed:
             raise crashed[0].exception()  # type: ignore[misc]
+
+    async def _run_ordered(self) -> None:
+        from fabric.ordered import Ordered  # it builds on this module's Delivery and finish
+
+        try:
+            await Ordered(self).run()
+        except asyncio.CancelledError:
+            for b in self._breakers:
+                b.stop()
+            raise
+        for b in self._breakers:
+            await b.close()
 
     async def _drain(
         self, readers: list[asyncio.Task[None]], background: list[asyncio.Task[None]],
@@ -287,16 +302,16 @@ class Worker:
         # entries Redis handed over are seen and released below); they are cancelled only if they hang.
         self._stop.set()
         self._retries.close()  # parked after a failure: their next delivery is a real retry, by anyone
-        await _finish([*readers, *background], self.config.block_ms / 1000 + 1)
+        await finish([*readers, *background], self.config.block_ms / 1000 + 1)
         unstarted = self._lanes.close()
-        if await _finish(dispatchers, self.config.grace_s):
+        if await finish(dispatchers, self.config.grace_s):
             log.warning("handlers still running after %.1fs grace: their entries stay pending", self.config.grace_s)
         self._commits_closed = True
         self._commit_ready.set()
-        if await _finish([committer], self.config.grace_s):  # Redis unreachable: redelivered later
+        if await finish([committer], self.config.grace_s):  # Redis unreachable: redelivered later
             log.warning("commits did not complete within %.1fs grace: their entries stay pending", self.config.grace_s)
         self._halt.set()  # a heartbeat after the hand-back would undo it
-        await _finish([heartbeat], CANCEL_WAIT_S)
+        await finish([heartbeat], CANCEL_WAIT_S)
         try:
             async with asyncio.timeout(self.config.grace_s):
                 released = await self._release(unstarted + self._withheld)
@@ -815,7 +830,7 @@ class Worker:
             for d in due:
                 by_stream[d.stream.key].append(d)
             for stream, ds in by_stream.items():
-                args = [self.group, self.consumer, *(d.entry_id for d in ds)]
+                args = [self.group, self.consumer, "", *(d.entry_id for d in ds)]
                 claimed = await self._retrying(partial(scripts.CLAIM, self.client, [stream], args))
                 got = {entry_id: int(count) for entry_id, _, count in claimed or ()}
                 for d in ds:

@@ -25,10 +25,10 @@ def tick(keys: Keys, symbol: str = "A") -> str:
 
 async def fenced_ack(redis: Any, leases: Leases, stream: str, consumer: str, token: int,
                      entry_id: bytes, output: str | None = None) -> list[int]:
-    """Commit one entry through fenced_ack.lua, with one output to ``output`` if given."""
+    """Commit one entry through fenced_commit.lua, with one output to ``output`` if given."""
     keys = [stream, leases.key(stream)] + ([output] if output else [])
     outs = [1, 3, "Tick", "json", b"{}"] if output else [0]
-    return list(await scripts.FENCED_ACK(redis, keys, [GROUP, consumer, token, 1, entry_id, *outs]))
+    return list(await scripts.FENCED_COMMIT(redis, keys, [GROUP, consumer, 1, 1, 2, token, 0, entry_id, *outs]))
 
 
 async def backlog(redis: Any, stream: str, n: int) -> list[bytes]:
@@ -192,9 +192,10 @@ async def test_a_fenced_read_reads_the_held_streams_and_reports_the_lost(redis, 
     ids = {s: await backlog(redis, s, n) for s, n in ((held, 3), (empty, 0), (lost, 2))}
     tokens = {s: await leases.acquire(s, "a") for s in (held, empty, lost)}
     tokens[lost] -= 1  # a token "a" no longer holds
-    entries, fenced = await leases.read(tokens, "a", 2)
+    entries, fenced, idle = await leases.read(tokens, "a", 2)
     assert {s: [e[0] for e in es] for s, es in entries.items()} == {held: ids[held][:2]}
     assert fenced == {lost}
+    assert idle == {empty: b"0-0"}
     assert await pending_of(redis, lost) == {}
 
 
@@ -208,11 +209,11 @@ async def test_a_former_owner_resumed_reads_nothing_behind_the_new_owners_back(r
     # Given "a" paused past its TTL, and "b" owning the stream now
     new = await eventually(lambda: leases.acquire(stream, "b"), what="b acquiring")
     # When "a" resumes and reads on, then it gets nothing and learns it lost the stream
-    assert await leases.read({stream: old}, "a", 10) == ({}, {stream})
+    assert await leases.read({stream: old}, "a", 10) == ({}, {stream}, {})
     # and "b" takes over the entry "a" had, then reads every later one, none skipped
     page = await leases.take_over(stream, "b", new)
     assert page is not None and [e[0] for e in page.entries] == ids[:1]
-    entries, _ = await leases.read({stream: new}, "b", 10)
+    entries, _, _ = await leases.read({stream: new}, "b", 10)
     assert [e[0] for e in entries[stream]] == ids[1:]
     assert set((await pending_of(redis, stream)).values()) == {"b"}
 

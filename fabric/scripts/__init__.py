@@ -16,9 +16,9 @@ from redis.exceptions import NoScriptError
 from fabric.client import Line
 
 __all__ = [
-    "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "FENCED_ACK", "FENCED_READ", "LEASE", "LEASE_HANDOVER",
-    "LEASE_RELEASE", "LEASE_RENEW", "MEMBERS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE", "SAMPLER",
-    "TAKEOVER", "TOUCH", "TRIM", "Script",
+    "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "FENCED_COMMIT", "FENCED_READ", "LEASE",
+    "LEASE_HANDOVER", "LEASE_RELEASE", "LEASE_RENEW", "MEMBERS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE",
+    "SAMPLER", "TAKEOVER", "TOUCH", "TRIM", "Script",
 ]
 
 
@@ -67,5 +67,5 @@ LEASE_RELEASE = Script("lease_release")
 LEASE_HANDOVER = Script("lease_handover")
 TAKEOVER = Script("takeover")
 MEMBERS = Script("members")
-FENCED_ACK = Script("fenced_ack")
+FENCED_COMMIT = Script("fenced_commit")
 FENCED_READ = Script("fenced_read")

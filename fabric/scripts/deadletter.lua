@@ -5,9 +5,14 @@
 -- ARGV[1]  group    ARGV[2] consumer    ARGV[3] entry id    ARGV[4] handler
 -- ARGV[5]  error type (empty: take the last recorded failure's)   ARGV[6] error message
 -- ARGV[7]  delivery count
+-- KEYS[4]  (ordered groups) the origin stream's lease hash   ARGV[8] the writer's fencing token
 -- The dead letter holds the origin, the failure facts, and the original fields under "f:NAME".
--- Returns the dead letter's id, or false when the entry is no longer pending for this consumer.
+-- Returns the dead letter's id, or false when the entry is no longer pending for this consumer or (ordered
+-- groups) the token is no longer the stream's.
 local group, consumer, id = ARGV[1], ARGV[2], ARGV[3]
+if KEYS[4] and redis.call('HGET', KEYS[4], 'token') ~= ARGV[8] then
+  return false
+end
 if #redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer) == 0 then
   return false
 end

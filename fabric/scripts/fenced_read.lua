@@ -4,7 +4,8 @@
 -- KEYS[2i-1]  stream i   KEYS[2i] its lease hash   (all in one cluster slot)
 -- ARGV[1]     group   ARGV[2] consumer   ARGV[3] count per stream   ARGV[3 + i] the token for stream i
 -- Non-blocking (scripts cannot block): wait for new entries outside, e.g. with XREAD BLOCK (no group, no effect).
--- Returns, per stream in order: false when fenced out (nothing read), else {{id, fields}...}, oldest first.
+-- Returns, per stream in order: false when fenced out (nothing read); {{id, fields}...}, oldest first; or, when
+-- there was nothing new, the stream's last entry id ("0-0" if empty): where XREAD BLOCK waits for the next.
 local group, consumer, count = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
 for i = 1, #KEYS / 2 do
@@ -13,7 +14,12 @@ for i = 1, #KEYS / 2 do
     out[i] = false
   else
     local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', stream, '>')
-    out[i] = r and r[1][2] or {}
+    if r and #r[1][2] > 0 then
+      out[i] = r[1][2]
+    else
+      local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+      out[i] = #last > 0 and last[1][1] or '0-0'
+    end
   end
 end
 return out

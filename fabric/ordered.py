@@ -1,0 +1,558 @@
+"""The ordered mode: each owned stream's entries handled one after another, each committed before the next.
+
+A worker whose group is ordered (``WorkerConfig.ordered``) runs these loops instead of the free-for-all reader,
+dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens they rest on):
+
+- ``_balance_loop`` every ``lease_ms / 3``: heartbeat in the group's member registry, renew the leases held (a
+  lost one stops its stream at once), and follow ``balance.balance``: acquire the free streams the plan gives
+  this member, hand over those it gives to others (finish the entry in hand, then release);
+- ``_run_stream``   one task per owned stream: first what former owners left pending (``take_over``, oldest
+  first), then the new entries the reader hands it, each handled and committed before the next is started. A
+  failure retries the same entry after its backoff, so the stream waits behind it until it succeeds or is
+  dead-lettered, while the other streams go on;
+- ``_read_loop``    one fenced read for every owned stream with room for more, then XREAD BLOCK on the idle ones;
+- ``_commit_loop``  the streams' commits, gathered into one ``fenced_commit.lua`` call per cluster slot.
+
+Every write for an owned stream (outputs with the ack, a failure record, a retry's claim, a dead letter) carries
+the stream's fencing token and is refused on the server once the token is stale, so an owner that was paused or
+cut off past its lease writes nothing after the new owner started. XAUTOCLAIM never runs on an ordered group: a
+dead owner's entries move with its streams, through ``take_over``, in order.
+
+Handler calls share ``concurrency`` slots, given to the highest priority waiting (first come within one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+from collections import deque
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import redis.exceptions as rex
+
+from fabric import deadletter, scripts
+from fabric.balance import balance
+from fabric.breaker import Deferred, Withheld
+from fabric.client import Line, raise_if_cancelled
+from fabric.codec import FORMAT_VERSION, Encoded
+from fabric.errors import FabricError, Reject, Retry
+from fabric.handler import Context
+from fabric.keys import Priority, StreamRef
+from fabric.ownership import FENCED, Leases, Members, by_slot, renew_interval_ms
+from fabric.retry import backoff_ms
+from fabric.worker import Delivery, finish
+
+if TYPE_CHECKING:
+    from fabric.events import Event
+    from fabric.worker import Worker
+
+__all__ = ["Ordered", "Owned", "Slots"]
+
+log = logging.getLogger("fabric.ordered")
+
+MAX_READ_AHEAD = 64
+"""Most entries read ahead for one owned stream (they stay pending to the owner; a new owner takes them over)."""
+MIN_READ_AHEAD = 4
+MAX_WAIT_MS = 250
+"""Longest XREAD BLOCK of idle streams: a stream acquired meanwhile is read within this long."""
+_LABELS = tuple(p.label for p in Priority)
+
+_Outputs = list[tuple[str, Encoded]]
+
+
+class Slots:
+    """``concurrency`` handler slots, each freed one given to the highest priority waiting (FIFO within one)."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    async def acquire(self, priority: Priority) -> None:
+        """Wait for a slot."""
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (-int(priority), next(self._order), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # given a slot as it was cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        """Free a slot: to the best waiter, else back to the pool."""
+        while self._waiting:
+            _, _, fut = heapq.heappop(self._waiting)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
+class Owned:
+    """One stream this worker owns: its token, the entries read for it, and whether it is being given up."""
+
+    def __init__(self, ref: StreamRef, token: int) -> None:
+        self.ref = ref
+        self.token = token
+        self.queue: deque[Delivery] = deque()
+        self.ready = False
+        """The former owners' pending entries are queued: the reader may add new ones behind them."""
+        self.leaving = False
+        """Handed over (or the worker stops): finish the entry in hand, then release the lease."""
+        self.lost = False
+        """Fenced out: the lease expired or moved; write nothing more."""
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class Ordered:
+    """The ordered mode's loops for one ``Worker``: it lends them its client, config, handler chain and stats."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        cfg = worker.config
+        self.leases = Leases(worker.client, worker.keys, worker.group, ttl_ms=cfg.lease_ms)
+        self.members = Members(worker.client, worker.keys, worker.group, ttl_ms=cfg.lease_ms)
+        self.owned: dict[str, Owned] = {}
+        self.slots = Slots(cfg.concurrency)
+        self._commits: list[tuple[Owned, Delivery, _Outputs, asyncio.Future[int]]] = []
+        self._commit_ready = asyncio.Event()
+        self._commits_closed = False
+        self._room = asyncio.Event()
+        """An owned stream is ready for new entries or has room again: the reader looks again."""
+        self._draining = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Join, own streams and handle them until the worker stops; then drain (see ``Worker.run``)."""
+        w, cfg = self.w, self.w.config
+        await self.members.heartbeat(w.consumer)
+        await w.discover()
+        w._joined.set()
+        loops = [
+            self._read_loop(),
+            w._every(cfg.discover_interval_ms, w.discover, w._stop),
+        ]
+        if cfg.retention:
+            loops.append(w._every(cfg.trim_interval_ms, w.trim, w._stop))
+        if cfg.retire_idle_ms:
+            loops.append(w._every(cfg.retire_interval_ms, w.retire, w._stop))
+        background = [asyncio.create_task(c) for c in loops]
+        balancer = asyncio.create_task(w._every(renew_interval_ms(cfg.lease_ms), self.rebalance, w._halt))
+        committer = asyncio.create_task(self._commit_loop())
+        stopper = asyncio.create_task(w._stop.wait())
+        watched = [*background, balancer, committer]
+        try:
+            done, _ = await asyncio.wait([stopper, *watched], return_when=asyncio.FIRST_COMPLETED)
+            crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
+            try:
+                await self._drain(background, committer)
+            finally:
+                w._halt.set()
+                stopper.cancel()
+                await finish([balancer, stopper], 2.0)
+        except asyncio.CancelledError:  # stopped at once: what is unfinished stays pending; leases expire
+            w._stop.set()
+            w._halt.set()
+            await finish([*watched, stopper, *self._runners()], 0)
+            raise
+        if crashed:
+            raise crashed[0].exception()  # type: ignore[misc]
+
+    def _runners(self) -> list[asyncio.Task[None]]:
+        return [o.task for o in self.owned.values() if o.task is not None]
+
+    async def _drain(self, background: list[asyncio.Task[None]], committer: asyncio.Task[None]) -> None:
+        # Leases keep being renewed meanwhile (the balancer runs until _halt), so nobody takes a stream whose
+        # entry in hand is still being finished; then every stream is released for the next owner at once.
+        w, cfg = self.w, self.w.config
+        w._stop.set()
+        self._draining = True
+        await finish(background, cfg.block_ms / 1000 + 1)
+        for o in self.owned.values():
+            o.leaving = True
+            o.wake.set()
+        if await finish(self._runners(), cfg.grace_s):
+            log.warning("handlers still running after %.1fs grace: their entries stay pending", cfg.grace_s)
+        self._commits_closed = True
+        self._commit_ready.set()
+        if await finish([committer], cfg.grace_s):
+            log.warning("commits did not complete within %.1fs grace: their entries stay pending", cfg.grace_s)
+        try:
+            async with asyncio.timeout(cfg.grace_s):
+                for stream, o in list(self.owned.items()):
+                    if not o.lost:
+                        await self.leases.release(stream, w.consumer, o.token)
+                await self.members.leave(w.consumer)
+        except (FabricError, rex.RedisError, OSError, TimeoutError) as exc:
+            raise_if_cancelled(exc)
+            log.warning("could not release the streams (they move when their leases expire): %s", exc)
+        log.info("drained: released %d streams", len(self.owned))
+        self.owned.clear()
+
+    # ---- owning streams --------------------------------------------------------------------------
+
+    async def rebalance(self) -> None:
+        """One round: heartbeat, renew, then acquire or hand over what the balance plan says."""
+        w = self.w
+        me = w.consumer
+        live = await self.members.heartbeat(me)
+        tokens = {s: o.token for s, o in self.owned.items() if not o.lost}
+        if tokens:
+            for stream in await self.leases.renew(tokens, me):
+                self._lose(stream, "its lease expired before it was renewed")
+        if self._draining:
+            return
+        streams = w.streams
+        current = {s: lease.owner for s, lease in (await self.leases.owners(streams)).items()}
+        plan = balance(streams, live, current)
+        for stream, member in plan.assignment.items():
+            o = self.owned.get(stream)
+            if member == me and o is None:
+                token = await self.leases.acquire(stream, me)
+                if token is not None:
+                    self._own(stream, token)
+            elif member != me and o is not None and not o.leaving and not o.lost:
+                if await self.leases.hand_over(stream, me, o.token):
+                    o.leaving = True
+                    o.wake.set()
+                    log.info("handing %s over to %s", stream, member)
+                else:
+                    self._lose(stream, "its lease was gone when it was to be handed over")
+
+    def _own(self, stream: str, token: int) -> None:
+        ref = self.w._streams.get(stream) or self.w.keys.parse_stream(stream)
+        o = Owned(ref, token)
+        self.owned[stream] = o
+        o.task = asyncio.create_task(self._run_stream(o))
+        log.debug("owning %s under token %d", stream, token)
+
+    def _lose(self, stream: str, why: str) -> None:
+        o = self.owned.get(stream)
+        if o is not None and not o.lost:
+            o.lost = True
+            o.wake.set()
+            log.warning("lost %s: %s (its writes from now on are refused)", stream, why)
+
+    # ---- one stream ------------------------------------------------------------------------------
+
+    async def _run_stream(self, o: Owned) -> None:
+        stream = o.ref.key
+        try:
+            if await self._take_over(o):
+                while not o.lost and not o.leaving:
+                    if not o.queue:
+                        o.wake.clear()
+                        await o.wake.wait()
+                        continue
+                    d = o.queue.popleft()
+                    if len(o.queue) < MIN_READ_AHEAD:
+                        self._room.set()
+                    if not await self._handle(o, d):
+                        break
+            if not o.lost and not self._draining:
+                await self.leases.release(stream, self.w.consumer, o.token)
+                self.owned.pop(stream, None)
+        except (FabricError, rex.RedisError, OSError) as exc:
+            raise_if_cancelled(exc)
+            log.warning("stopped handling %s (its lease expires, then it moves): %s", stream, exc)
+            self._lose(stream, str(exc))
+        finally:
+            if o.lost and self.owned.get(stream) is o:
+                del self.owned[stream]
+
+    async def _take_over(self, o: Owned) -> bool:
+        """Queue what former owners left pending on the stream, oldest first; False if the lease is gone."""
+        w, stream = self.w, o.ref.key
+        after: str | None = "-"
+        while after is not None:
+            page = await self.leases.take_over(stream, w.consumer, o.token, after=after)
+            if page is None:
+                self._lose(stream, "its lease moved before the take-over")
+                return False
+            o.queue.extend(Delivery(o.ref, entry_id, fields, count) for entry_id, fields, count in page.entries)
+            w.stats.reclaimed += len(page.entries)
+            w.stats.delivered += len(page.entries)
+            if page.deleted:
+                await w._trimmed_pending(stream, page.deleted)
+            after = page.after
+        o.ready = True
+        self._room.set()
+        return True
+
+    async def _handle(self, o: Owned, d: Delivery) -> bool:
+        """Handle one entry to its end (committed or dead-lettered), retrying it meanwhile; False when the stream
+        must stop: its lease is lost, or the worker stops during a backoff or under an open breaker."""
+        w = self.w
+        while True:
+            event = w._admit(d)
+            if isinstance(event, tuple):
+                if event == ("skip",):
+                    return await self._commit(o, d, [])
+                return await self._dead_letter(o, d, event[0], event[1], None)
+            outcome = await self._call(o, d, event)
+            if outcome is None:  # withheld by a breaker as the worker stops: it stays pending
+                return False
+            if isinstance(outcome, list):
+                return await self._commit(o, d, outcome)
+            error_type, message, after_s = outcome
+            if error_type != "Reject":
+                w.stats.failed += 1
+            if error_type == "Reject" or d.deliveries >= w.config.max_deliveries:
+                return await self._dead_letter(o, d, error_type, message, event)
+            if not await self._retry(o, d, error_type, message, after_s, event):
+                return False
+
+    async def _call(self, o: Owned, d: Delivery, event: Event) -> _Outputs | tuple[str, str, float | None] | None:
+        """Run the handler in a slot: its outputs, or the failure (type, message, retry after s), or None when the
+        worker stops before the entry could be handled (a breaker withheld it)."""
+        w, ref = self.w, d.stream
+        ctx = Context(
+            stream=ref.key, topic=ref.topic, priority=_LABELS[ref.priority], symbol=ref.symbol,
+            entry_id=d.entry_id.decode(), delivery_count=d.deliveries, group=w.group, consumer=w.consumer,
+        )
+        while True:
+            await self.slots.acquire(ref.priority)
+            try:
+                results = await w._handler(event, ctx)
+                return w._outputs(event, results) if results else []
+            except Deferred:  # the breaker let it wait: call again, same delivery
+                continue
+            except Withheld:
+                return None
+            except Reject as exc:
+                w.stats.rejected += 1
+                return ("Reject", exc.reason, None)
+            except Retry as exc:
+                return ("Retry", exc.reason, exc.after_ms / 1000)
+            except Exception as exc:  # a handler's failure is data: recorded, retried, dead-lettered
+                return (type(exc).__name__, str(exc) or repr(exc), None)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+                return ("CancelledError", str(exc) or "the handler raised CancelledError", None)
+            finally:
+                self.slots.release()
+
+    async def _retry(self, o: Owned, d: Delivery, error_type: str, message: str, after_s: float | None,
+                     event: Event) -> bool:
+        """Record the failure, wait out the backoff, and claim the entry again (a new delivery); False when the
+        stream must stop."""
+        w, cfg, stream = self.w, self.w.config, o.ref.key
+        log.warning("%s failed on %s %s (delivery %d): %s: %s; the stream waits for it", w.handler_name, stream,
+                    d.entry_id.decode(), d.deliveries, error_type, message, extra=w._log_ids(d, event))
+        lease = self.leases.key(stream)
+        recorded = await w._retrying(lambda: scripts.FAIL(
+            w.client, [stream, w.keys.failures(stream), lease],
+            [w.group, w.consumer, d.entry_id, w.handler_name, error_type, message[:2000], o.token],
+        ))
+        if recorded == FENCED:
+            self._lose(stream, "fenced out while recording a failure")
+            return False
+        if after_s is None:
+            after_s = backoff_ms(d.deliveries, cfg.backoff_base_ms, cfg.backoff_max_ms) / 1000
+        w.stats.retried += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped_or_lost(o), after_s)
+        if o.lost or w._stop.is_set():
+            return False
+        claimed = await w._retrying(lambda: scripts.CLAIM(
+            w.client, [stream, lease], [w.group, w.consumer, o.token, d.entry_id]
+        ))
+        if claimed is None:  # fenced out, or the group is gone
+            return not await self._fenced(o)
+        got = {entry_id: int(count) for entry_id, _, count in claimed or ()}
+        if d.entry_id not in got:
+            return True  # no longer pending here (the group was recreated): nothing left to do with it
+        d.deliveries = got[d.entry_id]
+        w.stats.delivered += 1
+        return True
+
+    async def _stopped_or_lost(self, o: Owned) -> None:
+        while not (o.lost or self.w._stop.is_set()):
+            o.wake.clear()
+            stop = asyncio.ensure_future(self.w._stop.wait())
+            try:
+                await asyncio.wait([stop, asyncio.ensure_future(o.wake.wait())], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+
+    async def _fenced(self, o: Owned) -> bool:
+        """Check whether the stream's token moved on (a write came back refused); if so, the stream is lost."""
+        lease = (await self.leases.owners([o.ref.key])).get(o.ref.key)
+        if lease is None or lease.token != o.token:
+            self._lose(o.ref.key, "fenced out: another owner's token is current")
+            return True
+        return False
+
+    async def _dead_letter(self, o: Owned, d: Delivery, error_type: str, message: str, event: Event | None) -> bool:
+        w, stream = self.w, o.ref.key
+        moved = await w._retrying(lambda: deadletter.move(
+            w.client, w.keys, stream, d.entry_id, group=w.group, consumer=w.consumer, handler=w.handler_name,
+            error_type=error_type, error=message, deliveries=d.deliveries, registered=w._dlqs,
+            fence=(self.leases.key(stream), o.token),
+        ))
+        if moved is None:
+            return not await self._fenced(o)
+        w.stats.dead_lettered += 1
+        log.error("dead-lettered %s %s after %d deliveries: %s %s", stream, d.entry_id.decode(), d.deliveries,
+                  error_type or "max deliveries", message, extra=w._log_ids(d, event))
+        return True
+
+    # ---- committing ------------------------------------------------------------------------------
+
+    async def _commit(self, o: Owned, d: Delivery, outputs: _Outputs) -> bool:
+        """Commit one entry (its outputs and its ack, fenced) and wait for it; False if fenced out."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._commits.append((o, d, outputs, fut))
+        self._commit_ready.set()
+        status = await fut
+        w = self.w
+        if status == 1:
+            w.stats.handled += 1
+            for stream, _ in outputs:
+                w.published[stream] = w.published.get(stream, 0) + 1
+            return True
+        w.stats.refused += 1
+        if status == FENCED:
+            self._lose(o.ref.key, f"commit of {d.entry_id.decode()} refused: fenced out")
+            return False
+        log.warning("commit of %s %s refused: it was no longer pending to this consumer", o.ref.key,
+                    d.entry_id.decode())
+        return True
+
+    async def _commit_loop(self) -> None:
+        line = Line(self.w.client)
+        try:
+            while True:
+                if not self._commits:
+                    if self._commits_closed:
+                        return
+                    self._commit_ready.clear()
+                    await self._commit_ready.wait()
+                    continue
+                batch, self._commits = self._commits, []
+                try:
+                    await self._send(line, batch)
+                except BaseException as exc:
+                    for *_, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc) if isinstance(exc, Exception) else fut.cancel()
+                    raise
+        finally:
+            await line.close()
+
+    async def _send(self, line: Line, batch: list[tuple[Owned, Delivery, _Outputs, asyncio.Future[int]]]) -> None:
+        w = self.w
+        new = {s for _, _, outs, _ in batch for s, _ in outs} - w._registered
+        if new:
+            await w._retrying(lambda: w._register(new))
+        by_stream: dict[str, list[int]] = {}
+        for i, (o, *_rest) in enumerate(batch):
+            by_stream.setdefault(o.ref.key, []).append(i)
+        for streams in by_slot(by_stream, self.leases.clustered):
+            part = [batch[i] for s in streams for i in by_stream[s]]
+            keys, args = self._commit_call(part)
+            results = await w._retrying(partial(scripts.FENCED_COMMIT.on, line, keys, args))
+            for (*_, fut), status in zip(part, results or [0] * len(part), strict=True):
+                if not fut.done():
+                    fut.set_result(int(status))
+
+    def _commit_call(self, part: list[tuple[Owned, Delivery, _Outputs, asyncio.Future[int]]]) -> tuple[list[str],
+                                                                                                      list[Any]]:
+        keys: list[str] = []
+        index: dict[str, int] = {}
+
+        def ix(key: str) -> int:
+            if key not in index:
+                keys.append(key)
+                index[key] = len(keys)
+            return index[key]
+
+        w = self.w
+        args: list[Any] = [w.group, w.consumer, FORMAT_VERSION]
+        for o, d, outputs, _ in part:
+            stream = o.ref.key
+            failures = ix(w.keys.failures(stream)) if d.deliveries > 1 else 0
+            args += (ix(stream), ix(self.leases.key(stream)), o.token, failures, d.entry_id, len(outputs))
+            for out_stream, enc in outputs:
+                args += (ix(out_stream), enc.type, enc.enc, enc.data)
+        return keys, args
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def _read_ahead(self) -> int:
+        return max(MIN_READ_AHEAD, min(MAX_READ_AHEAD, self.w.config.prefetch // max(1, len(self.owned))))
+
+    async def _read_loop(self) -> None:
+        w = self.w
+        line = Line(w.client)
+        delay = 0.1
+        try:
+            while not w._stop.is_set():
+                if not w._reading_allowed():
+                    await w._breaker_changed()
+                    continue
+                ahead = self._read_ahead()
+                active = [(s, o) for s, o in self.owned.items() if o.ready and not o.leaving and not o.lost]
+                want = {s: o.token for s, o in active if len(o.queue) < ahead}
+                full = len(want) < len(active)  # some stream has all it may read ahead: wake when it has room
+                if not want:
+                    self._room.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._room.wait(), w.config.block_ms / 1000)
+                    continue
+                try:
+                    read = await self.leases.read(want, w.consumer, ahead)
+                    if not read.entries and read.idle and not full and not w._stop.is_set():
+                        await self._wait_new(line, read.idle)
+                    elif not read.entries and full:
+                        self._room.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._room.wait(), MAX_WAIT_MS / 1000)
+                    w._reads_failing, delay = False, 0.1
+                except (rex.RedisError, OSError) as exc:
+                    raise_if_cancelled(exc)
+                    w._reads_failing = True
+                    log.warning("read failed, retrying in %.1fs: %s", delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                for stream in read.lost:
+                    self._lose(stream, "fenced out of a read")
+                self._take(read.entries)
+        finally:
+            await line.close()
+
+    def _take(self, entries: dict[str, list[Any]]) -> None:
+        """Queue what a read returned on its streams (a stream lost meanwhile leaves them pending for the next
+        owner's take-over)."""
+        taken = 0
+        for stream, got in entries.items():
+            o = self.owned.get(stream)
+            if o is None or o.lost:
+                continue
+            o.queue.extend(Delivery(o.ref, entry_id, fields, 1) for entry_id, fields in got)
+            o.wake.set()
+            taken += len(got)
+        if taken:
+            self.w.stats.delivered += taken
+            self.w.read_sizes.observe(taken)
+
+    async def _wait_new(self, line: Line, idle: dict[str, bytes]) -> None:
+        """Block until one of the idle streams gets an entry (XREAD, no group: it changes nothing), a stream
+        needs reading again, or a short while passed, so streams acquired meanwhile are read soon."""
+        wait_ms = min(self.w.config.block_ms, renew_interval_ms(self.w.config.lease_ms), MAX_WAIT_MS)
+        self._room.clear()
+        await line.call("XREAD", "COUNT", 1, "BLOCK", wait_ms, "STREAMS", *idle, *idle.values())
+

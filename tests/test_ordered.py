@@ -1,0 +1,200 @@
+"""The ordered mode in-process: one owner per stream, entries one after another, each committed before the next.
+
+Real Redis only: the fenced read runs XREADGROUP inside a script, whose reply fakeredis nests differently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from fabric import Worker
+from fabric.events import Event, Signal, Tick
+from fabric.handler import Context, as_handler
+from fabric.keys import Keys
+from fabric.ownership import Leases
+from tests.contract.test_worker import config, publish, stream_of
+from tests.waiting import eventually
+from tests.workers import running
+
+pytestmark = [pytest.mark.real_only, pytest.mark.timeout(60)]
+
+ORDERED = {"ordered": True, "lease_ms": 600}
+
+
+def seq_ticks(symbol: str, start: int, n: int) -> list[Tick]:
+    return [Tick(symbol=symbol, bid=100.0, ask=101.0, seq=i) for i in range(start, start + n)]
+
+
+class Log:
+    """What the handlers saw: per symbol, the sequence numbers in handling order, and who handled them."""
+
+    def __init__(self) -> None:
+        self.seqs: defaultdict[str, list[int]] = defaultdict(list)
+        self.by: defaultdict[str, set[str]] = defaultdict(set)
+
+    def handler(self, *, fail: Any = None) -> Any:
+        async def handle(tick: Tick, ctx: Context) -> Event | None:
+            assert tick.symbol is not None
+            if fail is not None and fail(tick, ctx):
+                raise RuntimeError(f"failing {tick.symbol} {tick.seq}")
+            self.seqs[tick.symbol].append(tick.seq)
+            self.by[tick.symbol].add(ctx.consumer)
+            await asyncio.sleep(0)  # let other streams interleave
+            return None
+
+        return handle
+
+    def count(self, symbol: str) -> int:
+        return len(self.seqs[symbol])
+
+
+def ordered_worker(redis: Any, keys: Keys, fn: Any, **overrides: Any) -> Worker:
+    return Worker(redis, as_handler(fn, "h"), config(**ORDERED, **overrides), keys=keys, handler_name="h")
+
+
+async def handled(log: Log, symbols: list[str], n: int) -> bool:
+    return all(log.count(s) >= n for s in symbols)
+
+
+async def test_each_symbols_entries_are_handled_in_publish_order(redis, keys: Keys) -> None:
+    log = Log()
+    symbols = [f"S{i}" for i in range(8)]
+    await publish(redis, keys, [t for s in symbols for t in seq_ticks(s, 1, 5)])
+    async with running(ordered_worker(redis, keys, log.handler(), concurrency=4)):
+        await publish(redis, keys, [t for s in symbols for t in seq_ticks(s, 6, 45)])
+        await eventually(lambda: handled(log, symbols, 50), what="50 ticks per symbol")
+    assert all(log.seqs[s] == list(range(1, 51)) for s in symbols)
+
+
+async def test_two_workers_split_the_streams_and_each_stream_has_one_owner(redis, keys: Keys) -> None:
+    log = Log()
+    symbols = [f"S{i}" for i in range(10)]
+    await publish(redis, keys, [t for s in symbols for t in seq_ticks(s, 1, 1)])
+    a, b = (ordered_worker(redis, keys, log.handler(), consumer=c) for c in ("a", "b"))
+    async with running(a, b):
+        leases = Leases(redis, keys, "g")
+        streams = [stream_of(keys, s) for s in symbols]
+
+        async def spread() -> bool:
+            owners = [lease.owner for lease in (await leases.owners(streams)).values()]
+            return sorted(owners) == ["a"] * 5 + ["b"] * 5
+
+        await eventually(spread, what="five streams owned by each worker")
+        await publish(redis, keys, [t for s in symbols for t in seq_ticks(s, 2, 20)])
+        await eventually(lambda: handled(log, symbols, 21), what="21 ticks per symbol")
+    assert all(log.seqs[s] == list(range(1, 22)) for s in symbols)
+    assert {len(log.by[s]) for s in symbols} <= {1, 2}  # the first tick may be handled before the split
+
+
+async def test_the_next_entry_starts_only_after_the_previous_one_is_committed(redis, keys: Keys) -> None:
+    stream = stream_of(keys, "A")
+    previous: list[str] = []
+    still_pending: list[str] = []
+
+    async def handle(tick: Tick, ctx: Context) -> Signal:
+        if previous and await redis.xpending_range(stream, "g", previous[-1], previous[-1], 1):
+            still_pending.append(previous[-1])
+        previous.append(ctx.entry_id)
+        return Signal(symbol="A", strategy="s", action="buy", strength=0.5)
+
+    await publish(redis, keys, seq_ticks("A", 1, 20))
+    async with running(ordered_worker(redis, keys, handle)):
+        await eventually(lambda: _len(previous, 20), what="20 ticks handled")
+        await eventually(lambda: _pending_is(redis, stream, 0), what="all committed")
+    assert still_pending == []
+    assert len(await redis.xrange(keys.stream("signal", Signal.default_priority, "A"))) == 20
+
+
+async def test_a_failing_entry_blocks_its_stream_but_not_the_others(redis, keys: Keys) -> None:
+    log = Log()
+    release = asyncio.Event()
+    await publish(redis, keys, [*seq_ticks("A", 1, 10), *seq_ticks("B", 1, 10)])
+    worker = ordered_worker(redis, keys, log.handler(fail=lambda t, _: t.symbol == "A" and t.seq == 3
+                                                    and not release.is_set()), max_deliveries=1000)
+    async with running(worker):
+        await eventually(lambda: handled(log, ["B"], 10), what="B's ticks, while A's third fails")
+        await eventually(lambda: _at_least(lambda: worker.stats.failed, 2), what="A's third failing twice")
+        assert log.seqs["A"] == [1, 2]
+        release.set()
+        await eventually(lambda: handled(log, ["A"], 10), what="A's ticks after the failure clears")
+    assert log.seqs["A"] == list(range(1, 11))
+
+
+async def test_a_dead_lettered_entry_unblocks_its_stream(redis, keys: Keys) -> None:
+    log = Log()
+    await publish(redis, keys, seq_ticks("A", 1, 5))
+    worker = ordered_worker(redis, keys, log.handler(fail=lambda t, _: t.seq == 2), max_deliveries=3)
+    async with running(worker):
+        await eventually(lambda: handled(log, ["A"], 4), what="A's other ticks")
+    assert log.seqs["A"] == [1, 3, 4, 5]
+    assert worker.stats.dead_lettered == 1 and worker.stats.failed == 3
+    dead = await redis.xrange(keys.dlq(stream_of(keys, "A")))
+    assert len(dead) == 1 and dead[0][1][b"error_type"] == b"RuntimeError"
+
+
+async def test_a_new_symbols_stream_gets_an_owner_while_the_group_runs(redis, keys: Keys) -> None:
+    log = Log()
+    await publish(redis, keys, seq_ticks("A", 1, 1))
+    async with running(ordered_worker(redis, keys, log.handler())):
+        await eventually(lambda: handled(log, ["A"], 1), what="A's tick")
+        await publish(redis, keys, seq_ticks("NEW", 1, 5))
+        await eventually(lambda: handled(log, ["NEW"], 5), what="the new symbol's ticks")
+    assert log.seqs["NEW"] == [1, 2, 3, 4, 5]
+
+
+async def test_a_stopping_owner_hands_its_streams_over_in_order(redis, keys: Keys) -> None:
+    log = Log()
+    gate = asyncio.Event()
+
+    async def slow(tick: Tick, ctx: Context) -> None:
+        if ctx.consumer == "a":
+            await gate.wait()
+        log.seqs[tick.symbol or ""].append(tick.seq)
+
+    await publish(redis, keys, seq_ticks("A", 1, 30))
+    a = ordered_worker(redis, keys, slow, consumer="a", grace_s=5.0)
+    async with running(a):
+        await eventually(lambda: _at_least(lambda: a.stats.delivered, 2), what="a reading ahead")
+        b = ordered_worker(redis, keys, slow, consumer="b")
+        async with running(b):
+            a.stop()
+            gate.set()  # a finishes the entry in hand, then releases; b takes the rest over, oldest first
+            await eventually(lambda: handled(log, ["A"], 30), what="all 30 ticks")
+    assert log.seqs["A"] == list(range(1, 31))
+
+
+async def test_a_writer_whose_lease_moved_is_fenced_out(redis, keys: Keys) -> None:
+    gate = asyncio.Event()
+
+    async def stuck(tick: Tick) -> Signal:
+        await gate.wait()  # paused in its handler past its lease
+        return Signal(symbol="A", strategy="s", action="buy", strength=1.0)
+
+    await publish(redis, keys, seq_ticks("A", 1, 3))
+    a = ordered_worker(redis, keys, stuck, consumer="a", handler_timeout_s=None)
+    async with running(a):
+        await eventually(lambda: _at_least(lambda: a.stats.delivered, 1), what="a holding the first tick")
+        stream = stream_of(keys, "A")
+        leases = Leases(redis, keys, "g")
+        await redis.delete(leases.key(stream))  # as if a's lease expired while it was paused
+        assert await leases.acquire(stream, "b") is not None  # and another member took the stream
+        gate.set()  # a resumes: its commit must be refused
+        await eventually(lambda: _at_least(lambda: a.stats.refused, 1), what="a's late commit refused")
+    assert await redis.xrange(keys.stream("signal", Signal.default_priority, "A")) == []
+    assert a.stats.handled == 0
+
+
+async def _len(items: list[Any], n: int) -> bool:
+    return len(items) >= n
+
+
+async def _at_least(value: Any, n: int) -> bool:
+    return bool(value() >= n)
+
+
+async def _pending_is(redis: Any, stream: str, n: int) -> bool:
+    return int((await redis.xpending(stream, "g"))["pending"]) == n
