@@ -35,6 +35,7 @@ from fabric.config import (
     DEFAULT_CONCURRENCY,
     DEFAULT_GRACE_S,
     DEFAULT_HANDLER_TIMEOUT_S,
+    DEFAULT_LEASE_MS,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_RECLAIM_IDLE_MS,
     MAX_WORKER_NAME,
@@ -156,7 +157,7 @@ def _logging(verbose: bool, fmt: str) -> None:
 
 
 WORKER_OPTIONS = ("concurrency", "max_deliveries", "output_topic", "reclaim_idle_ms", "block_ms", "grace_s",
-                  "handler_timeout_s")
+                  "handler_timeout_s", "ordered", "lease_ms")
 """The WorkerConfig fields the command line can set; given with --config, they override each table's."""
 
 
@@ -176,7 +177,14 @@ class _Job:
 
 def _options(values: dict[str, Any]) -> list[str]:
     """Settings as ``fabric worker`` options again, for a child's command line."""
-    return [arg for name, value in values.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+    args = []
+    for name, value in values.items():
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):  # a --NAME/--unNAME switch
+            args.append(f"--{flag}" if value else f"--un{flag}")
+        else:
+            args += (f"--{flag}", str(value))
+    return args
 
 
 def _retention(s: Settings, topics: list[str]) -> dict[str, Retention]:
@@ -276,6 +284,11 @@ def worker(
         help=f"On SIGTERM, how long in-flight handlers may take.  [default: {DEFAULT_GRACE_S}]")] = None,
     handler_timeout_s: Annotated[float | None, typer.Option(
         help=f"A handler call running longer fails and is retried.  [default: {DEFAULT_HANDLER_TIMEOUT_S}]")] = None,
+    ordered: Annotated[bool | None, typer.Option(
+        "--ordered/--unordered", help="Ordered mode: each stream has one owner in the group at a time, which "
+        "handles its entries one after another.  [default: unordered]")] = None,
+    lease_ms: Annotated[int | None, typer.Option(
+        help=f"Ordered mode: a dead owner's streams move after this long.  [default: {DEFAULT_LEASE_MS}]")] = None,
     redis_url: RedisUrl = None,
     namespace: Namespace = None,
     config_file: ConfigFile = None,
@@ -296,7 +309,7 @@ def worker(
     s = settings(config_file, redis_url, namespace)
     given = dict(concurrency=concurrency, max_deliveries=max_deliveries, output_topic=output_topic,
                  reclaim_idle_ms=reclaim_idle_ms, block_ms=block_ms, grace_s=grace_s,
-                 handler_timeout_s=handler_timeout_s)
+                 handler_timeout_s=handler_timeout_s, ordered=ordered, lease_ms=lease_ms)
     overrides = {name: value for name, value in given.items() if value is not None}
     with reported():
         if handler is None:
