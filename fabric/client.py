@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import hiredis
@@ -29,14 +30,17 @@ from fabric.errors import (
 )
 
 __all__ = [
-    "DEFAULT_URL", "Line", "connect", "error_code", "own_connection", "raise_if_cancelled", "redact", "resolve_url",
-    "translate", "translated",
+    "DEFAULT_URL", "Line", "connect", "error_code", "own_connection", "raise_if_cancelled", "read_timeout_s", "redact",
+    "resolve_url", "translate", "translated",
 ]
+
+E = TypeVar("E", bound=BaseException)
 
 DEFAULT_URL = "redis://localhost:6379/0"
 URL_ENV = "FABRIC_REDIS_URL"
 SOCKET_TIMEOUT_S = 30.0
-"""No reply within this long means the connection is dead (WorkerConfig caps block_ms well below it)."""
+"""No reply within this long means the connection is dead (WorkerConfig caps block_ms well below it); a URL's
+``?socket_timeout=SECONDS`` replaces it (``read_timeout_s``)."""
 POOL_WAIT_S = 30.0
 
 
@@ -101,7 +105,7 @@ def connect(url: str | None = None, *, max_connections: int = 32) -> aioredis.Re
 
 def own_connection(client: aioredis.Redis) -> AbstractConnection:
     """A connection outside the client's pool, with the pool's settings, for a loop that keeps it. Reads on it
-    must pass ``timeout=SOCKET_TIMEOUT_S``: fabric's own connection classes have no socket timeout, because
+    must pass ``timeout=read_timeout_s(client)``: fabric's own connection classes have no socket timeout, because
     redis-py would run every write in a task of its own to time it (a write only waits when the socket buffer
     is full, and the read that follows has the timeout)."""
     pool = client.connection_pool
@@ -109,6 +113,21 @@ def own_connection(client: aioredis.Redis) -> AbstractConnection:
     if issubclass(pool.connection_class, _HiredisPacking):
         kwargs["socket_timeout"] = None
     return pool.connection_class(**kwargs)
+
+
+def read_timeout_s(client: aioredis.Redis) -> float:
+    """How long a reply may take before its connection counts as dead: the URL's ``socket_timeout`` if it gives
+    one, else ``SOCKET_TIMEOUT_S``. A blackholed Redis is detected within this (TCP keepalive takes hours)."""
+    configured = client.connection_pool.connection_kwargs.get("socket_timeout")
+    return float(configured) if configured else SOCKET_TIMEOUT_S
+
+
+def _blocking_s(args: tuple[Any, ...]) -> float:
+    """How long a blocking command (``... BLOCK ms ...``) may wait on the server before it replies."""
+    for i, arg in enumerate(args[:-1]):
+        if arg in ("BLOCK", b"BLOCK"):
+            return int(args[i + 1]) / 1000
+    return 0.0
 
 
 class Line:
@@ -119,13 +138,15 @@ class Line:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._conn = own_connection(client)
+        self._timeout_s = read_timeout_s(client)
 
     async def call(self, *args: Any) -> Any:
-        """Send one command and return its raw reply; error replies raise redis-py's ``ResponseError``s."""
+        """Send one command and return its raw reply; error replies raise redis-py's ``ResponseError``s. No reply
+        within the read timeout (plus a blocking command's own wait) closes the connection and raises."""
         conn = self._conn
         try:
             await conn.send_packed_command(hiredis.pack_command(args), check_health=False)
-            return await conn.read_response(timeout=SOCKET_TIMEOUT_S)
+            return await conn.read_response(timeout=self._timeout_s + _blocking_s(args))
         except rex.ResponseError:
             raise
         except BaseException:
@@ -175,12 +196,34 @@ def translate(exc: BaseException, url: str | None = None) -> FabricError:
             f"Redis{where} is out of memory and refuses writes: raise maxmemory, trim retention, "
             "or add consumers to drain the backlog"
         )
+    tls = _cause(exc, ssl.SSLError)
+    if tls is not None:
+        return RedisUnavailable(
+            f"the TLS handshake with Redis{where} failed ({tls}): pass the CA that signed the server's certificate "
+            "as rediss://host:port/0?ssl_ca_certs=/path/ca.pem, and check that the certificate names the host "
+            "the URL does"
+        )
     if isinstance(exc, (rex.ConnectionError, rex.TimeoutError, OSError)):
+        plain = url is not None and urlsplit(resolve_url(url)).scheme == "redis"
+        tls_hint = " (a TLS-only Redis resets plain connections: use rediss://)" if (
+            plain and _cause(exc, ConnectionResetError) is not None) else ""
         return RedisUnavailable(
             f"cannot reach Redis{where} ({exc}): is redis-server running? "
-            "Pass --redis-url or set FABRIC_REDIS_URL"
+            f"Pass --redis-url or set FABRIC_REDIS_URL{tls_hint}"
         )
     return RedisError(f"Redis{where} answered with an error: {exc}")
+
+
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``exc``'s chain (redis-py wraps socket and TLS errors in its own)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @contextmanager
