@@ -12,7 +12,8 @@ Every message says what happened, the likely cause and the fix, in one line::
     │   ├── RedisUnavailable    connection refused, reset or timed out
     │   ├── AuthenticationFailed wrong password or user
     │   ├── PermissionDenied    the ACL user lacks a command or key
-    │   └── RedisOutOfMemory    ``maxmemory`` reached: writes are refused
+    │   ├── RedisOutOfMemory    ``maxmemory`` reached: writes are refused
+    │   └── RedisMisconfigured  a server setting fabric cannot run safely under (an evicting maxmemory-policy)
     ├── PublishError            a publish did not complete; the events named were not confirmed
     ├── NotFound                a stream, group, consumer, dead letter or breaker named does not exist
     ├── HandlerLoadError        ``MODULE:FUNCTION`` cannot be imported or is not a handler
@@ -36,6 +37,7 @@ __all__ = [
     "PermissionDenied",
     "PublishError",
     "RedisError",
+    "RedisMisconfigured",
     "RedisOutOfMemory",
     "RedisUnavailable",
     "Reject",
@@ -91,6 +93,10 @@ class PermissionDenied(RedisError):
 
 class RedisOutOfMemory(RedisError):
     """Redis hit ``maxmemory`` and refuses writes."""
+
+
+class RedisMisconfigured(RedisError):
+    """Redis runs with a setting that would lose events silently (an evicting ``maxmemory-policy``)."""
 
 
 class PublishError(FabricError):

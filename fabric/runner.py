@@ -24,6 +24,7 @@ from fabric.handler import HandlerFn, Middleware
 from fabric.keys import Keys
 from fabric.logs import log_context
 from fabric.metrics import HandlerTallies, measured
+from fabric.preflight import check_worker
 from fabric.snapshots import DIR_ENV
 from fabric.supervisor import SUPERVISOR_ENV, signal_on_parent_death
 from fabric.telemetry import exposed
@@ -97,6 +98,7 @@ async def serve(
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         with translated(url):
+            await check_worker(client, worker.keys, config, worker.consumer, url=url)  # one line, exit 4 or 1
             log.info("worker %s of group %s on topics %s", worker.consumer, config.group, ", ".join(config.topics))
             async with _exposed(worker, tallies, metrics_port, metrics_host, directory):
                 await worker.run()
