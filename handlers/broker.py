@@ -3,7 +3,9 @@
 The broker stage holds no state: an order always gives the same fill (``fill_id`` and ``seq`` come from the
 order), so a redelivered order gives a fill the portfolio recognises as a repeat. The call to the "exchange"
 is a separate async function, ``Exchange``, so a breaker can guard it and a test or a chaos run can make it
-fail: ``Outage`` wraps one and raises ``ExchangeUnavailable`` while it is down.
+fail: ``Outage`` wraps one and raises ``ExchangeUnavailable`` while it is down; ``RemoteOutage`` does the same
+while a key exists in Redis (``outage_key``), so another process (``fabric demo --chaos``) can take the workers'
+exchange down, for as long as the key's expiry.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import msgspec
+from redis.asyncio import Redis
 
 from fabric.errors import Reject
 from fabric.events import Fill, Order, OrderType, Side
 
 __all__ = [
-    "Costs", "Exchange", "ExchangeUnavailable", "Outage", "cash_change", "make_broker_handler", "paper_exchange",
+    "Costs", "Exchange", "ExchangeUnavailable", "Outage", "RemoteOutage", "cash_change", "make_broker_handler",
+    "outage_key", "paper_exchange",
 ]
 
 Exchange = Callable[[Order], Awaitable[Fill]]
@@ -72,6 +76,28 @@ class Outage:
         """Send the order, unless the exchange is down."""
         if self.down:
             raise ExchangeUnavailable(f"exchange down: order {order.order_id} not sent; it is retried")
+        return await self.exchange(order)
+
+
+def outage_key(namespace: str) -> str:
+    """The key that takes the paper exchange down while it exists: ``NS:outage:exchange``, a string set with an
+    expiry (so an outage always ends) by ``fabric demo --chaos``, read by ``RemoteOutage`` before each order."""
+    return f"{namespace}:outage:exchange"
+
+
+class RemoteOutage:
+    """An exchange that is down while ``key`` exists in Redis: one EXISTS per order, orders being rare."""
+
+    def __init__(self, exchange: Exchange, client: Redis, key: str) -> None:
+        self.exchange = exchange
+        self.client = client
+        self.key = key
+
+    async def __call__(self, order: Order) -> Fill:
+        """Send the order, unless the key says the exchange is down."""
+        if await self.client.exists(self.key):
+            raise ExchangeUnavailable(f"exchange down ({self.key} is set): order {order.order_id} not sent; "
+                                      "it is retried")
         return await self.exchange(order)
 
 

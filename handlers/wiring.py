@@ -17,7 +17,8 @@ and a Redis client belongs to the loop that first uses it. Read from the environ
   [limits], [costs], [strategy]); the defaults otherwise.
 
 The state survives a worker restart because it is in Redis, not in the process; ``handlers.state`` says
-why a redelivered entry still publishes what the dead worker applied but never published.
+why a redelivered entry still publishes what the dead worker applied but never published. The broker's paper
+exchange is down while ``handlers.broker.outage_key`` exists in that Redis (``fabric demo --chaos`` sets it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from redis.asyncio import Redis
 
 from fabric.client import connect
 from fabric.events import Event
+from handlers.broker import RemoteOutage, outage_key, paper_exchange
 from handlers.pipeline import Handler, PipelineConfig, stages
 from handlers.portfolio import Allocation
 from handlers.state import RedisStore, Store
@@ -88,7 +90,8 @@ def wiring() -> Wiring:
     def redis_stores(stage: str, state_type: type[S]) -> Store[S]:
         return RedisStore(client, namespace, stage, state_type)
 
-    return Wiring(client, {s.name: s.handler for s in stages(config, allocation, store=redis_stores)})
+    exchange = RemoteOutage(paper_exchange(config.costs), client, outage_key(namespace))
+    return Wiring(client, {s.name: s.handler for s in stages(config, allocation, exchange, redis_stores)})
 
 
 async def close() -> None:

@@ -8,6 +8,7 @@ stderr, with an exit code from ``fabric.cli.options.Exit`` (listed in README): 0
 
 from __future__ import annotations
 
+import fabric.cli.demo  # noqa: F401  (adds ``fabric demo`` to ``app``)
 import fabric.cli.trace  # noqa: F401  (adds ``fabric trace`` to ``app``)
 from fabric.cli import breakers, dlq, history, inspect, run
 from fabric.cli.options import app
