@@ -425,7 +425,9 @@ class Ordered:
             return True
         w.stats.refused += 1
         if status == FENCED:
-            self._lose(o.ref.key, f"commit of {d.entry_id.decode()} refused: fenced out")
+            log.warning("commit of %s %s refused: fenced out (the stream has another owner now; it handles the "
+                        "entry again)", o.ref.key, d.entry_id.decode())
+            self._lose(o.ref.key, "fenced out of a commit")
             return False
         log.warning("commit of %s %s refused: it was no longer pending to this consumer", o.ref.key,
                     d.entry_id.decode())
