@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,9 +42,7 @@ PAUSE_S = 0.1
 class OrderedProcess(WorkerProcess):
     """A ``fabric worker --ordered`` subprocess running the sequence-checking handler."""
 
-    def __init__(self, redis_url: str, ns: str, consumer: str, log: Path, sleep_ms: int) -> None:
-        import subprocess
-
+    def __init__(self, redis_url: str, ns: str, consumer: str, log: Path, sleep_ms: int) -> None:  # noqa: PLW0231
         self.consumer = consumer
         self.log = log
         self._out = log.open("wb")
@@ -126,7 +125,7 @@ def balanced_over(members: list[str], streams: list[str], redis: Any, keys: Keys
     return check
 
 
-async def handled_in_order(redis: Any, keys: Keys, symbols: list[str], rounds: int) -> dict[str, list[int]]:
+async def handled_in_order(redis: Any, keys: Keys, symbols: list[str]) -> dict[str, list[int]]:
     """Each symbol's committed copies' ``seq``, in stream order."""
     out = {}
     for s in symbols:
@@ -168,7 +167,7 @@ async def test_order_holds_while_a_worker_joins_and_one_is_killed_and_the_join_m
     await eventually(lambda: all_handled(redis, keys, symbols, rounds), timeout_s=60, what="every tick handled")
     # Then every symbol's ticks were handled in publish order, each exactly once
     assert await redis.lrange(violations_key(keys.ns), 0, -1) == []
-    seqs = await handled_in_order(redis, keys, symbols, rounds)
+    seqs = await handled_in_order(redis, keys, symbols)
     assert {s: q for s, q in seqs.items() if q != list(range(1, rounds + 1))} == {}
     for name in ("a", "c", "d"):
         workers[name].assert_clean()
@@ -197,8 +196,9 @@ async def test_a_paused_owner_resumed_after_its_lease_expired_gets_its_late_writ
     await eventually(lambda: all_handled(redis, keys, symbols, rounds), timeout_s=60, what="every tick handled")
     # Then nothing "a" did late reached Redis: no duplicate, no out-of-order output
     assert await redis.lrange(violations_key(keys.ns), 0, -1) == []
-    seqs = await handled_in_order(redis, keys, symbols, rounds)
+    seqs = await handled_in_order(redis, keys, symbols)
     assert {s: q for s, q in seqs.items() if q != list(range(1, rounds + 1))} == {}
+    b.assert_clean()
 
 
 async def _logged(worker: WorkerProcess, text: str) -> bool:
