@@ -1,0 +1,158 @@
+"""fabric demo: the pipeline's workers as real processes on a real redis-server, judged against the single-process run.
+
+Each run starts seven worker processes, so the sizes are small; the portfolio comparisons are exact (JSON floats
+round-trip), never approximate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from typing import Any
+
+import msgspec
+import pytest
+from typer.testing import CliRunner
+
+from fabric.cli import app
+from fabric.cli.options import Exit
+from fabric.embedded import free_port
+from fabric.events import PortfolioUpdate
+from handlers.bars import SAMPLE_BARS, read_bars
+from handlers.feed import feed, symbols
+from handlers.pipeline import PipelineConfig, PipelineResult, contents, run_pipeline
+from tests.conftest import fabric_cmd
+from tests.fixtures.handlers import subprocess_env
+
+pytestmark = [pytest.mark.real_only, pytest.mark.timeout(180)]
+
+SYMBOLS, TICKS, SEED = 3, 600, 7
+SIZE = ["--symbols", str(SYMBOLS), "--ticks", str(TICKS), "--seed", str(SEED)]
+RUN_TIMEOUT_S = 150.0
+"""A deadline for one whole run (seven Python processes starting on a busy 2-core machine), not a threshold."""
+
+
+def _demo(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``fabric demo ARGS --redis-url URL`` in a subprocess, as a user runs it."""
+    return subprocess.run(fabric_cmd("demo", *args, "--redis-url", redis_url), capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S, env=subprocess_env(redis_url, "unused"), check=False)
+
+
+def _summary(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary: dict[str, Any] = msgspec.json.decode(done.stdout)
+    return summary
+
+
+def _portfolio(summary: dict[str, Any]) -> PortfolioUpdate:
+    return msgspec.convert(summary["portfolio"], PortfolioUpdate)
+
+
+def _reference() -> PipelineResult:
+    return asyncio.run(run_pipeline(feed(SYMBOLS, TICKS, SEED), symbols(SYMBOLS)))
+
+
+def test_two_runs_on_redis_and_the_single_process_mode_end_with_the_same_portfolio(redis_url):
+    # given the single-process run of the pipeline over the seeded feed, which trades
+    want = _reference()
+    assert want.portfolio.realized_pnl != 0 and want.counts["fill"] > 0
+    # when the demo runs twice on Redis (worker processes), and once in its single-process mode
+    first = _summary(_demo(redis_url, *SIZE, "--rate", "5000", "--json"))
+    second = _summary(_demo(redis_url, *SIZE, "--rate", "5000", "--json"))
+    alone = _summary(_demo(redis_url, *SIZE, "--single-process", "--json"))
+    # then all three end with run_pipeline's final portfolio, to the last bit
+    assert first["namespace"] != second["namespace"]
+    for summary in (first, second, alone):
+        assert summary["ok"] is True
+        assert contents(_portfolio(summary)) == contents(want.portfolio)
+    # and every topic of the runs on Redis holds exactly run_pipeline's events
+    for summary in (first, second):
+        assert {t["topic"]: t["events"] for t in summary["topics"]} == want.counts
+        assert summary["dead_letters"] == 0 and summary["drained"] is True
+
+
+def test_killing_a_busy_worker_and_an_exchange_outage_change_nothing_in_the_final_portfolio(redis_url):
+    # given the single-process run's result
+    want = _reference()
+    # when the demo runs with chaos: the bar stage (every tick goes through it) is SIGKILLed a third of the way in,
+    # and the exchange goes down two thirds of the way in
+    done = _demo(redis_url, *SIZE, "--rate", "600", "--chaos", "--kill", "bars", "--json")
+    summary = _summary(done)
+    # then the supervisor restarted the killed process, and the outage happened
+    assert summary["restarts"] == {"bars[0]": 1}
+    assert any("killed bars[0]" in line and "SIGKILL" in line for line in summary["chaos"]), summary["chaos"]
+    assert any("exchange down" in line for line in summary["chaos"]), summary["chaos"]
+    # and nothing was lost or doubled: every topic holds run_pipeline's events, and the portfolio is its own
+    assert {t["topic"]: t["events"] for t in summary["topics"]} == want.counts
+    assert summary["dead_letters"] == 0
+    assert contents(_portfolio(summary)) == contents(want.portfolio)
+
+
+def test_a_bar_file_backtest_on_the_workers_ends_with_run_pipelines_result(redis_url):
+    # given run_pipeline over the sample file's one-minute bars
+    bars = list(read_bars(SAMPLE_BARS))
+    want = asyncio.run(run_pipeline(bars, {b.symbol for b in bars}, PipelineConfig(timeframe="1m")))
+    # when the demo runs the file on the workers
+    summary = _summary(_demo(redis_url, "--bars", str(SAMPLE_BARS), "--rate", "5000", "--json"))
+    # then it is a backtest of every bar, with run_pipeline's events and final portfolio
+    assert summary["mode"] == "backtest" and summary["inputs"] == len(bars)
+    assert {t["topic"]: t["events"] for t in summary["topics"]} == want.counts
+    assert contents(_portfolio(summary)) == contents(want.portfolio)
+
+
+def test_fabric_demo_prints_progress_and_the_summary_and_exits_0(redis_url):
+    # when the demo runs with its text output
+    done = _demo(redis_url, "--symbols", "2", "--ticks", "300", "--rate", "5000")
+    # then it exits 0 having printed each stage's events and latency, the end-to-end latency, the fault counts,
+    # the final portfolio and the verdict
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for stage in ("bars", "indicators", "strategy", "risk", "broker", "audit", "portfolio"):
+        assert f"\n{stage} " in out, out
+    assert "end to end (input made -> portfolio update made)" in out
+    assert "dead letters: 0   breaker trips: 0   worker restarts: none" in out
+    assert "final portfolio:" in out and "equity " in out
+    assert "nothing lost: every topic holds exactly the single-process run's events" in out
+    # and its progress went to stderr, a line a second ending with everything fed
+    assert "fed 600/600" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _invoke(*args: str) -> Any:
+    return CliRunner().invoke(app, ["demo", *args])
+
+
+def test_an_unreachable_redis_is_one_line_and_exit_3():
+    result = _invoke("--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    assert result.exit_code == Exit.UNREACHABLE, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+
+
+def test_a_wrong_password_is_one_line_and_exit_4(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", "right"],
+                              stdout=subprocess.DEVNULL)
+    try:
+        result = None
+        for _ in range(500):  # until the server answers (a deadline, not a threshold)
+            result = _invoke("--redis-url", f"redis://:wrong@127.0.0.1:{port}/0")
+            if result.exit_code != Exit.UNREACHABLE:
+                break
+        assert result is not None and result.exit_code == Exit.AUTH, result.output
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    finally:
+        server.terminate()
+        server.wait()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--symbols", "0"], "Invalid value for '--symbols'"),
+    (["--bars", "/nonexistent/bars.csv"], "cannot read bar file /nonexistent/bars.csv"),
+    (["--chaos", "--kill", "nobody"], "--kill nobody: no [workers.nobody]"),
+    (["--config", "/nonexistent/pipeline.toml"], "cannot read config /nonexistent/pipeline.toml"),
+])
+def test_bad_flags_exit_2_with_one_line_and_no_traceback(redis_url, args, message):
+    result = _invoke(*args, "--redis-url", redis_url)
+    assert result.exit_code == Exit.USAGE, result.output
+    assert message in result.stderr and "Traceback" not in result.output
