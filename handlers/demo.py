@@ -421,3 +421,9 @@ class _Run:
             complete=all(t.events == t.expected for t in result.topics),
             same_portfolio=same(result.portfolio, self.reference.portfolio),
         )
+
+
+if __name__ == "__main__":  # ``python -m handlers.demo``, the first command before ``fabric demo``
+    from fabric.cli import app
+
+    app(["demo", *sys.argv[1:]])

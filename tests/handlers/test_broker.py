@@ -51,3 +51,17 @@ async def test_an_order_the_paper_broker_cannot_fill_is_rejected():
     broker = make_broker_handler(paper_exchange(COSTS))
     with pytest.raises(Reject, match="MARKET orders"):
         await broker(_order(Side.BUY, order_type=OrderType.LIMIT, price=49.0))
+
+
+async def test_a_remote_outage_lasts_while_its_key_is_in_redis(redis, keys):
+    # given a broker whose exchange is down while the namespace's outage key exists
+    from handlers.broker import RemoteOutage, outage_key
+
+    broker = make_broker_handler(RemoteOutage(paper_exchange(COSTS), redis, outage_key(keys.ns)))
+    # when another process sets the key, orders fail as the exchange being unavailable (what the breaker counts)
+    await redis.set(outage_key(keys.ns), "test", px=60_000)
+    with pytest.raises(ExchangeUnavailable, match=r"exchange down .*: order A-3 not sent; it is retried"):
+        await broker(_order(Side.BUY))
+    # then once the key is gone, the same order fills
+    await redis.delete(outage_key(keys.ns))
+    assert (await broker(_order(Side.BUY))).fill_id == "A-3-1"
