@@ -57,11 +57,16 @@ log = logging.getLogger("fabric.ordered")
 MAX_READ_AHEAD = 64
 """Most entries read ahead for one owned stream (they stay pending to the owner; a new owner takes them over)."""
 MIN_READ_AHEAD = 4
+COMMIT_LINES = 3
+"""Commit batches in flight at once, each on its own connection."""
+COMMIT_CHUNK = 32
+"""A commit batch this large goes out at once, without waiting for the streams still handling."""
 MAX_WAIT_MS = 250
 """Longest XREAD BLOCK of idle streams: a stream acquired meanwhile is read within this long."""
 _LABELS = tuple(p.label for p in Priority)
 
 _Outputs = list[tuple[str, Encoded]]
+_Commit = tuple["Owned", Delivery, _Outputs, asyncio.Future[int]]
 
 
 class Slots:
@@ -99,9 +104,12 @@ class Slots:
 class Owned:
     """One stream this worker owns: its token, the entries read for it, and whether it is being given up."""
 
-    def __init__(self, ref: StreamRef, token: int) -> None:
+    def __init__(self, ref: StreamRef, token: int, lease: str, failures: str) -> None:
         self.ref = ref
         self.token = token
+        self.lease = lease
+        """The lease's key (what fenced scripts check the token against)."""
+        self.failures = failures
         self.queue: deque[Delivery] = deque()
         self.ready = False
         """The former owners' pending entries are queued: the reader may add new ones behind them."""
@@ -123,9 +131,14 @@ class Ordered:
         self.members = Members(worker.client, worker.keys, worker.group, ttl_ms=cfg.lease_ms)
         self.owned: dict[str, Owned] = {}
         self.slots = Slots(cfg.concurrency)
-        self._commits: list[tuple[Owned, Delivery, _Outputs, asyncio.Future[int]]] = []
+        self._commits: list[_Commit] = []
         self._commit_ready = asyncio.Event()
         self._commits_closed = False
+        self._lines: list[Line] = []
+        """Commit connections not sending right now."""
+        self._line_free = asyncio.Event()
+        self._sending: set[asyncio.Task[None]] = set()
+        self._failed: list[BaseException] = []
         self._room = asyncio.Event()
         """An owned stream is ready for new entries or has room again: the reader looks again."""
         self._draining = False
@@ -231,7 +244,7 @@ class Ordered:
 
     def _own(self, stream: str, token: int) -> None:
         ref = self.w._streams.get(stream) or self.w.keys.parse_stream(stream)
-        o = Owned(ref, token)
+        o = Owned(ref, token, self.leases.key(stream), self.w.keys.failures(stream))
         self.owned[stream] = o
         o.task = asyncio.create_task(self._run_stream(o))
         log.debug("owning %s under token %d", stream, token)
@@ -415,7 +428,10 @@ class Ordered:
         """Commit one entry (its outputs and its ack, fenced) and wait for it; False if fenced out."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._commits.append((o, d, outputs, fut))
-        self._commit_ready.set()
+        if len(self._commits) >= COMMIT_CHUNK and self._lines:
+            self._flush()
+        else:
+            self._commit_ready.set()
         status = await fut
         w = self.w
         if status == 1:
@@ -434,27 +450,59 @@ class Ordered:
         return True
 
     async def _commit_loop(self) -> None:
-        line = Line(self.w.client)
+        """Send the commits gathered so far on a free connection, without waiting for the reply before gathering
+        the next (``_commit`` also sends a full chunk at once): Redis applies one batch while the streams whose
+        commits came back handle their next entries. A stream has one commit in flight at most, so batches in
+        flight never touch one entry twice."""
+        for _ in range(COMMIT_LINES):
+            self._lines.append(Line(self.w.client))
         try:
-            while True:
+            while not self._failed:
                 if not self._commits:
                     if self._commits_closed:
-                        return
+                        break
                     self._commit_ready.clear()
                     await self._commit_ready.wait()
                     continue
-                batch, self._commits = self._commits, []
-                try:
-                    await self._send(line, batch)
-                except BaseException as exc:
-                    for *_, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc) if isinstance(exc, Exception) else fut.cancel()
-                    raise
+                if not self._lines:
+                    self._line_free.clear()
+                    await self._line_free.wait()
+                    continue
+                self._flush()
+            if self._sending:
+                await asyncio.wait(self._sending)
+            if self._failed:
+                raise self._failed[0]
         finally:
-            await line.close()
+            for task in self._sending:
+                task.cancel()
+            for line in self._lines:
+                await line.close()
 
-    async def _send(self, line: Line, batch: list[tuple[Owned, Delivery, _Outputs, asyncio.Future[int]]]) -> None:
+    def _flush(self) -> None:
+        """Send what is gathered on a free connection (the caller checked there is one)."""
+        line = self._lines.pop()
+        batch, self._commits = self._commits, []
+        task = asyncio.create_task(self._send_on(line, batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send_on(self, line: Line, batch: list[_Commit]) -> None:
+        try:
+            await self._send(line, batch)
+        except BaseException as exc:
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc) if isinstance(exc, Exception) else fut.cancel()
+            if not isinstance(exc, asyncio.CancelledError):
+                self._failed.append(exc)
+                self._commit_ready.set()
+            await line.close()
+            raise
+        self._lines.append(line)
+        self._line_free.set()
+
+    async def _send(self, line: Line, batch: list[_Commit]) -> None:
         w = self.w
         new = {s for _, _, outs, _ in batch for s, _ in outs} - w._registered
         if new:
@@ -470,7 +518,7 @@ class Ordered:
                 if not fut.done():
                     fut.set_result(int(status))
 
-    def _commit_call(self, part: list[tuple[Owned, Delivery, _Outputs, asyncio.Future[int]]]) -> tuple[list[str],
+    def _commit_call(self, part: list[_Commit]) -> tuple[list[str],
                                                                                                       list[Any]]:
         keys: list[str] = []
         index: dict[str, int] = {}
@@ -485,8 +533,8 @@ class Ordered:
         args: list[Any] = [w.group, w.consumer, FORMAT_VERSION]
         for o, d, outputs, _ in part:
             stream = o.ref.key
-            failures = ix(w.keys.failures(stream)) if d.deliveries > 1 else 0
-            args += (ix(stream), ix(self.leases.key(stream)), o.token, failures, d.entry_id, len(outputs))
+            failures = ix(o.failures) if d.deliveries > 1 else 0
+            args += (ix(stream), ix(o.lease), o.token, failures, d.entry_id, len(outputs))
             for out_stream, enc in outputs:
                 args += (ix(out_stream), enc.type, enc.enc, enc.data)
         return keys, args

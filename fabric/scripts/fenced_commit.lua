@@ -7,7 +7,8 @@
 -- ARGV[1]     group   ARGV[2] consumer   ARGV[3] wire format version
 -- then, per entry:  stream index, lease index, token, failure hash index (0: none), entry id, number of outputs n,
 --                   then n times: output stream index, type, enc, data
--- Returns, per entry in order: 1 committed, 0 refused (no longer pending for this consumer), -1 fenced out.
+-- Returns, per entry in order: 1 committed, 0 refused (no longer pending for this consumer: a
+-- commit sent again after its reply was lost), -1 fenced out.
 --
 -- The fence, for every script that writes for an owned stream (this one, fail, claim, deadletter), before any
 -- write:   if redis.call('HGET', LEASE, 'token') ~= TOKEN then <refuse: write nothing> end
