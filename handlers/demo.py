@@ -76,7 +76,7 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     ticks: int = 1_500
     """Ticks per symbol."""
     seed: int = 7
-    rate_per_s: int = 2_000
+    rate_per_s: int = 1_000
     """Inputs published per second."""
     bars: str | None = None
     """A CSV file of bars (``handlers.bars``) to run instead of the synthetic ticks."""
