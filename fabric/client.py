@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -30,8 +30,8 @@ from fabric.errors import (
 )
 
 __all__ = [
-    "DEFAULT_URL", "Line", "connect", "error_code", "own_connection", "raise_if_cancelled", "read_timeout_s", "redact",
-    "resolve_url", "translate", "translated",
+    "DEFAULT_URL", "Line", "connect", "connect_within", "error_code", "own_connection", "raise_if_cancelled",
+    "read_reply", "read_timeout_s", "redact", "resolve_url", "translate", "translated",
 ]
 
 E = TypeVar("E", bound=BaseException)
@@ -122,6 +122,33 @@ def read_timeout_s(client: aioredis.Redis) -> float:
     return float(configured) if configured else SOCKET_TIMEOUT_S
 
 
+@asynccontextmanager
+async def _deadline(conn: AbstractConnection, timeout_s: float) -> AsyncIterator[None]:
+    """Raise redis-py's ``TimeoutError`` if the block takes longer than ``timeout_s``. (Not redis-py's own
+    ``read_response(timeout=...)``: on expiry it returns None, which reads as a nil reply, and leaves the late
+    reply on the connection to be taken as the answer to the next command.)"""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:
+        raise rex.TimeoutError(f"Timeout reading from {conn._host_error()}: no reply within {timeout_s:.1f}s "
+                               "(a silent or unreachable Redis)") from None
+
+
+async def read_reply(conn: AbstractConnection, timeout_s: float) -> Any:
+    """The next reply on a connection of ``own_connection``, or redis-py's ``TimeoutError`` after ``timeout_s``
+    (the connection must then be closed: its late reply would answer the next command)."""
+    async with _deadline(conn, timeout_s):
+        return await conn.read_response()
+
+
+async def connect_within(conn: AbstractConnection, timeout_s: float) -> None:
+    """Connect a connection of ``own_connection`` (TCP, TLS, then the handshake's replies, which it reads with
+    no timeout of its own), or raise redis-py's ``TimeoutError`` after ``timeout_s``."""
+    async with _deadline(conn, timeout_s):
+        await conn.connect()  # type: ignore[no-untyped-call]
+
+
 def _blocking_s(args: tuple[Any, ...]) -> float:
     """How long a blocking command (``... BLOCK ms ...``) may wait on the server before it replies."""
     for i, arg in enumerate(args[:-1]):
@@ -142,11 +169,13 @@ class Line:
 
     async def call(self, *args: Any) -> Any:
         """Send one command and return its raw reply; error replies raise redis-py's ``ResponseError``s. No reply
-        within the read timeout (plus a blocking command's own wait) closes the connection and raises."""
+        within the read timeout (plus a blocking command's own wait), reconnecting included, closes the
+        connection and raises redis-py's ``TimeoutError``."""
         conn = self._conn
         try:
-            await conn.send_packed_command(hiredis.pack_command(args), check_health=False)
-            return await conn.read_response(timeout=self._timeout_s + _blocking_s(args))
+            async with _deadline(conn, self._timeout_s + _blocking_s(args)):
+                await conn.send_packed_command(hiredis.pack_command(args), check_health=False)
+                return await conn.read_response()
         except rex.ResponseError:
             raise
         except BaseException:
