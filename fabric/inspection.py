@@ -13,6 +13,7 @@ filter that does not exist raises ``NotFound``; one that exists but has no rows 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -24,8 +25,8 @@ from fabric.errors import FabricError, NotFound
 from fabric.keys import Keys, Priority, StreamRef
 
 __all__ = [
-    "ConsumerInfo", "GroupHealth", "GroupInfo", "GroupLag", "Health", "PendingEntry", "StreamInfo", "consumers",
-    "groups", "health", "pending", "streams", "topics",
+    "ConsumerInfo", "GroupHealth", "GroupInfo", "GroupLag", "Health", "Ownership", "PendingEntry", "StreamInfo",
+    "consumers", "groups", "health", "owned", "pending", "streams", "topics",
 ]
 
 PIPELINE_CHUNK = 1_000
@@ -98,6 +99,22 @@ class ConsumerInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Unix ms of its last read or claim (now − ``idle_ms``)."""
     last_delivery_ms: int | None
     """Unix ms of its last delivery (now − ``inactive_ms``); None when Redis does not report it."""
+    owns: int = 0
+    """Ordered groups: the streams it holds the live lease of (``owned`` lists them)."""
+
+
+class Ownership(msgspec.Struct, frozen=True, kw_only=True):
+    """Who owns one stream of an ordered group, under which fencing token, for how much longer."""
+
+    group: str
+    stream: str
+    topic: str
+    symbol: str | None
+    owner: str
+    token: int
+    releasing: bool
+    """Being handed over: its owner finishes the entry in hand, then releases it."""
+    ttl_ms: int
 
 
 class PendingEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -350,7 +367,31 @@ async def consumers(client: Redis, keys: Keys, *, topics: Sequence[str] = (),
     for (stream, group), replies in per_stream.items():
         for reply in replies:
             rows.setdefault((group, _text(reply["name"])), []).append((topic_of[stream], reply))
-    return [_consumer_info(group, name, parts, now_ms) for (group, name), parts in sorted(rows.items())]
+    owns = Counter((o.group, o.owner) for o in await _ownerships(client, keys, survey))
+    return [msgspec.structs.replace(_consumer_info(group, name, parts, now_ms), owns=owns[group, name])
+            for (group, name), parts in sorted(rows.items())]
+
+
+async def owned(client: Redis, keys: Keys, *, topics: Sequence[str] = (),
+                groups: Sequence[str] = ()) -> list[Ownership]:
+    """Ordered groups: one row per stream with a live lease, by group and stream (streams nobody owns right now,
+    and groups in the free-for-all mode, have none)."""
+    survey = _only_groups(await _survey(client, keys, topics), groups, _scope(keys, topics))
+    return await _ownerships(client, keys, survey)
+
+
+async def _ownerships(client: Redis, keys: Keys, survey: list[_Stream]) -> list[Ownership]:
+    pairs = [(s.ref, _text(g["name"])) for s in survey for g in s.groups]
+    calls = [c for ref, group in pairs for c in (("hmget", keys.lease(group, ref.key), "owner", "token", "releasing"),
+                                                 ("pttl", keys.lease(group, ref.key)))]
+    replies = await _pipelined(client, calls)
+    rows = []
+    for i, (ref, group) in enumerate(pairs):
+        (owner, token, releasing), ttl_ms = _checked(replies[2 * i]), _checked(replies[2 * i + 1])
+        if owner is not None and token is not None and ttl_ms > 0:
+            rows.append(Ownership(group=group, stream=ref.key, topic=ref.topic, symbol=ref.symbol, owner=_text(owner),
+                                  token=int(token), releasing=releasing is not None, ttl_ms=int(ttl_ms)))
+    return sorted(rows, key=lambda o: (o.group, o.stream))
 
 
 def _pending_entry(ref: StreamRef, group: str, reply: dict[str, Any], now_ms: int) -> PendingEntry:

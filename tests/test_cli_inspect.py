@@ -186,9 +186,9 @@ def test_consumers_table_has_a_row_per_consumer(data: Setup) -> None:
     result = fabric(data.url, data.keys, "consumers")
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:6] == ["GROUP", "CONSUMER", "TOPICS", "STREAMS", "PENDING", "IDLE"]
-    assert [line.split()[:5] for line in lines[1:]] == [[GROUP, "c1", "tick", "1", "2"],
-                                                        [GROUP, "c2", "tick", "1", "1"]]
+    assert lines[0].split()[:7] == ["GROUP", "CONSUMER", "TOPICS", "STREAMS", "OWNS", "PENDING", "IDLE"]
+    assert [line.split()[:6] for line in lines[1:]] == [[GROUP, "c1", "tick", "1", "0", "2"],
+                                                        [GROUP, "c2", "tick", "1", "0", "1"]]
 
 
 def test_consumers_json_has_pending_idle_and_times(data: Setup) -> None:
@@ -197,7 +197,7 @@ def test_consumers_json_has_pending_idle_and_times(data: Setup) -> None:
         (GROUP, "c1", ["tick"], 1, 2), (GROUP, "c2", ["tick"], 1, 1)]
     for r in rows:
         assert set(r) == {"group", "consumer", "topics", "streams", "pending", "idle_ms", "inactive_ms",
-                          "last_seen_ms", "last_delivery_ms"}
+                          "last_seen_ms", "last_delivery_ms", "owns"}
         assert isinstance(r["idle_ms"], int) and r["idle_ms"] >= 0
         assert isinstance(r["last_seen_ms"], int) and r["last_seen_ms"] >= ms_of(data.ids[data.stream("A")][0])
         # Redis before 7.2 does not say when a consumer last got something: null, not a guess

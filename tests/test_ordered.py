@@ -16,6 +16,8 @@ from fabric.events import Event, Signal, Tick
 from fabric.handler import Context, as_handler
 from fabric.keys import Keys
 from fabric.ownership import Leases
+from tests.cli_runner import invoke as fabric
+from tests.cli_runner import parsed
 from tests.contract.test_worker import config, publish, stream_of
 from tests.waiting import eventually
 from tests.workers import running
@@ -198,3 +200,16 @@ async def _at_least(value: Any, n: int) -> bool:
 
 async def _pending_is(redis: Any, stream: str, n: int) -> bool:
     return int((await redis.xpending(stream, "g"))["pending"]) == n
+
+
+async def test_the_cli_shows_who_owns_which_stream(redis, keys: Keys, redis_url: str) -> None:
+    log = Log()
+    symbols = ["A", "B", "C"]
+    await publish(redis, keys, [t for s in symbols for t in seq_ticks(s, 1, 1)])
+    async with running(ordered_worker(redis, keys, log.handler(), consumer="w1")):
+        await eventually(lambda: handled(log, symbols, 1), what="a tick per symbol")
+        owned = await asyncio.to_thread(lambda: parsed(fabric(redis_url, keys, "consumers", "--owned", "--json")))
+        rows = await asyncio.to_thread(lambda: parsed(fabric(redis_url, keys, "consumers", "--json")))
+    assert sorted((o["stream"], o["owner"], o["group"]) for o in owned) == [
+        (stream_of(keys, s), "w1", "g") for s in symbols]
+    assert [(r["consumer"], r["owns"]) for r in rows] == [("w1", 3)]

@@ -99,23 +99,37 @@ def groups(
            for r in rows], empty="(no groups)")
 
 
-@app.command(epilog=example("fabric consumers", "fabric consumers --group indicators --json"))
+@app.command(epilog=example("fabric consumers", "fabric consumers --group indicators --json",
+                            "fabric consumers --group bars --owned"))
 def consumers(
     topic: Topics = None,
     group: Groups = None,
+    owned: Annotated[bool, typer.Option(
+        "--owned", help="Ordered groups: one row per stream, with its owner, fencing token and lease time left.")
+    ] = False,
     redis_url: RedisUrl = None,
     namespace: Namespace = None,
     config_file: ConfigFile = None,
     as_json: Json = False,
 ) -> None:
-    """Every consumer per group: pending, idle time, last seen and (Redis 7.2+) last delivery."""
+    """Every consumer per group: pending, idle time, last seen, (Redis 7.2+) last delivery, and in ordered groups
+    how many streams it owns (--owned: which)."""
     s = settings(config_file, redis_url, namespace)
+    if owned:
+        leases = on_redis(s.url, lambda c: inspection.owned(c, s.keys, topics=topic or (), groups=group or ()))
+        if as_json:
+            emit_json(leases)
+            return
+        table(["group", "stream", "owner", "token", "lease left", "handing over"],
+              [[o.group, o.stream, o.owner, o.token, age(o.ttl_ms), "yes" if o.releasing else ""] for o in leases],
+              empty="(no owned streams: no ordered group has a live member)")
+        return
     rows = on_redis(s.url, lambda c: inspection.consumers(c, s.keys, topics=topic or (), groups=group or ()))
     if as_json:
         emit_json(rows)
         return
-    table(["group", "consumer", "topics", "streams", "pending", "idle", "last seen", "last delivery"],
-          [[r.group, r.consumer, r.topics, r.streams, r.pending, age(r.idle_ms), timestamp(r.last_seen_ms),
+    table(["group", "consumer", "topics", "streams", "owns", "pending", "idle", "last seen", "last delivery"],
+          [[r.group, r.consumer, r.topics, r.streams, r.owns, r.pending, age(r.idle_ms), timestamp(r.last_seen_ms),
             timestamp(r.last_delivery_ms)] for r in rows], empty="(no consumers)")
 
 
