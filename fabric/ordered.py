@@ -61,8 +61,8 @@ COMMIT_LINES = 3
 """Commit batches in flight at once, each on its own connection."""
 COMMIT_CHUNK = 32
 """A commit batch this large goes out at once, without waiting for the streams still handling."""
-MAX_WAIT_MS = 250
-"""Longest XREAD BLOCK of idle streams: a stream acquired meanwhile is read within this long."""
+MAX_WAIT_MS = 1_000
+"""Longest XREAD BLOCK of idle streams (cut short when a newly owned stream is ready to be read)."""
 _LABELS = tuple(p.label for p in Priority)
 
 _Outputs = list[tuple[str, Encoded]]
@@ -142,6 +142,9 @@ class Ordered:
         self._room = asyncio.Event()
         """An owned stream is ready for new entries or has room again: the reader looks again."""
         self._draining = False
+        self._balancing = asyncio.Lock()
+        self._new_ready = asyncio.Event()
+        """A stream finished its take-over: the reader stops waiting on the others and reads it too."""
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -153,7 +156,7 @@ class Ordered:
         w._joined.set()
         loops = [
             self._read_loop(),
-            w._every(cfg.discover_interval_ms, w.discover, w._stop),
+            w._every(cfg.discover_interval_ms, self.discover, w._stop),
         ]
         if cfg.retention:
             loops.append(w._every(cfg.trim_interval_ms, w.trim, w._stop))
@@ -214,8 +217,18 @@ class Ordered:
 
     # ---- owning streams --------------------------------------------------------------------------
 
+    async def discover(self) -> None:
+        """Join new streams of the topics, and balance at once when there are any, so their first entries do not
+        wait for the next round."""
+        if await self.w.discover() and not self._draining:
+            await self.rebalance()
+
     async def rebalance(self) -> None:
-        """One round: heartbeat, renew, then acquire or hand over what the balance plan says."""
+        """One round (one at a time): heartbeat, renew, then acquire or hand over what the balance plan says."""
+        async with self._balancing:
+            await self._rebalance()
+
+    async def _rebalance(self) -> None:
         w = self.w
         me = w.consumer
         live = await self.members.heartbeat(me)
@@ -300,6 +313,7 @@ class Ordered:
             after = page.after
         o.ready = True
         self._room.set()
+        self._new_ready.set()
         return True
 
     async def _handle(self, o: Owned, d: Delivery) -> bool:
@@ -602,7 +616,18 @@ class Ordered:
     async def _wait_new(self, line: Line, idle: dict[str, bytes]) -> None:
         """Block until one of the idle streams gets an entry (XREAD, no group: it changes nothing), a stream
         needs reading again, or a short while passed, so streams acquired meanwhile are read soon."""
-        wait_ms = min(self.w.config.block_ms, renew_interval_ms(self.w.config.lease_ms), MAX_WAIT_MS)
+        wait_ms = min(self.w.config.block_ms, MAX_WAIT_MS)
         self._room.clear()
-        await line.call("XREAD", "COUNT", 1, "BLOCK", wait_ms, "STREAMS", *idle, *idle.values())
+        self._new_ready.clear()
+        read = asyncio.ensure_future(line.call("XREAD", "COUNT", 1, "BLOCK", wait_ms, "STREAMS", *idle, *idle.values()))
+        ready = asyncio.ensure_future(self._new_ready.wait())
+        try:
+            await asyncio.wait([read, ready], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            if not read.done():
+                read.cancel()  # the line drops the connection: its late reply never answers the next command
+                await asyncio.wait([read])
+        if not read.cancelled():
+            read.result()
 
