@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+import redis.exceptions as rex
 from redis.asyncio import Redis
 
 from fabric import scripts
-from fabric.client import connect
+from fabric.client import Line, connect
 from fabric.config import PublisherConfig, WorkerConfig
 from fabric.errors import FabricError, PublishError, RedisUnavailable
 from fabric.events import Event, Tick
@@ -234,6 +235,21 @@ async def test_a_blackholed_redis_is_detected_within_the_socket_timeout_and_the_
 
     _report("Redis blackholed", s)
     assert s.lost == 0 and s.unexpected == 0, s.describe()
+
+
+async def test_a_line_to_a_silent_redis_times_out_and_never_reads_a_late_reply(run: Run, proxy: Proxy) -> None:
+    line = Line(run.client(proxy.url(query="socket_timeout=0.3")))
+    try:
+        assert await line.call("ECHO", "first") == b"first"
+        proxy.blackhole()
+        with pytest.raises(rex.TimeoutError):
+            await line.call("ECHO", "late")  # redis-py's own read timeout would return None here, as a nil reply
+        with pytest.raises(rex.TimeoutError):
+            await line.call("ECHO", "again")  # the reconnect's handshake is bounded too
+        proxy.heal()
+        assert await line.call("ECHO", "next") == b"next", "the late replies died with their connection"
+    finally:
+        await line.close()
 
 
 @pytest.mark.xfail(strict=True, reason="Publisher reads replies with read_response(timeout=SOCKET_TIMEOUT_S): a "
