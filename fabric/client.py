@@ -149,11 +149,17 @@ async def connect_within(conn: AbstractConnection, timeout_s: float) -> None:
         await conn.connect()  # type: ignore[no-untyped-call]
 
 
+BLOCK_WITHIN = 8
+"""Where a blocking command's ``BLOCK ms`` can be (XREAD, XREADGROUP put it before STREAMS): only these first
+arguments are looked at, so a script call carrying a whole commit batch costs no scan of thousands."""
+
+
 def _blocking_s(args: tuple[Any, ...]) -> float:
     """How long a blocking command (``... BLOCK ms ...``) may wait on the server before it replies."""
-    for i, arg in enumerate(args[:-1]):
+    head = args[:BLOCK_WITHIN]
+    for i, arg in enumerate(head[:-1]):
         if arg in ("BLOCK", b"BLOCK"):
-            return int(args[i + 1]) / 1000
+            return int(head[i + 1]) / 1000
     return 0.0
 
 
