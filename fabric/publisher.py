@@ -15,6 +15,16 @@ stream, and ``publish.lua`` keeps every session's last number per stream (``Keys
   refused whole (GAP) before it writes anything; the publisher waits for the replies still on the wire,
   renews its session and resends the refused batches in order. Per-stream order is kept throughout.
 
+Loss that Redis causes is detected, never silent. Redis can lose writes it had confirmed: a crash with
+``appendfsync everysec`` (up to a second), a power loss that cuts the AOF's tail, a restart without persistence,
+a FLUSHALL. The events and the session's number in the producer hash are written by one script, so they are lost
+together: after every reconnect, and before a GAP renews the session, the publisher reads back its session's number
+for every stream it has confirmed events on. A number below the last one confirmed means Redis lost that many
+confirmed events of the stream: the publisher logs an error naming the stream and the count, adds the count to
+``lost`` and to the ``lost_confirmed:STREAM`` field of ``Keys.counters()``; the events must be republished from
+their source. (A session number can also vanish without loss: its hash expires after ``SESSION_TTL_MS`` of
+silence, or a session older than that is pruned. Past those ages a missing number is logged as unverifiable.)
+
 ``publish`` and ``publish_many`` return once Redis has confirmed the entries (their ids; None for an event
 that had already landed, or a duplicate ``event_id`` within the opt-in ``dedup_window_ms``) or raise the
 ``FabricError`` that explains why not. A full buffer (``max_buffer`` events) makes them wait: backpressure,
@@ -57,6 +67,10 @@ MAX_IN_FLIGHT = 4
 REGISTRY_REFRESH_S = 30.0
 SESSION_TTL_MS = 86_400_000
 """How long Redis keeps a session's sequence numbers after its last write to a stream."""
+AUDIT_CHUNK = 500
+"""Streams whose session numbers one pipelined round trip of the loss audit reads back."""
+VERIFIABLE_S = SESSION_TTL_MS / 1000 * 0.9
+"""A session number younger than this cannot have expired or been pruned: its absence is loss."""
 
 _Item = tuple[str, str, bytes, str]  # stream key, type tag, payload, event_id
 _Failure = (rex.ConnectionError, rex.TimeoutError, OSError)
@@ -73,7 +87,7 @@ class _Request:
 class _Batch:
     """Requests sent together; ``packed`` keeps its numbering so that a resend is recognised."""
 
-    __slots__ = ("requests", "size", "packed", "attempts", "streams")
+    __slots__ = ("requests", "size", "packed", "attempts", "streams", "lasts", "session")
 
     def __init__(self, requests: list[_Request]) -> None:
         self.requests = requests
@@ -82,6 +96,9 @@ class _Batch:
         self.attempts = 0
         self.streams: list[tuple[str, int]] = []
         """Events per stream, in the order ``_pack`` numbered them."""
+        self.lasts: list[int] = []
+        """The number of the batch's last event on each of ``streams``, in ``session``."""
+        self.session = ""
 
     def fail(self, error: FabricError) -> None:
         for req in self.requests:
@@ -95,6 +112,10 @@ class _Batch:
             if not req.future.done():
                 req.future.set_result([i.decode() if i is not None else None for i in ids[start : start + n]])
             start += n
+
+
+def _packed(*args: Any) -> bytes:
+    return hiredis.pack_command(args)  # type: ignore[no-any-return]
 
 
 def _new_session() -> str:
@@ -114,7 +135,10 @@ class Publisher:
         self._registered: set[str] = set()
         self._registered_at = time.monotonic()
         self._session = _new_session()
+        self._session_born = time.monotonic()
         self._seq: dict[str, int] = {}
+        self._confirmed: dict[str, tuple[int, float]] = {}
+        """Per stream: the session's highest number Redis confirmed, and when (monotonic s)."""
         self._pending: deque[_Request] = deque()
         self._pending_events = 0
         self._resend: deque[_Batch] = deque()
@@ -132,6 +156,8 @@ class Publisher:
         self._conn: AbstractConnection | None = None
         self.published: dict[str, int] = {}
         """Events written per stream since this publisher started (confirmed by Redis; duplicates not counted)."""
+        self.lost: dict[str, int] = {}
+        """Events per stream that Redis confirmed and later lost (see the module docstring), as detected so far."""
 
     async def __aenter__(self) -> Publisher:
         return self
@@ -267,7 +293,45 @@ class Publisher:
             await conn.connect()  # type: ignore[no-untyped-call]
             await conn.send_command("SCRIPT", "LOAD", scripts.PUBLISH.source)
             await conn.read_response(timeout=SOCKET_TIMEOUT_S)
+            await self._audit(conn)  # a reconnect may follow a Redis restart that lost confirmed events
         return conn
+
+    async def _audit(self, conn: AbstractConnection) -> None:
+        """Read back this session's number on every stream it has confirmed events on; report what Redis lost."""
+        streams = list(self._confirmed)
+        for i in range(0, len(streams), AUDIT_CHUNK):
+            chunk = streams[i : i + AUDIT_CHUNK]
+            packed = b"".join(_packed("HGET", self.keys.producers(s), self._session) for s in chunk)
+            await conn.send_packed_command(packed, check_health=False)
+            written = [await conn.read_response(timeout=SOCKET_TIMEOUT_S) for _ in chunk]
+            lost = self._lost_in(chunk, [int(w or 0) for w in written])
+            if lost:
+                await conn.send_packed_command(b"".join(
+                    _packed("HINCRBY", self.keys.counters(), f"lost_confirmed:{s}", n)
+                    for s, n in lost.items()), check_health=False)
+                for _ in lost:
+                    await conn.read_response(timeout=SOCKET_TIMEOUT_S)
+
+    def _lost_in(self, streams: list[str], written: list[int]) -> dict[str, int]:
+        """Compare what Redis holds of this session with what it confirmed; log and count each loss once."""
+        lost: dict[str, int] = {}
+        now = time.monotonic()
+        for stream, w in zip(streams, written, strict=True):
+            confirmed, at = self._confirmed[stream]
+            if w >= confirmed:
+                continue
+            self._confirmed[stream] = (w, at)  # reported once
+            if w == 0 and max(now - at, now - self._session_born) > VERIFIABLE_S:
+                log.warning("cannot verify %d events confirmed on %s: this session's number there is gone, as it "
+                            "may be after %d ms without a write", confirmed, stream, SESSION_TTL_MS)
+                continue
+            lost[stream] = confirmed - w
+            self.lost[stream] = self.lost.get(stream, 0) + confirmed - w
+            log.error("Redis lost %d events it had confirmed on %s (it holds this publisher's events up to number %d "
+                      "of %d): it restarted without its last writes (a crash under appendfsync everysec or no, a "
+                      "power loss, a FLUSHALL); republish them from their source, and use appendfsync always where "
+                      "that loss is not acceptable", confirmed - w, stream, w, confirmed)
+        return lost
 
     def _connection_lost(self, exc: BaseException) -> None:
         """Everything unconfirmed goes back, oldest first, keeping its numbering (so what landed is recognised);
@@ -336,10 +400,17 @@ class Publisher:
                 self._count(batch, ids)
                 self._done(batch)
             if not self._inflight:
+                if self._renew:
+                    await self._audit(conn)  # before the new session forgets what the old one had confirmed
                 self._stall_released()
             self._wake.set()
 
     def _count(self, batch: _Batch, ids: list[bytes | None]) -> None:
+        if batch.session == self._session:  # (a batch packed before a renewal is numbered in the old session)
+            now = time.monotonic()
+            confirmed = self._confirmed
+            for (stream, _), last in zip(batch.streams, batch.lasts, strict=True):
+                confirmed[stream] = (last, now)
         published = self.published
         if None not in ids:  # the usual case: everything was new, count by stream
             for stream, n in batch.streams:
@@ -372,7 +443,9 @@ class Publisher:
         if self._renew:
             self._renew = False
             self._session = _new_session()
+            self._session_born = time.monotonic()
             self._seq.clear()
+            self._confirmed.clear()
             for batch in refused:
                 batch.packed = None
             log.info("publisher renewed its session after a sequence gap; resending %d batches", len(refused))
@@ -419,6 +492,8 @@ class Publisher:
             first = seq.get(stream, 0) + 1
             firsts.append(first)
             seq[stream] = first + n - 1
+        batch.lasts = [seq[stream] for stream in index]
+        batch.session = self._session
         head = (self._session, FORMAT_VERSION, window, SESSION_TTL_MS, self.config.encoding, len(index), *firsts)
         return hiredis.pack_command(  # type: ignore[no-any-return]
             ("EVALSHA", scripts.PUBLISH.sha, len(keys) + len(dedup), *keys, *dedup, *head, *body)
