@@ -227,6 +227,17 @@ async def until(check: Callable[[], Awaitable[Any]], *, timeout_s: float = SETTL
         await asyncio.sleep(every_s)
 
 
+def rate(events: int) -> float:
+    """A producer's pace: a flow over a couple of seconds at least, so that faults land mid-flow."""
+    return max(150.0, events / 10)
+
+
+async def joined(*workers: WorkerProc) -> tuple[WorkerProc, ...]:
+    """Wait for worker processes to join the group (on streams ``World.create_streams`` made before they started)."""
+    await asyncio.gather(*(p.joined() for p in workers))
+    return workers
+
+
 def classify(exc: FabricError) -> Outcome:
     """A failed publish's outcome: ``refused`` when Redis (or the producer) certainly wrote nothing."""
     if isinstance(exc, (RedisOutOfMemory, EventTooLarge)):
@@ -351,6 +362,10 @@ class World:
 
     async def drained(self) -> bool:
         """Every stream of the topic fully read by the group, and nothing pending."""
+        return await self.all_read(pending_too=True)
+
+    async def all_read(self, *, pending_too: bool = False) -> bool:
+        """Every stream of the topic read to its end by the group (and, ``pending_too``, nothing pending)."""
         streams = await self.streams()
         if not streams:
             return False
@@ -358,7 +373,7 @@ class World:
             info: Any = await self.client.xinfo_stream(s)
             groups: Any = await self.client.xinfo_groups(s)
             mine = [g for g in groups if g["name"] == GROUP.encode()]
-            if not mine or int(mine[0]["pending"]):
+            if not mine or (pending_too and int(mine[0]["pending"])):
                 return False
             if info["length"] and entry_id(mine[0]["last-delivered-id"]) < entry_id(info["last-generated-id"]):
                 return False

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.checker import Score, read_dead_letters, read_journals
-from tests.faults.harness import WorkerProc, World, case, until
+from tests.faults.harness import World, case, joined, rate, until
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
 
@@ -19,22 +19,11 @@ EVENTS = 240
 """The short form's events per case (the long form passes more)."""
 
 
-def rate(events: int) -> float:
-    """A producer's pace: a flow over a couple of seconds at least, so that faults land mid-flow."""
-    return max(150.0, events / 10)
-
-
-async def _joined(*workers: WorkerProc) -> tuple[WorkerProc, ...]:
-    """Wait for worker processes to join the group (the world's streams were created before they started)."""
-    await asyncio.gather(*(p.joined() for p in workers))
-    return workers
-
-
 @case("worker SIGKILL mid-batch", "no loss")
 async def case_worker_sigkill(w: World, events: int) -> Score:
     # Given two workers sharing a producer's flow, slowly enough that the victim holds entries in flight
     await w.create_streams()
-    victim, survivor = await _joined(w.spawn("victim", sleep_ms=20), w.spawn("survivor", sleep_ms=20))
+    victim, survivor = await joined(w.spawn("victim", sleep_ms=20), w.spawn("survivor", sleep_ms=20))
     producing = asyncio.create_task(w.publish(events, rate=rate(events)))
     await until(lambda: _mid_batch(w, victim.pid, events // 10), what="the victim mid-batch, holding entries")
 
@@ -58,7 +47,7 @@ async def _mid_batch(w: World, pid: int, handled: int) -> bool:
 async def case_worker_sigstop(w: World, events: int) -> Score:
     # Given two workers sharing a producer's flow, one of them frozen while it holds entries
     await w.create_streams()
-    frozen, _ = await _joined(w.spawn("frozen", sleep_ms=20), w.spawn("survivor", sleep_ms=20))
+    frozen, _ = await joined(w.spawn("frozen", sleep_ms=20), w.spawn("survivor", sleep_ms=20))
     producing = asyncio.create_task(w.publish(events, rate=rate(events)))
     await until(lambda: _frozen_holding(w, frozen.pid, events // 10), what="the frozen worker mid-batch")
     frozen.send(signal.SIGSTOP)
@@ -87,7 +76,7 @@ async def _reclaimed(w: World) -> bool:
 async def case_worker_sigterm(w: World, events: int) -> Score:
     # Given a worker handling while a producer keeps publishing
     await w.create_streams()
-    (first,) = await _joined(w.spawn("first", sleep_ms=2))
+    (first,) = await joined(w.spawn("first", sleep_ms=2))
     producing = asyncio.create_task(w.publish(events, rate=rate(events), batch=10))
     await until(lambda: _true(w.handled_by(first.pid) >= events // 5), what="the first worker under load")
 
