@@ -337,9 +337,11 @@ class Worker:
         """Run ``step`` every ``interval_ms`` until ``until`` is set; log and back off on Redis errors."""
         delay = ERROR_BACKOFF_S[0]
         while not until.is_set():
+            started = time.monotonic()
             try:
                 await step()
-                delay, pause = ERROR_BACKOFF_S[0], interval_ms / 1000
+                # the period runs from start to start: a slow step (many streams, a slow link) does not stretch it
+                delay, pause = ERROR_BACKOFF_S[0], max(0.0, interval_ms / 1000 - (time.monotonic() - started))
             except (FabricError, rex.RedisError, OSError) as exc:
                 raise_if_cancelled(exc)
                 log.warning("%s failed, retrying in %.1fs: %s", getattr(step, "__name__", step), delay, exc)
@@ -765,21 +767,24 @@ class Worker:
 
     async def heartbeat(self) -> None:
         """Reset the idle time of the entries this worker has held (read ahead, in flight, parked, committing)
-        for a heartbeat interval or more. Younger ones need nothing yet: even at the next heartbeat they are
-        under two intervals old, below ``reclaim_idle_ms`` (three)."""
+        for a heartbeat interval or more, every stream in one pipelined round trip (so a worker holding entries
+        of many streams touches the last as soon as the first, whatever the latency). Younger ones need nothing
+        yet: even at the next heartbeat they are under two intervals old, below ``reclaim_idle_ms`` (three)."""
         now = time.monotonic()
         cutoff = now - self.config.heartbeat_ms / 1000
+        chunks: list[tuple[str, list[bytes]]] = []
         for stream, held in list(self._held.items()):
             old = [entry_id for entry_id, t in held.items() if t <= cutoff]
-            for i in range(0, len(old), TOUCH_CHUNK):
-                chunk = old[i : i + TOUCH_CHUNK]
-                lost = await scripts.TOUCH(self.client, [stream], [self.group, self.consumer, len(chunk), *chunk])
-                gone = set(lost[0]) if lost else set()
-                for entry_id in chunk:
-                    if entry_id in gone:
-                        held.pop(entry_id, None)
-                    elif entry_id in held:
-                        held[entry_id] = now
+            chunks += ((stream, old[i : i + TOUCH_CHUNK]) for i in range(0, len(old), TOUCH_CHUNK))
+        calls = [([stream], [self.group, self.consumer, len(chunk), *chunk]) for stream, chunk in chunks]
+        for (stream, chunk), lost in zip(chunks, await scripts.TOUCH.many(self.client, calls), strict=True):
+            held = self._held[stream]
+            gone = set(lost[0]) if lost else set()
+            for entry_id in chunk:
+                if entry_id in gone:
+                    held.pop(entry_id, None)
+                elif entry_id in held:
+                    held[entry_id] = now
 
     async def reclaim(self) -> int:
         """Take over entries idle past ``reclaim_idle_ms`` on the joined streams; return how many."""

@@ -38,6 +38,28 @@ class Script:
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
+    async def many(self, client: Redis, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        """Run the script once per (keys, args), all in one pipelined round trip; return the replies in order
+        (loading the script first if the server did not know it: those calls had not run)."""
+        if not calls:
+            return []
+        replies = await self._pipelined(client, calls)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            await client.script_load(self.source)
+            again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            for i, r in zip(again, await self._pipelined(client, [calls[i] for i in again]), strict=True):
+                replies[i] = r
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return replies
+
+    async def _pipelined(self, client: Redis, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
     async def on(self, line: Line, keys: list[Any], args: list[Any]) -> Any:
         """Run the script on a ``Line`` (raw reply); load it first if the server does not know it."""
         try:
