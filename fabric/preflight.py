@@ -112,8 +112,9 @@ def worker_needs(keys: Keys, config: WorkerConfig, consumer: str) -> list[Probe]
 
 
 async def refused(client: Redis, probes: Sequence[Probe]) -> list[str] | None:
-    """What Redis would refuse of ``probes``, one phrase each (``+xadd``, ``keys a, b (HSET)``), none run; None
-    when the check cannot run (the user may not MULTI/DISCARD)."""
+    """The permissions Redis's ACL would refuse ``probes``, one phrase each (``+xadd``, ``keys a, b (HSET)``), none
+    run; None when the check cannot run (the user may not MULTI/DISCARD). Other refusals (OOM at maxmemory, a
+    renamed command) are not about permissions and are left to the commands themselves."""
     line = Line(client)
     try:
         try:
@@ -127,7 +128,10 @@ async def refused(client: Redis, probes: Sequence[Probe]) -> list[str] | None:
             try:
                 await line.call(*probe.args)
             except rex.ResponseError as exc:
-                missing[_phrase(probe, exc)] = None
+                # Redis checks ACLs before anything else that refuses a queued command (at maxmemory every one
+                # is refused OOM): only NOPERM is a missing permission
+                if _denied(exc):
+                    missing[_phrase(probe, exc)] = None
         await line.call("DISCARD")
         return list(missing)
     finally:
@@ -149,8 +153,6 @@ def _phrase(probe: Probe, exc: rex.ResponseError) -> str:
     """What a refused probe lacks: the command, a key or a channel (Redis says which kind, not which one)."""
     text = str(exc)
     name = probe.args[0] if probe.args[0] not in ("XGROUP", "XINFO", "SCRIPT") else " ".join(probe.args[:2])
-    if not _denied(exc):
-        return f"{name} ({text})"  # e.g. unknown command: renamed or disabled on this server
     if "channel" in text:
         return f"channel {', '.join(probe.keys)} ({name})"
     if "key" in text:

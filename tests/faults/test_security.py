@@ -231,6 +231,22 @@ async def test_the_check_runs_nothing(acl_redis: AclRedis, admin: Redis) -> None
     assert await admin.dbsize() == before
 
 
+async def test_at_maxmemory_the_check_still_tells_permissions_from_oom(acl_redis: AclRedis, admin: Redis) -> None:
+    # Given a Redis at its limit: every command queued in a MULTI is refused OOM, after its ACL check
+    config = WorkerConfig(group="g", topics=[TOPIC])
+    worker = connect(acl_redis.user_url("fabric-worker"))
+    producer = connect(acl_redis.user_url("fabric-producer"))
+    await admin.config_set("maxmemory", 1)
+    try:
+        # Then the worker user lacks nothing, and the producer user still lacks a worker's commands
+        assert await preflight.refused(worker, preflight.worker_needs(Keys(NS), config, "c")) == []
+        assert "+xreadgroup" in (await preflight.refused(producer, preflight.worker_needs(Keys(NS), config, "c")) or [])
+    finally:
+        await admin.config_set("maxmemory", 0)
+        await worker.aclose()
+        await producer.aclose()
+
+
 async def test_a_worker_lacking_a_command_and_a_key_exits_4_naming_both(acl_redis: AclRedis, admin: Redis, run,
                                                                        topic: str) -> None:
     # Given the deploy worker user without XAUTOCLAIM, and without the dead-letter streams among its keys
