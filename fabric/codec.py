@@ -8,6 +8,10 @@ An entry has four fields, all plain strings or bytes (README, "Wire format"; a r
 ``data``  the event encoded with ``enc``: a map of field name → value that also holds ``type``
 
 Encoders and decoders are built once per type and reused (msgspec's own advice).
+
+A reader refuses ``data`` over ``max_payload_bytes`` (default ``DEFAULT_MAX_PAYLOAD_BYTES``, the publisher's
+own default limit) before decoding it: no fabric writer with the default limit produces one, so it was written
+raw, and decoding it would cost a worker the memory and time of an event no one meant.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ def _decoder(
         cls = event_type(name)
         if cls is None:
             raise UnknownEventType(
-                f"unknown event type {name!r}: import the module that defines it in this worker "
+                f"unknown event type {name[:100]!r}: import the module that defines it in this worker "
                 "(fabric worker --import MODULE)"
             )
         if enc == b"msgpack":
@@ -82,7 +86,7 @@ def _decoder(
     return dec
 
 
-def decode_fields(fields: dict[bytes, bytes]) -> Event:
+def decode_fields(fields: dict[bytes, bytes], max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Event:
     """Decode and validate an entry's fields; raise ``DecodeError`` (with the raw fields) if they are bad."""
     try:
         version = fields[b"v"]
@@ -97,25 +101,32 @@ def decode_fields(fields: dict[bytes, bytes]) -> Event:
             "the writer is newer than this reader; upgrade fabric on this worker",
             fields,
         )
+    if len(data) > max_payload_bytes:
+        raise DecodeError(
+            f"{name.decode(errors='replace')[:100]} entry of {len(data)} bytes, over the {max_payload_bytes}-byte "
+            "payload limit: it was not written by a fabric publisher with that limit; split the event, or raise "
+            "max_payload_bytes for the writer and the readers alike",
+            fields,
+        )
     try:
         return _decoder(name.decode(errors="replace"), enc).decode(data)
     except DecodeError as exc:
         exc.fields = fields
         raise
     except msgspec.DecodeError as exc:
-        raise DecodeError(f"{name.decode(errors='replace')}: {exc}", fields) from None
+        raise DecodeError(f"{name.decode(errors='replace')[:100]}: {exc}", fields) from None
 
 
-def decode_entry(flat: list[bytes]) -> Event:
+def decode_entry(flat: list[bytes], max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Event:
     """Decode an entry from its raw field list; the fast path for entries in fabric's own field order."""
     if len(flat) == 8 and flat[0] == b"type" and flat[2] == b"v" and flat[3] == b"1" and flat[4] == b"enc":
         dec = _decoders.get((flat[1], flat[5]))
-        if dec is not None and flat[6] == b"data":
+        if dec is not None and flat[6] == b"data" and len(flat[7]) <= max_payload_bytes:
             try:
                 return dec.decode(flat[7])
             except msgspec.DecodeError:
                 pass  # the slow path below says what is wrong
-    return decode_fields(fields_of(flat))
+    return decode_fields(fields_of(flat), max_payload_bytes)
 
 
 def fields_of(flat: list[bytes]) -> dict[bytes, bytes]:
