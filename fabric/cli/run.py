@@ -30,6 +30,7 @@ from fabric.cli.options import (
 )
 from fabric.cli.output import progress
 from fabric.client import URL_ENV, connect, translated
+from fabric.codec import oversized
 from fabric.config import (
     DEFAULT_BLOCK_MS,
     DEFAULT_CONCURRENCY,
@@ -57,6 +58,30 @@ from fabric.supervisor import Program, Supervisor
 __all__ = ["dev", "publish", "worker"]
 
 PUBLISH_CHUNK = 1_000
+MAX_REASON_CHARS = 300
+"""The longest reason printed for a bad line."""
+
+
+Check = Callable[[Event], None]
+
+
+def _checker(keys: Keys, config: PublisherConfig, topic: str | None, priority: Priority | None) -> Check:
+    """What the publisher would refuse, checked line by line, so that one bad line never fails its whole chunk:
+    a name that routes nowhere (a NUL in a symbol, a symbol of 10,000 characters), a value the codec cannot
+    encode (an integer past 64 bits), a payload over ``max_payload_bytes``."""
+    encode = (msgspec.json.Encoder() if config.encoding == "json" else msgspec.msgpack.Encoder()).encode
+
+    def check(event: Event) -> None:
+        try:
+            keys.stream(topic or event.default_topic, event.default_priority if priority is None else priority,
+                        event.symbol)
+            size = len(encode(event))
+        except (ValueError, OverflowError, msgspec.EncodeError) as exc:
+            raise ValueError(f"{type(event).__name__}: {exc}") from None
+        if size > config.max_payload_bytes:
+            raise ValueError(str(oversized(event, size, config.max_payload_bytes)))
+
+    return check
 
 
 def _parse_line(line: str) -> Event:
@@ -64,6 +89,8 @@ def _parse_line(line: str) -> Event:
         raw: Any = msgspec.json.decode(line)
     except msgspec.DecodeError as exc:
         raise ValueError(f"not JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to be an event") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
         raise ValueError('needs an object with a "type" field naming the event type')
     cls = event_type(raw["type"])
@@ -76,17 +103,23 @@ def _parse_line(line: str) -> Event:
         raise ValueError(f"{raw['type']}: {exc}") from None
 
 
-def _events(lines: Iterator[str], bad: list[str], advance: Callable[[int], None]) -> Iterator[list[Event]]:
+def _events(lines: Iterator[str], bad: list[str], advance: Callable[[int], None], check: Check
+            ) -> Iterator[list[Event]]:
     chunk: list[Event] = []
     for number, line in enumerate(lines, 1):
         advance(len(line))
         if not line.strip():
             continue
         try:
-            chunk.append(_parse_line(line))
+            event = _parse_line(line)
+            check(event)
+            chunk.append(event)
         except ValueError as exc:
-            bad.append(f"line {number}: {exc}")
-            typer.echo(f"error: line {number}: {exc}", err=True)
+            reason = str(exc)
+            if len(reason) > MAX_REASON_CHARS:  # a hostile line's values would otherwise be echoed whole
+                reason = reason[:MAX_REASON_CHARS] + f"... ({len(reason)} characters)"
+            bad.append(f"line {number}: {reason}")
+            typer.echo(f"error: line {number}: {reason}", err=True)
             continue
         if len(chunk) >= PUBLISH_CHUNK:
             yield chunk
@@ -140,7 +173,7 @@ def publish(
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror}", Exit.USAGE)
     with stream, progress(size, "publishing") as advance:
-        chunks = _events(iter(stream), bad, advance)
+        chunks = _events(iter(stream), bad, advance, _checker(s.keys, s.config.publisher, topic, prio))
         published, dups = run(lambda url: _publish(url, s.keys, s.config.publisher, topic, prio, chunks), s.url)
     typer.echo(f"published {published} events" + (f" ({dups} duplicates skipped)" if dups else "")
                + (f"; {len(bad)} bad lines not published" if bad else ""))
