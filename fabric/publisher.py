@@ -67,6 +67,8 @@ MAX_IN_FLIGHT = 4
 REGISTRY_REFRESH_S = 30.0
 SESSION_TTL_MS = 86_400_000
 """How long Redis keeps a session's sequence numbers after its last write to a stream."""
+MAX_REASON_CHARS = 300
+"""The longest routing error quoted in a ``PublishError``."""
 AUDIT_CHUNK = 500
 """Streams whose session numbers one pipelined round trip of the loss audit reads back."""
 VERIFIABLE_S = SESSION_TTL_MS / 1000 * 0.9
@@ -174,7 +176,10 @@ class Publisher:
         try:
             stream = self.keys.stream(topic or event.default_topic, p, event.symbol)
         except ValueError as exc:
-            raise PublishError(f"cannot route {type(event).__name__} {event.event_id}: {exc}") from None
+            reason = str(exc)
+            if len(reason) > MAX_REASON_CHARS:  # a hostile symbol of any length is echoed in the reason
+                reason = f"{reason[:MAX_REASON_CHARS]}... ({len(reason)} characters)"
+            raise PublishError(f"cannot route {type(event).__name__} {event.event_id[:64]}: {reason}") from None
         return stream, str(type(event).__struct_config__.tag)
 
     def _prepare(self, events: Iterable[Event], topic: str | None, priority: Priority | str | None) -> list[_Item]:
