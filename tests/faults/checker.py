@@ -22,7 +22,8 @@ event id). ``T`` is wall-clock Unix seconds (one host, so the processes share th
 ``lost``           acknowledged, yet neither handled nor dead-lettered (``lost_ids`` names them)
 ``duplicated``     handler completions beyond the first per event (at-least-once redeliveries)
 ``unexpected``     handled events no producer ever tried to publish
-``recovery_s``     from ``fault_end`` until the last acknowledged event was first handled or dead-lettered
+``recovery_s``     from ``fault_end`` until the last event acknowledged by then (the backlog the fault left) was
+                   first handled or dead-lettered; events acknowledged later are the flow going on, not recovery
                    (None without a fault end, or while something acknowledged is still unaccounted for)
 ``reported_lost``  what the fabric itself reported lost (the caller passes it: a publisher's detected loss)
 
@@ -201,11 +202,14 @@ def score(
     """Score one run. An event published more than once (a retry after an indeterminate outcome) counts by its
     best outcome: ack over indeterminate over refused."""
     best: dict[str, Outcome] = {}
+    acked_at: dict[str, float] = {}
     rank = {o: i for i, o in enumerate(OUTCOMES)}
     for p in publishes:
         known = best.get(p.event_id)
         if known is None or rank[p.outcome] < rank[known]:
             best[p.event_id] = p.outcome
+        if p.outcome == "ack":
+            acked_at[p.event_id] = min(p.t, acked_at.get(p.event_id, p.t))
     by_outcome = Counter(best.values())
     acked = {e for e, o in best.items() if o == "ack"}
 
@@ -227,7 +231,8 @@ def score(
     unexpected = frozenset(first_handled.keys() - best.keys())
     recovery = None
     if fault_end is not None and not lost:
-        done = [min(first_handled.get(e, float("inf")), dead.get(e, float("inf"))) for e in acked]
+        backlog = [e for e in acked if acked_at[e] <= fault_end]  # later ones are the flow going on, not recovery
+        done = [min(first_handled.get(e, float("inf")), dead.get(e, float("inf"))) for e in backlog]
         recovery = max(0.0, max(done, default=fault_end) - fault_end)
     return Score(
         acknowledged=by_outcome["ack"], indeterminate=by_outcome["indeterminate"], refused=by_outcome["refused"],

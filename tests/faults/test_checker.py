@@ -77,6 +77,13 @@ def test_recovery_runs_from_the_fault_end_to_the_last_acknowledged_event_first_a
     assert s.recovery_s == pytest.approx(2.5)
 
 
+def test_events_acknowledged_after_the_fault_end_do_not_count_in_recovery():
+    # Given a fault that ended at t=10, an event acknowledged before it and handled at 11, one acknowledged at 15
+    s = score([_pub("a", t=9.0), _pub("b", t=15.0)], [_handled("a", 11.0), _handled("b", 15.5)], fault_end=10.0)
+    # Then recovery is the backlog's: 1 s
+    assert s.recovery_s == pytest.approx(1.0)
+
+
 def test_no_recovery_time_while_something_is_lost():
     assert score([_pub("a")], [], fault_end=1.0).recovery_s is None
 

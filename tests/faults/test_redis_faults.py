@@ -81,19 +81,19 @@ async def case_redis_power_loss(w: World, events: int) -> Score:
 
 
 ENTRY_BYTES = 270
-HEADROOM_BYTES = 64 * 1024
+HEADROOM_BYTES = 256 * 1024
 
 
 @case("Redis maxmemory reached (noeviction)", "no loss")
 async def case_redis_maxmemory(w: World, events: int) -> Score:
-    # Given a worker, and a Redis with room for a few hundred more entries (some 270 bytes each)
+    # Given a worker, and a Redis with room for a thousand more entries or so (some 270 bytes each)
     await w.create_streams()
     (worker,) = await joined(w.spawn("w"))
     warm = await _near_maxmemory(w, events // 8)
 
     # When a producer publishes more than fits
     more = max(events, 4 * HEADROOM_BYTES // ENTRY_BYTES)
-    first = await w.publish(more, batch=10, first_seq=warm + 1)
+    first = await w.publish(more, batch=10, first_seq=warm + 1, on_error_pause_s=0)
 
     # Then the publishes past the limit fail loudly, as RedisOutOfMemory saying what to do
     assert first.acked and first.failed, f"the limit was not reached: {first.acked} acked, {first.failed} failed"
@@ -280,7 +280,8 @@ async def test_a_worker_started_while_redis_is_at_maxmemory_starts_and_drains_th
     async with World.open(tmp_path) as w:
         await w.create_streams()
         warm = await _near_maxmemory(w, EVENTS // 8)
-        more = await w.publish(4 * HEADROOM_BYTES // ENTRY_BYTES, batch=10, first_seq=warm + 1)
+        more = await w.publish(4 * HEADROOM_BYTES // ENTRY_BYTES, batch=10, first_seq=warm + 1,
+                               on_error_pause_s=0)
         assert more.failed, "the limit was not reached"
 
         # When a worker is started to drain it (what RedisOutOfMemory's message advises)
