@@ -51,7 +51,15 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
 from fabric import scripts
-from fabric.client import SOCKET_TIMEOUT_S, error_code, own_connection, raise_if_cancelled, translate
+from fabric.client import (
+    connect_within,
+    error_code,
+    own_connection,
+    raise_if_cancelled,
+    read_reply,
+    read_timeout_s,
+    translate,
+)
 from fabric.codec import FORMAT_VERSION, oversized
 from fabric.config import PublisherConfig
 from fabric.errors import FabricError, PublishError
@@ -156,6 +164,8 @@ class Publisher:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._conn: AbstractConnection | None = None
+        self._reply_timeout_s = read_timeout_s(client)
+        """No reply (or connect) within this long: the connection is dead, and what it carried is resent."""
         self.published: dict[str, int] = {}
         """Events written per stream since this publisher started (confirmed by Redis; duplicates not counted)."""
         self.lost: dict[str, int] = {}
@@ -295,9 +305,9 @@ class Publisher:
             self._conn = own_connection(self.client)
         conn = self._conn
         if not conn.is_connected:
-            await conn.connect()  # type: ignore[no-untyped-call]
+            await connect_within(conn, self._reply_timeout_s)
             await conn.send_command("SCRIPT", "LOAD", scripts.PUBLISH.source)
-            await conn.read_response(timeout=SOCKET_TIMEOUT_S)
+            await read_reply(conn, self._reply_timeout_s)
             await self._audit(conn)  # a reconnect may follow a Redis restart that lost confirmed events
         return conn
 
@@ -308,14 +318,14 @@ class Publisher:
             chunk = streams[i : i + AUDIT_CHUNK]
             packed = b"".join(_packed("HGET", self.keys.producers(s), self._session) for s in chunk)
             await conn.send_packed_command(packed, check_health=False)
-            written = [await conn.read_response(timeout=SOCKET_TIMEOUT_S) for _ in chunk]
+            written = [await read_reply(conn, self._reply_timeout_s) for _ in chunk]
             lost = self._lost_in(chunk, [int(w or 0) for w in written])
             if lost:
                 await conn.send_packed_command(b"".join(
                     _packed("HINCRBY", self.keys.counters(), f"lost_confirmed:{s}", n)
                     for s, n in lost.items()), check_health=False)
                 for _ in lost:
-                    await conn.read_response(timeout=SOCKET_TIMEOUT_S)
+                    await read_reply(conn, self._reply_timeout_s)
 
     def _lost_in(self, streams: list[str], written: list[int]) -> dict[str, int]:
         """Compare what Redis holds of this session with what it confirmed; log and count each loss once."""
@@ -394,7 +404,7 @@ class Publisher:
                 self._sent.clear()
                 await self._sent.wait()
             try:
-                ids = await conn.read_response(timeout=SOCKET_TIMEOUT_S)
+                ids = await read_reply(conn, self._reply_timeout_s)
             except rex.NoScriptError as exc:  # the script cache was flushed: reconnect (which loads it), resend
                 raise rex.ConnectionError(f"publish script unknown to Redis ({exc}): reloading it") from exc
             except rex.ResponseError as exc:
