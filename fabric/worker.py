@@ -371,15 +371,31 @@ class Worker:
             for stream in refs:
                 pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
             results = await pipe.execute(raise_on_error=False)
-        for (stream, ref), result in zip(refs.items(), results, strict=True):
-            if isinstance(result, Exception) and error_code(result) != "BUSYGROUP":
-                raise result
+        refused = [s for s, r in zip(refs, results, strict=True) if isinstance(r, Exception)
+                   and error_code(r) != "BUSYGROUP"]
+        await self._joined_already(refused, results, list(refs))
+        for stream, ref in refs.items():
             self._streams[stream] = ref
             self._by_priority.clear()
             self._by_name[stream.encode()] = ref
         self._changed.set()
         log.info("joined group %s on %d new streams", self.group, len(refs))
         return list(refs)
+
+    async def _joined_already(self, refused: list[str], results: list[Any], streams: list[str]) -> None:
+        """Raise the refusal of an XGROUP CREATE unless the group is there anyway. At ``maxmemory`` Redis refuses
+        XGROUP CREATE (a deny-oom command) with OOM even where the group exists: a worker started to drain a
+        full Redis must still join the streams it can read."""
+        if not refused:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream in refused:
+                pipe.xinfo_groups(stream)
+            infos = await pipe.execute(raise_on_error=False)
+        for stream, info in zip(refused, infos, strict=True):
+            names = set() if isinstance(info, Exception) else {g["name"] for g in info}
+            if self.group not in names and self._group_bytes not in names:
+                raise results[streams.index(stream)]
 
     # ---- reading and handling --------------------------------------------------------------------
 

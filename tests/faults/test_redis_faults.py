@@ -270,11 +270,8 @@ async def test_a_publish_past_maxmemory_raises_redis_out_of_memory_and_buffers_n
         assert await w.client.xlen(w.stream("S0")) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Worker.discover sends XGROUP CREATE ... MKSTREAM for every stream it joins and accepts only BUSYGROUP as a "
-    "refusal; XGROUP CREATE is a deny-oom command, so at maxmemory Redis answers OOM even where the group exists, "
-    "discover raises it and fabric worker exits 1 ('out of memory ... add consumers to drain the backlog') exactly "
-    "when consumers are needed"))
+# A regression case: XGROUP CREATE is deny-oom, so at maxmemory Redis refused it even where the group existed, and
+# the worker exited exactly when consumers were needed to drain the backlog.
 async def test_a_worker_started_while_redis_is_at_maxmemory_starts_and_drains_the_backlog(tmp_path: Path) -> None:
     # Given a Redis at its maxmemory with a backlog no worker has read
     async with World.open(tmp_path) as w:
