@@ -52,6 +52,7 @@ from fabric.events import Event, event_type, event_types
 from fabric.handler import HandlerFn, load_handler
 from fabric.keys import Keys, Priority
 from fabric.logs import FORMAT_ENV, configure
+from fabric.preflight import PROBE_TOPIC, check_publisher
 from fabric.publisher import Publisher
 from fabric.supervisor import Program, Supervisor
 
@@ -135,6 +136,8 @@ async def _publish(url: str, keys: Keys, config: PublisherConfig, topic: str | N
     try:
         with translated(url):
             await client.ping()
+            await check_publisher(client, keys, (topic,) if topic else (PROBE_TOPIC,),
+                                  dedup=config.dedup_window_ms > 0, url=url)
             async with Publisher(client, config, keys) as pub:
                 for chunk in chunks:
                     ids = await pub.publish_many(chunk, topic, priority)
