@@ -252,12 +252,8 @@ async def test_a_line_to_a_silent_redis_times_out_and_never_reads_a_late_reply(r
         await line.close()
 
 
-@pytest.mark.xfail(strict=True, reason="Publisher reads replies with read_response(timeout=SOCKET_TIMEOUT_S): a "
-                   "constant 30 s, not the URL's socket_timeout; and on expiry redis-py returns None rather than "
-                   "raising, which the receiver takes as a reply: a TypeError after the batch left _inflight, so "
-                   "its callers wait forever, instead of a lost connection to resend on (fix: "
-                   "client.read_reply(conn, read_timeout_s(client)) in _receive_loop and _connection, and "
-                   "client.connect_within for the reconnect, whose handshake has no timeout at all)")
+# A regression case: the publisher read replies with a constant 30 s timeout whose expiry redis-py returned as a
+# None reply, so a blackholed Redis left its callers waiting forever.
 async def test_a_publisher_detects_a_blackholed_redis_within_the_socket_timeout(run: Run, proxy: Proxy) -> None:
     client = run.client(proxy.url(query="socket_timeout=0.3"))
     async with Publisher(client, PublisherConfig(retries=0), run.keys) as pub:
