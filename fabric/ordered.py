@@ -532,26 +532,16 @@ class Ordered:
                 if not fut.done():
                     fut.set_result(int(status))
 
-    def _commit_call(self, part: list[_Commit]) -> tuple[list[str],
-                                                                                                      list[Any]]:
-        keys: list[str] = []
-        index: dict[str, int] = {}
-
-        def ix(key: str) -> int:
-            if key not in index:
-                keys.append(key)
-                index[key] = len(keys)
-            return index[key]
-
+    def _commit_call(self, part: list[_Commit]) -> tuple[list[str], list[Any]]:
+        ix = scripts.KeyIndex()
         w = self.w
         args: list[Any] = [w.group, w.consumer, FORMAT_VERSION]
         for o, d, outputs, _ in part:
-            stream = o.ref.key
             failures = ix(o.failures) if d.deliveries > 1 else 0
-            args += (ix(stream), ix(o.lease), o.token, failures, d.entry_id, len(outputs))
+            args += (ix(o.ref.key), ix(o.lease), o.token, failures, d.entry_id, len(outputs))
             for out_stream, enc in outputs:
                 args += (ix(out_stream), enc.type, enc.enc, enc.data)
-        return keys, args
+        return ix.keys, args
 
     # ---- reading ---------------------------------------------------------------------------------
 

@@ -371,9 +371,9 @@ class Worker:
             for stream in refs:
                 pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
             results = await pipe.execute(raise_on_error=False)
-        refused = [s for s, r in zip(refs, results, strict=True) if isinstance(r, Exception)
-                   and error_code(r) != "BUSYGROUP"]
-        await self._joined_already(refused, results, list(refs))
+        refused = {s: r for s, r in zip(refs, results, strict=True)
+                   if isinstance(r, Exception) and error_code(r) != "BUSYGROUP"}
+        await self._joined_already(refused)
         for stream, ref in refs.items():
             self._streams[stream] = ref
             self._by_priority.clear()
@@ -382,20 +382,20 @@ class Worker:
         log.info("joined group %s on %d new streams", self.group, len(refs))
         return list(refs)
 
-    async def _joined_already(self, refused: list[str], results: list[Any], streams: list[str]) -> None:
-        """Raise the refusal of an XGROUP CREATE unless the group is there anyway. At ``maxmemory`` Redis refuses
-        XGROUP CREATE (a deny-oom command) with OOM even where the group exists: a worker started to drain a
-        full Redis must still join the streams it can read."""
+    async def _joined_already(self, refused: dict[str, Exception]) -> None:
+        """Raise a refusal of XGROUP CREATE (stream → error) unless the group is there anyway. At ``maxmemory``
+        Redis refuses XGROUP CREATE (a deny-oom command) with OOM even where the group exists: a worker started to
+        drain a full Redis must still join the streams it can read."""
         if not refused:
             return
         async with self.client.pipeline(transaction=False) as pipe:
             for stream in refused:
                 pipe.xinfo_groups(stream)
             infos = await pipe.execute(raise_on_error=False)
-        for stream, info in zip(refused, infos, strict=True):
+        for error, info in zip(refused.values(), infos, strict=True):
             names = set() if isinstance(info, Exception) else {g["name"] for g in info}
             if self.group not in names and self._group_bytes not in names:
-                raise results[streams.index(stream)]
+                raise error
 
     # ---- reading and handling --------------------------------------------------------------------
 
@@ -701,15 +701,7 @@ class Worker:
                         "and finished them too (handled twice, as at-least-once delivery allows)", len(batch) - done)
 
     async def _commit(self, line: Line, batch: list[_Commit]) -> None:
-        keys: list[str] = []
-        index: dict[str, int] = {}
-
-        def ix(key: str) -> int:
-            if key not in index:
-                keys.append(key)
-                index[key] = len(keys)
-            return index[key]
-
+        ix = scripts.KeyIndex()
         args: list[Any] = [self.group, self.consumer, FORMAT_VERSION]
         for d, outputs in batch:
             stream = d.stream.key
@@ -720,7 +712,7 @@ class Worker:
         new = {s for _, outs in batch for s, _ in outs} - self._registered
         if new:
             await self._retrying(lambda: self._register(new))
-        results = await self._retrying(lambda: scripts.COMMIT.on(line, keys, args))
+        results = await self._retrying(lambda: scripts.COMMIT.on(line, ix.keys, args))
         for d, _ in batch:
             self._held[d.stream.key].pop(d.entry_id, None)
         if results is not None:  # else the group is gone: nothing to ack; the rejoin delivers these again

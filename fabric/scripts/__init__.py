@@ -17,9 +17,26 @@ from fabric.client import Line
 
 __all__ = [
     "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "FENCED_COMMIT", "FENCED_READ", "LEASE",
+    "KeyIndex",
     "LEASE_HANDOVER", "LEASE_RELEASE", "LEASE_RENEW", "MEMBERS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE",
     "SAMPLER", "TAKEOVER", "TOUCH", "TRIM", "Script",
 ]
+
+
+class KeyIndex:
+    """The KEYS of a script call that names keys by their 1-based index in ARGV: each key listed once."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def __call__(self, key: str) -> int:
+        """The key's index in KEYS, adding it on first use."""
+        i = self._index.get(key)
+        if i is None:
+            self.keys.append(key)
+            i = self._index[key] = len(self.keys)
+        return i
 
 
 class Script:
