@@ -104,10 +104,14 @@ class Slots:
 class Owned:
     """One stream this worker owns: its token, the entries read for it, and whether it is being given up."""
 
-    def __init__(self, ref: StreamRef, token: int, lease: str, failures: str) -> None:
+    def __init__(self, ref: StreamRef, token: int, lease: str, failures: str, valid_until: float) -> None:
         self.ref = ref
         self.token = token
         self.lease = lease
+        self.valid_until = valid_until
+        """When the lease runs out on this worker's clock (the loop's monotonic time): the send time of the last
+        acquire or renew that succeeded, plus the TTL, so never later than on Redis's clock. A worker paused past
+        it (SIGSTOP, a long GC) starts nothing more on the stream; its writes would be refused anyway."""
         """The lease's key (what fenced scripts check the token against)."""
         self.failures = failures
         self.queue: deque[Delivery] = deque()
@@ -145,6 +149,8 @@ class Ordered:
         self._balancing = asyncio.Lock()
         self._new_ready = asyncio.Event()
         """A stream finished its take-over: the reader stops waiting on the others and reads it too."""
+        self._now = asyncio.get_running_loop().time
+        self._ttl_s = cfg.lease_ms / 1000
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -232,10 +238,7 @@ class Ordered:
         w = self.w
         me = w.consumer
         live = await self.members.heartbeat(me)
-        tokens = {s: o.token for s, o in self.owned.items() if not o.lost}
-        if tokens:
-            for stream in await self.leases.renew(tokens, me):
-                self._lose(stream, "its lease expired before it was renewed")
+        await self._renew(me)
         if self._draining:
             return
         streams = w.streams
@@ -244,9 +247,10 @@ class Ordered:
         for stream, member in plan.assignment.items():
             o = self.owned.get(stream)
             if member == me and o is None:
+                sent = self._now()
                 token = await self.leases.acquire(stream, me)
                 if token is not None:
-                    self._own(stream, token)
+                    self._own(stream, token, sent + self._ttl_s)
             elif member != me and o is not None and not o.leaving and not o.lost:
                 if await self.leases.hand_over(stream, me, o.token):
                     o.leaving = True
@@ -255,12 +259,31 @@ class Ordered:
                 else:
                     self._lose(stream, "its lease was gone when it was to be handed over")
 
-    def _own(self, stream: str, token: int) -> None:
+    async def _renew(self, me: str) -> None:
+        """Renew every lease held; a lost one stops its stream, a kept one runs until the TTL after this call."""
+        tokens = {s: o.token for s, o in self.owned.items() if not o.lost}
+        if not tokens:
+            return
+        sent = self._now()
+        lost = await self.leases.renew(tokens, me)
+        for stream in tokens:
+            if stream in lost:
+                self._lose(stream, "its lease expired before it was renewed")
+            elif (o := self.owned.get(stream)) is not None and o.token == tokens[stream]:
+                o.valid_until = sent + self._ttl_s
+
+    def _own(self, stream: str, token: int, valid_until: float) -> None:
         ref = self.w._streams.get(stream) or self.w.keys.parse_stream(stream)
-        o = Owned(ref, token, self.leases.key(stream), self.w.keys.failures(stream))
+        o = Owned(ref, token, self.leases.key(stream), self.w.keys.failures(stream), valid_until)
         self.owned[stream] = o
         o.task = asyncio.create_task(self._run_stream(o))
         log.debug("owning %s under token %d", stream, token)
+
+    def _expired(self, o: Owned) -> bool:
+        """Whether the stream's lease ran out on this worker's clock (then it is lost: nothing more starts)."""
+        if not o.lost and self._now() >= o.valid_until:
+            self._lose(o.ref.key, "its lease ran out before it was renewed (was this worker paused?)")
+        return o.lost
 
     def _lose(self, stream: str, why: str) -> None:
         o = self.owned.get(stream)
@@ -321,6 +344,8 @@ class Ordered:
         must stop: its lease is lost, or the worker stops during a backoff or under an open breaker."""
         w = self.w
         while True:
+            if self._expired(o):
+                return False
             event = w._admit(d)
             if isinstance(event, tuple):
                 if event == ("skip",):
