@@ -80,9 +80,49 @@ def redact(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes that select redis-py's cluster client, and the plain scheme each stands for."""
+
+
+def _cluster(url: str, max_connections: int) -> aioredis.Redis:
+    """A cluster client for ``redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]``: the nodes listed are
+    where it starts; it learns the others (and every later change) from the cluster itself."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    parts = urlsplit(url)
+    hosts = parts.netloc.rsplit("@", 1)[-1].split(",")
+    plain = parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme], netloc=parts.netloc.replace(
+        parts.netloc.rsplit("@", 1)[-1], hosts[0])).geturl()
+    nodes = []
+    for host in hosts:
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise ValueError(f"{host!r} is not HOST:PORT")
+        nodes.append(ClusterNode(name, int(port)))
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError("a cluster has database 0 only")
+    client = RedisCluster.from_url(
+        plain, startup_nodes=nodes, decode_responses=False, max_connections=max_connections,
+        socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S, socket_keepalive=True,
+    )
+    return client  # type: ignore[return-value]
+
+
+def is_cluster_url(url: str | None) -> bool:
+    """Whether a URL selects the cluster client."""
+    return urlsplit(resolve_url(url)).scheme in CLUSTER_SCHEMES
+
+
 def connect(url: str | None = None, *, max_connections: int = 32) -> aioredis.Redis:
-    """An asyncio Redis client (hiredis parser, bytes replies) for a ``redis://`` or ``rediss://`` URL."""
+    """An asyncio Redis client (hiredis parser, bytes replies) for a ``redis://`` or ``rediss://`` URL, or
+    redis-py's cluster client for ``redis+cluster://`` (``rediss+cluster://``) with the nodes to start from."""
     url = resolve_url(url)
+    if is_cluster_url(url):
+        try:
+            return _cluster(url, max_connections)
+        except ValueError as exc:
+            raise ConfigError(f"bad Redis Cluster URL {redact(url)!r}: {exc}; expected "
+                              "redis+cluster://[:password@]host:port[,host:port...]") from exc
     try:
         # A blocking pool makes a burst of calls wait for a connection instead of failing "Too many connections";
         # the socket timeout (above any block_ms) ends calls on a half-open connection instead of waiting hours.
@@ -118,7 +158,9 @@ def own_connection(client: aioredis.Redis) -> AbstractConnection:
 def read_timeout_s(client: aioredis.Redis) -> float:
     """How long a reply may take before its connection counts as dead: the URL's ``socket_timeout`` if it gives
     one, else ``SOCKET_TIMEOUT_S``. A blackholed Redis is detected within this (TCP keepalive takes hours)."""
-    configured = client.connection_pool.connection_kwargs.get("socket_timeout")
+    pool = getattr(client, "connection_pool", None)
+    kwargs = pool.connection_kwargs if pool is not None else client.get_connection_kwargs()  # type: ignore[no-untyped-call]
+    configured = kwargs.get("socket_timeout")
     return float(configured) if configured else SOCKET_TIMEOUT_S
 
 
@@ -173,6 +215,13 @@ class Line:
         self._conn = own_connection(client)
         self._timeout_s = read_timeout_s(client)
 
+    @classmethod
+    def on(cls, conn: AbstractConnection, timeout_s: float) -> Line:
+        """A line over a connection made elsewhere (a cluster node's, see ``nodes.ClusterLine``)."""
+        line = cls.__new__(cls)
+        line._conn, line._timeout_s = conn, timeout_s
+        return line
+
     async def call(self, *args: Any) -> Any:
         """Send one command and return its raw reply; error replies raise redis-py's ``ResponseError``s. No reply
         within the read timeout (plus a blocking command's own wait), reconnecting included, closes the
@@ -187,6 +236,24 @@ class Line:
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
+
+    async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send commands together and return their raw replies in order, an error reply as its exception in
+        its place (a pipeline: one write, one round trip). A lost connection raises, as for ``call``."""
+        conn = self._conn
+        replies: list[Any] = []
+        try:
+            async with _deadline(conn, self._timeout_s):
+                await conn.send_packed_command(b"".join(hiredis.pack_command(c) for c in commands), check_health=False)
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except rex.ResponseError as exc:
+                        replies.append(exc)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        return replies
 
     async def close(self) -> None:
         """Close the connection."""
