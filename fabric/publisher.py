@@ -39,7 +39,7 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -65,6 +65,7 @@ from fabric.config import PublisherConfig
 from fabric.errors import FabricError, PublishError
 from fabric.events import Event
 from fabric.keys import Keys, Priority
+from fabric.nodes import ClusterLine, is_cluster, slot_of
 
 __all__ = ["Publisher"]
 
@@ -97,7 +98,7 @@ class _Request:
 class _Batch:
     """Requests sent together; ``packed`` keeps its numbering so that a resend is recognised."""
 
-    __slots__ = ("requests", "size", "packed", "attempts", "streams", "lasts", "session")
+    __slots__ = ("requests", "size", "packed", "attempts", "streams", "lasts", "session", "parts", "ids")
 
     def __init__(self, requests: list[_Request]) -> None:
         self.requests = requests
@@ -109,6 +110,10 @@ class _Batch:
         self.lasts: list[int] = []
         """The number of the batch's last event on each of ``streams``, in ``session``."""
         self.session = ""
+        self.parts: list[_Part] | None = None
+        """On a cluster: the batch split by slot, one publish.lua call each (``Publisher._split``)."""
+        self.ids: list[bytes | None] | None = None
+        """On a cluster: the entry ids confirmed so far, in the batch's order."""
 
     def fail(self, error: FabricError) -> None:
         for req in self.requests:
@@ -122,6 +127,18 @@ class _Batch:
             if not req.future.done():
                 req.future.set_result([i.decode() if i is not None else None for i in ids[start : start + n]])
             start += n
+
+
+class _Part:
+    """On a cluster, the share of a batch in one slot: its publish.lua call and where its events sit in the
+    batch."""
+
+    __slots__ = ("args", "positions", "streams", "lasts", "session", "done")
+
+    def __init__(self, args: tuple[Any, ...], positions: list[int], streams: list[tuple[str, int]],
+                 lasts: list[int], session: str) -> None:
+        self.args, self.positions, self.streams, self.lasts, self.session = args, positions, streams, lasts, session
+        self.done = False
 
 
 def _packed(*args: Any) -> bytes:
@@ -243,7 +260,8 @@ class Publisher:
         self._idle.clear()
         self._wake.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="fabric-publisher")
+            run = self._run_cluster() if is_cluster(self.client) else self._run()
+            self._task = asyncio.get_running_loop().create_task(run, name="fabric-publisher")
 
     async def flush(self) -> None:
         """Wait until every buffered event is confirmed or failed."""
@@ -483,36 +501,165 @@ class Publisher:
 
     def _pack(self, batch: _Batch) -> bytes:
         """One EVALSHA of publish.lua for the batch, numbering its events per stream in this session."""
+        items = [item for req in batch.requests for item in req.items]
+        args, batch.streams, batch.lasts = self._command(items)
+        batch.session = self._session
+        return hiredis.pack_command(args)  # type: ignore[no-any-return]
+
+    def _command(self, items: list[_Item]) -> tuple[tuple[Any, ...], list[tuple[str, int]], list[int]]:
+        """The EVALSHA of publish.lua for ``items``, numbered per stream in this session; with the events per
+        stream and the number of each stream's last event."""
         index: dict[str, int] = {}
         keys: list[str] = []
         counts: list[int] = []
         body: list[Any] = []
         dedup: list[str] = []
         window = self.config.dedup_window_ms
-        for req in batch.requests:
-            for stream, tag, data, event_id in req.items:
-                i = index.get(stream)
-                if i is None:
-                    i = index[stream] = len(index) + 1
-                    keys += (stream, self.keys.producers(stream))
-                    counts.append(0)
-                counts[i - 1] += 1
-                body += (i, tag, data)
-                if window:
-                    dedup.append(self.keys.dedup(stream, event_id))
-        batch.streams = list(zip(index, counts, strict=True))
+        for stream, tag, data, event_id in items:
+            i = index.get(stream)
+            if i is None:
+                i = index[stream] = len(index) + 1
+                keys += (stream, self.keys.producers(stream))
+                counts.append(0)
+            counts[i - 1] += 1
+            body += (i, tag, data)
+            if window:
+                dedup.append(self.keys.dedup(stream, event_id))
         seq = self._seq
         firsts = []
         for stream, n in zip(index, counts, strict=True):
             first = seq.get(stream, 0) + 1
             firsts.append(first)
             seq[stream] = first + n - 1
-        batch.lasts = [seq[stream] for stream in index]
-        batch.session = self._session
         head = (self._session, FORMAT_VERSION, window, SESSION_TTL_MS, self.config.encoding, len(index), *firsts)
-        return hiredis.pack_command(  # type: ignore[no-any-return]
-            ("EVALSHA", scripts.PUBLISH.sha, len(keys) + len(dedup), *keys, *dedup, *head, *body)
-        )
+        args = ("EVALSHA", scripts.PUBLISH.sha, len(keys) + len(dedup), *keys, *dedup, *head, *body)
+        return args, list(zip(index, counts, strict=True)), [seq[stream] for stream in index]
+
+    # ---- on a Redis Cluster ------------------------------------------------------------------------
+
+    async def _run_cluster(self) -> None:
+        """The sender on a cluster: each batch is split by slot into one publish.lua call per slot, the calls for
+        one node pipelined, the nodes at once (``nodes.ClusterLine``, which follows MOVED and ASK); a batch is
+        confirmed when all its parts are. Exactly once as on one Redis: a part whose reply was lost is resent as
+        it was numbered; a part refused with GAP (nothing written) is renumbered under a new session, after the
+        audit of what the old one had confirmed."""
+        line = ClusterLine(self.client)  # type: ignore[arg-type]
+        delay = 0.05
+        try:
+            while True:
+                while not (self._pending or self._resend):
+                    self._wake.clear()
+                    await self._wake.wait()
+                batch = self._resend.popleft() if self._resend else self._form_batch()
+                if batch.parts is None:
+                    batch.parts = self._split(batch)
+                try:
+                    await self._register(batch)
+                    await self._send_parts(line, batch)
+                    delay = 0.05
+                except Exception as exc:
+                    raise_if_cancelled(exc)
+                    if not isinstance(exc, _Failure) or isinstance(exc, rex.AuthenticationError):
+                        if not isinstance(exc, (rex.RedisError, FabricError)):
+                            log.exception("publisher failed", exc_info=exc)
+                        batch.fail(translate(exc))
+                        self._done(batch)
+                        continue
+                    batch.attempts += 1
+                    if batch.attempts > self.config.retries:
+                        batch.fail(translate(exc))
+                        self._done(batch)
+                        continue
+                    log.info("publish to the cluster failed (%s): resending in %.2fs", exc, delay)
+                    self._resend.appendleft(batch)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    with contextlib.suppress(*_Failure):
+                        await self._audit_cluster(line)  # a failover may have lost confirmed events
+        finally:
+            await line.close()
+
+    def _split(self, batch: _Batch) -> list[_Part]:
+        """The batch's events by slot, each slot's numbered into one publish.lua call."""
+        positions: defaultdict[int, list[int]] = defaultdict(list)
+        items = [item for req in batch.requests for item in req.items]
+        for i, item in enumerate(items):
+            positions[slot_of(item[0])].append(i)
+        parts = []
+        for where in positions.values():
+            args, streams, lasts = self._command([items[i] for i in where])
+            parts.append(_Part(args, where, streams, lasts, self._session))
+        batch.ids = [None] * len(items)
+        return parts
+
+    async def _send_parts(self, line: ClusterLine, batch: _Batch) -> None:
+        """Send the batch's unconfirmed parts; complete it when every part is confirmed."""
+        assert batch.parts is not None and batch.ids is not None
+        todo = [p for p in batch.parts if not p.done]
+        items = self._items_of(batch)
+        replies = await line.call_many([p.args for p in todo])
+        if any(isinstance(r, rex.NoScriptError) for r in replies):
+            for node in {(await line.node_for(p.args[3])).name: p for p in todo}.values():
+                await line.call_at(node.args[3], "SCRIPT", "LOAD", scripts.PUBLISH.source)
+            raise rex.ConnectionError("publish script unknown to a cluster node: loaded it, resending")
+        gaps = []
+        for part, reply in zip(todo, replies, strict=True):
+            if isinstance(reply, rex.ResponseError):
+                if error_code(reply) == "GAP" and batch.attempts < self.config.retries + 1:
+                    gaps.append(part)
+                    continue
+                error = PublishError(f"Redis refused a publish batch: {reply}") if error_code(
+                    reply) == "GAP" else translate(reply)
+                batch.fail(error)
+                self._done(batch)
+                return
+            part.done = True
+            for i, entry_id in zip(part.positions, reply, strict=True):
+                batch.ids[i] = entry_id
+            self._count_part(part, reply, items)
+        if gaps:  # nothing of these was written: renew the session (after the audit) and send them again first
+            await self._audit_cluster(line)
+            self._session = _new_session()
+            self._session_born = time.monotonic()
+            self._seq.clear()
+            self._confirmed.clear()
+            batch.attempts += 1
+            for part in gaps:
+                part.args, part.streams, part.lasts = self._command([items[i] for i in part.positions])
+                part.session = self._session
+            log.info("publisher renewed its session after a sequence gap; resending %d parts", len(gaps))
+            self._resend.appendleft(batch)
+            return
+        batch.complete(batch.ids)
+        self._done(batch)
+
+    @staticmethod
+    def _items_of(batch: _Batch) -> list[_Item]:
+        return [item for req in batch.requests for item in req.items]
+
+    def _count_part(self, part: _Part, ids: list[bytes | None], items: list[_Item]) -> None:
+        if part.session == self._session:
+            now = time.monotonic()
+            for (stream, _), last in zip(part.streams, part.lasts, strict=True):
+                self._confirmed[stream] = (last, now)
+        published = self.published
+        for i, entry_id in zip(part.positions, ids, strict=True):
+            if entry_id is not None:
+                stream = items[i][0]
+                published[stream] = published.get(stream, 0) + 1
+
+    async def _audit_cluster(self, line: ClusterLine) -> None:
+        """``_audit`` on a cluster: each stream's session number read back from the node that serves it now."""
+        streams = list(self._confirmed)
+        for i in range(0, len(streams), AUDIT_CHUNK):
+            chunk = streams[i : i + AUDIT_CHUNK]
+            written = await line.call_many([("HGET", self.keys.producers(s), self._session) for s in chunk])
+            for w in written:
+                if isinstance(w, BaseException):
+                    raise w
+            lost = self._lost_in(chunk, [int(w or 0) for w in written])
+            for s, n in lost.items():
+                await line.call("HINCRBY", self.keys.counters(), f"lost_confirmed:{s}", n)
 
     async def _register(self, batch: _Batch) -> None:
         now = time.monotonic()
