@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from fabric.client import Line
+from fabric.nodes import ClusterLine
 
 __all__ = [
     "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "FENCED_COMMIT", "FENCED_READ", "LEASE",
@@ -77,12 +78,16 @@ class Script:
                 pipe.evalsha(self.sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))
 
-    async def on(self, line: Line, keys: list[Any], args: list[Any]) -> Any:
-        """Run the script on a ``Line`` (raw reply); load it first if the server does not know it."""
+    async def on(self, line: Line | ClusterLine, keys: list[Any], args: list[Any]) -> Any:
+        """Run the script on a ``Line`` or a ``ClusterLine`` (raw reply; on a cluster it runs where its first key
+        is served); load it first if the server does not know it (on a cluster: that key's node)."""
         try:
             return await line.call("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await line.call("SCRIPT", "LOAD", self.source)
+            if isinstance(line, Line) or not keys:
+                await line.call("SCRIPT", "LOAD", self.source)
+            else:
+                await line.call_at(keys[0], "SCRIPT", "LOAD", self.source)
             return await line.call("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
