@@ -30,7 +30,9 @@ from redis.crc import key_slot
 
 from fabric.client import SOCKET_TIMEOUT_S, Line
 
-__all__ = ["ClusterLine", "MAX_REDIRECTS", "by_slot", "command_key", "is_cluster", "line_for", "slot_of"]
+__all__ = [
+    "ClusterLine", "MAX_REDIRECTS", "by_slot", "command_key", "eval_many", "is_cluster", "line_for", "slot_of",
+]
 
 MAX_REDIRECTS = 16
 """Redirections and waits (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) one command goes through before its error is raised."""
@@ -200,3 +202,28 @@ class ClusterLine:
         lines, self._lines = list(self._lines.values()), {}
         for line, _ in lines:
             await line.close()
+
+
+async def eval_many(line: ClusterLine, script: Any, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+    """Run a Lua ``script`` (a ``scripts.Script``) once per (keys, args), each call's keys in one slot, pipelined
+    per node (``ClusterLine.call_many``), and return the raw replies in order. A node that did not know the script
+    gets it loaded (SCRIPT LOAD at a key it serves) and its calls are sent again: they had not run. Any other error
+    reply is raised (the calls before and after it in the list may have run)."""
+    if not calls:
+        return []
+    commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
+    replies = await line.call_many(commands)
+    again = [i for i, r in enumerate(replies) if isinstance(r, rex.NoScriptError)]
+    if again:
+        loaded: set[str] = set()
+        for i in again:
+            node = await line.node_for(calls[i][0][0])
+            if node.name not in loaded:
+                loaded.add(node.name)
+                await line.call_at(calls[i][0][0], "SCRIPT", "LOAD", script.source)
+        for i, reply in zip(again, await line.call_many([commands[i] for i in again]), strict=True):
+            replies[i] = reply
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
