@@ -17,7 +17,14 @@ from urllib.parse import urlsplit
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as rex
-from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 
 from fabric.errors import (
     AuthenticationFailed,
@@ -61,6 +68,14 @@ class FastConnection(_HiredisPacking, Connection):
 
 class FastSSLConnection(_HiredisPacking, SSLConnection):
     """A TLS connection that packs with hiredis."""
+
+
+class FastSentinelConnection(_HiredisPacking, SentinelManagedConnection):
+    """A TCP connection to the primary the sentinels name, packing with hiredis."""
+
+
+class FastSentinelSSLConnection(_HiredisPacking, SentinelManagedSSLConnection):
+    """A TLS connection to the primary the sentinels name, packing with hiredis."""
 
 
 _PACKING: dict[str, type[Connection]] = {"redis": FastConnection, "rediss": FastSSLConnection}
@@ -108,15 +123,91 @@ def _cluster(url: str, max_connections: int) -> aioredis.Redis:
     return client  # type: ignore[return-value]
 
 
+SENTINEL_SCHEMES = {"redis+sentinel": "redis", "rediss+sentinel": "rediss"}
+"""URL schemes that find the primary through Redis Sentinel, and the plain scheme each stands for."""
+SENTINEL_TIMEOUT_S = 5.0
+"""A sentinel answers SENTINEL MASTERS at once: one silent this long is passed over for the next."""
+_SENTINEL_FORM = "redis+sentinel://[:password@]host:port[,host:port...]/SERVICE_NAME[/DB]"
+
+
+class _Sentinels(Sentinel):
+    """redis-py's Sentinel, whose "no primary" error says what to check."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        try:
+            return await super().discover_master(service_name)  # type: ignore[no-any-return]
+        except MasterNotFoundError as exc:
+            where = ",".join(f"{s.connection_pool.connection_kwargs['host']}:"
+                             f"{s.connection_pool.connection_kwargs['port']}" for s in self.sentinels)
+            raise MasterNotFoundError(
+                f"no primary for {service_name!r}: no sentinel of {where} names one that is up ({exc}); check the "
+                f"name with `redis-cli -p SENTINEL_PORT SENTINEL MASTERS` (it is `sentinel monitor {service_name} "
+                "...` in sentinel.conf); during a failover this lasts down-after-milliseconds plus the election"
+            ) from exc
+
+
+class _SentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The sentinels' primary with ``connect``'s pool behaviour: a burst waits for a free connection."""
+
+    async def aclose(self) -> None:
+        """Close the pool's connections, then those to the sentinels (the client's ``aclose`` calls this)."""
+        try:
+            await super().aclose()
+        finally:
+            await self.sentinel_manager.aclose()
+
+
+def _sentinel(url: str, max_connections: int) -> aioredis.Redis:
+    """A client of the primary of ``redis+sentinel://[:password@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]``: every
+    new connection asks the sentinels where the primary is, so after a failover a reconnect finds the new one."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rsplit("@", 1)[-1]
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise ValueError(f"sentinel {host!r} is not HOST:PORT")
+        sentinels.append((name.strip("[]"), int(port)))
+    service, _, db = parts.path.strip("/").partition("/")
+    if not service:
+        raise ValueError("the path must name the service the sentinels monitor")
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number")
+    # redis-py reads the rest (password, database, ?socket_timeout=, TLS files) from the same URL in plain form.
+    first = parts.netloc.replace(hosts, hosts.split(",")[0])
+    plain = parts._replace(scheme=SENTINEL_SCHEMES[parts.scheme], netloc=first, path=f"/{db or 0}").geturl()
+    kwargs = {k: v for k, v in parse_url(plain).items() if k not in ("host", "port", "connection_class")}
+    tls = parts.scheme == "rediss+sentinel"
+    to_sentinels: dict[str, Any] = {"socket_connect_timeout": SENTINEL_TIMEOUT_S, "socket_timeout": SENTINEL_TIMEOUT_S}
+    if tls:  # the sentinels of a TLS deployment speak TLS too, with the same files; passwords are the data nodes'
+        to_sentinels |= {"ssl": True, **{k: v for k, v in kwargs.items() if k.startswith("ssl_")}}
+    settings: dict[str, Any] = {
+        "decode_responses": False, "socket_connect_timeout": 5, "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_keepalive": True, "health_check_interval": 30, **kwargs,
+    }
+    manager = _Sentinels(sentinels, sentinel_kwargs=to_sentinels)  # type: ignore[no-untyped-call]
+    return manager.master_for(  # type: ignore[no-any-return]
+        service, connection_pool_class=_SentinelPool,
+        connection_class=FastSentinelSSLConnection if tls else FastSentinelConnection,
+        max_connections=max_connections, timeout=POOL_WAIT_S, **settings,
+    )
+
+
 def is_cluster_url(url: str | None) -> bool:
     """Whether a URL selects the cluster client."""
     return urlsplit(resolve_url(url)).scheme in CLUSTER_SCHEMES
 
 
 def connect(url: str | None = None, *, max_connections: int = 32) -> aioredis.Redis:
-    """An asyncio Redis client (hiredis parser, bytes replies) for a ``redis://`` or ``rediss://`` URL, or
-    redis-py's cluster client for ``redis+cluster://`` (``rediss+cluster://``) with the nodes to start from."""
+    """An asyncio Redis client (hiredis parser, bytes replies) for a ``redis://`` or ``rediss://`` URL, the
+    client of a Sentinel-managed primary for ``redis+sentinel://`` (``rediss+sentinel://``), or redis-py's
+    cluster client for ``redis+cluster://`` (``rediss+cluster://``) with the nodes to start from."""
     url = resolve_url(url)
+    if urlsplit(url).scheme in SENTINEL_SCHEMES:
+        try:
+            return _sentinel(url, max_connections)
+        except ValueError as exc:
+            raise ConfigError(f"bad Redis Sentinel URL {redact(url)!r}: {exc}; expected {_SENTINEL_FORM}") from exc
     if is_cluster_url(url):
         try:
             return _cluster(url, max_connections)
@@ -147,11 +238,14 @@ def own_connection(client: aioredis.Redis) -> AbstractConnection:
     """A connection outside the client's pool, with the pool's settings, for a loop that keeps it. Reads on it
     must pass ``timeout=read_timeout_s(client)``: fabric's own connection classes have no socket timeout, because
     redis-py would run every write in a task of its own to time it (a write only waits when the socket buffer
-    is full, and the read that follows has the timeout)."""
+    is full, and the read that follows has the timeout). Behind Sentinel the connection keeps the pool, whose
+    sentinels it asks for the primary at every connect: a reconnect after a failover finds the new one."""
     pool = client.connection_pool
     kwargs = dict(pool.connection_kwargs)
     if issubclass(pool.connection_class, _HiredisPacking):
         kwargs["socket_timeout"] = None
+    if issubclass(pool.connection_class, SentinelManagedConnection):
+        kwargs["connection_pool"] = pool  # a strong reference: the connection may outlive every other user
     return pool.connection_class(**kwargs)
 
 
@@ -283,7 +377,7 @@ def translate(exc: BaseException, url: str | None = None) -> FabricError:
         return exc
     where = f" at {redact(resolve_url(url))}" if url is not None else ""
     code = error_code(exc)
-    if isinstance(exc, rex.AuthenticationError) or code in {"WRONGPASS", "NOAUTH"}:
+    if _cause(exc, rex.AuthenticationError) is not None or code in {"WRONGPASS", "NOAUTH"}:
         return AuthenticationFailed(
             f"Redis{where} rejected the credentials ({exc}): put the right password in the URL "
             "(redis://:PASSWORD@host:port or redis://USER:PASSWORD@host:port)"
@@ -305,7 +399,8 @@ def translate(exc: BaseException, url: str | None = None) -> FabricError:
             "as rediss://host:port/0?ssl_ca_certs=/path/ca.pem, and check that the certificate names the host "
             "the URL does"
         )
-    if isinstance(exc, (rex.ConnectionError, rex.TimeoutError, OSError)):
+    if isinstance(exc, (rex.ConnectionError, rex.TimeoutError, OSError)) or (
+            isinstance(exc, rex.RedisClusterException) and "cannot be connected" in str(exc)):
         plain = url is not None and urlsplit(resolve_url(url)).scheme == "redis"
         tls_hint = " (a TLS-only Redis resets plain connections: use rediss://)" if (
             plain and _cause(exc, ConnectionResetError) is not None) else ""

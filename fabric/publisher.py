@@ -52,6 +52,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from fabric import scripts
 from fabric.client import (
+    _cause,
     connect_within,
     error_code,
     own_connection,
@@ -139,6 +140,14 @@ class _Part:
                  lasts: list[int], session: str) -> None:
         self.args, self.positions, self.streams, self.lasts, self.session = args, positions, streams, lasts, session
         self.done = False
+
+
+def _retryable(exc: BaseException) -> bool:
+    """A failure a resend may cure: a lost connection, or a cluster that could not be reached for now (not a
+    refused password, which only a new configuration cures)."""
+    if _cause(exc, rex.AuthenticationError) is not None:
+        return False
+    return isinstance(exc, (*_Failure, rex.RedisClusterException))
 
 
 def _packed(*args: Any) -> bytes:
@@ -554,12 +563,14 @@ class Publisher:
                 if batch.parts is None:
                     batch.parts = self._split(batch)
                 try:
+                    if batch.attempts:
+                        await self._audit_cluster(line)  # a failover may have lost confirmed events
                     await self._register(batch)
                     await self._send_parts(line, batch)
                     delay = 0.05
                 except Exception as exc:
                     raise_if_cancelled(exc)
-                    if not isinstance(exc, _Failure) or isinstance(exc, rex.AuthenticationError):
+                    if not _retryable(exc):
                         if not isinstance(exc, (rex.RedisError, FabricError)):
                             log.exception("publisher failed", exc_info=exc)
                         batch.fail(translate(exc))
@@ -574,8 +585,6 @@ class Publisher:
                     self._resend.appendleft(batch)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 1.0)
-                    with contextlib.suppress(*_Failure):
-                        await self._audit_cluster(line)  # a failover may have lost confirmed events
         finally:
             await line.close()
 
