@@ -9,6 +9,7 @@ import uuid
 import fakeredis
 import msgspec
 import pytest
+from redis.asyncio.connection import Connection as RedisConnection
 
 from fabric import Publisher, PublisherConfig, connect, scripts
 from fabric.codec import decode_fields
@@ -21,7 +22,9 @@ from fabric.errors import (
 )
 from fabric.events import Alert, Order, Severity, Side, Tick
 from fabric.keys import Priority
+from fabric.nodes import is_cluster, slot_of
 from tests import conftest
+from tests.backends import command_calls, kill_clients, on_every_node, with_user
 from tests.conftest import RedisServer
 
 ENTRY_ID = re.compile(r"^\d+-\d+$")
@@ -336,8 +339,8 @@ async def test_unreachable_redis_raises_redis_unavailable_saying_how_to_fix():
 async def test_wrong_password_raises_authentication_failed(redis, redis_url, keys):
     # given an ACL user with a password
     user = f"u_{uuid.uuid4().hex[:12]}"
-    await redis.execute_command("ACL", "SETUSER", user, "on", ">secret", "~*", "+@all")
-    client = connect(redis_url.replace("redis://", f"redis://{user}:wrong@"))
+    await on_every_node(redis, "ACL", "SETUSER", user, "on", ">secret", "~*", "+@all")
+    client = connect(with_user(redis_url, user, "wrong"))
     try:
         async with Publisher(client, keys=keys) as pub:
             # when it publishes with the wrong password
@@ -345,7 +348,7 @@ async def test_wrong_password_raises_authentication_failed(redis, redis_url, key
                 await pub.publish(tick())
     finally:
         await client.aclose()
-        await redis.execute_command("ACL", "DELUSER", user)
+        await on_every_node(redis, "ACL", "DELUSER", user)
     # then the error says where the password goes
     assert "password" in str(info.value)
 
@@ -353,14 +356,14 @@ async def test_wrong_password_raises_authentication_failed(redis, redis_url, key
 @pytest.mark.real_only
 async def test_right_password_publishes(redis, redis_url, keys):
     user = f"u_{uuid.uuid4().hex[:12]}"
-    await redis.execute_command("ACL", "SETUSER", user, "on", ">secret", "~*", "+@all")
-    client = connect(redis_url.replace("redis://", f"redis://{user}:secret@"))
+    await on_every_node(redis, "ACL", "SETUSER", user, "on", ">secret", "~*", "+@all")
+    client = connect(with_user(redis_url, user, "secret"))
     try:
         async with Publisher(client, keys=keys) as pub:
             assert await pub.publish(tick()) is not None
     finally:
         await client.aclose()
-        await redis.execute_command("ACL", "DELUSER", user)
+        await on_every_node(redis, "ACL", "DELUSER", user)
 
 
 @pytest.fixture
@@ -403,8 +406,7 @@ async def test_out_of_memory_is_reported_and_publisher_recovers_after_flush(smal
 
 
 async def _calls(redis, command: str) -> int:
-    stats = await redis.info("commandstats")
-    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+    return await command_calls(redis, command)
 
 
 @pytest.mark.real_only
@@ -416,9 +418,11 @@ async def test_a_batch_costs_one_script_call_and_a_new_stream_one_registration(r
     # when they are published
     async with Publisher(redis, PublisherConfig(max_batch=500), keys=keys) as pub:
         await pub.publish_many(events)
-    # then Redis saw two script calls (one per batch) and one SADD per new stream, nothing per event
+    # then Redis saw two script calls (one per batch; on a cluster, one per batch and slot) and one SADD per new
+    # stream, nothing per event
     after = (await _calls(redis, "evalsha"), await _calls(redis, "sadd"))
-    assert (after[0] - before[0], after[1] - before[1]) == (2, 4)
+    slots = len({slot_of(keys.stream("tick", Priority.NORMAL, f"S{i}")) for i in range(4)}) if is_cluster(redis) else 1
+    assert (after[0] - before[0], after[1] - before[1]) == (2 * slots, 4)
 
 
 # ---- resends: exactly once per producer session --------------------------------------------------------
@@ -461,8 +465,9 @@ async def test_publisher_resends_a_batch_whose_reply_was_lost_without_duplicatin
     async with Publisher(redis, keys=keys) as pub:
         await pub.publish(tick())  # connects
         conn = pub._conn
-        assert conn is not None
-        real_read = type(conn).read_response
+        assert conn is not None or is_cluster(redis)
+        kind = type(conn) if conn is not None else RedisConnection  # on a cluster: the nodes' connections
+        real_read = kind.read_response
         dropped = []
 
         async def lose_first_reply(self, *args, **kwargs):
@@ -473,7 +478,7 @@ async def test_publisher_resends_a_batch_whose_reply_was_lost_without_duplicatin
                 raise ConnectionError("reply lost")
             return reply
 
-        monkeypatch.setattr(type(conn), "read_response", lose_first_reply)
+        monkeypatch.setattr(kind, "read_response", lose_first_reply)
         # when a batch of 10 is published: it lands, its reply is lost, the publisher resends it
         ids = await pub.publish_many([tick(bid_size=float(i)) for i in range(10)])
     # then the batch did land once: 11 entries in all, and the resend wrote nothing (ids None: already written)
@@ -501,7 +506,7 @@ async def test_publisher_reconnects_after_its_connection_is_killed(redis, keys):
     stream = keys.stream("tick", Priority.NORMAL, "BTC-USD")
     async with Publisher(redis, keys=keys) as pub:
         await pub.publish(tick())
-        await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await on_every_node(redis, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
         # when it publishes again
         ids = await pub.publish_many([tick() for _ in range(20)])
     # then every event lands once
@@ -707,11 +712,7 @@ async def test_publisher_carries_on_after_redis_restarts_with_nothing_kept(tmp_p
 
 async def _cut_publisher_connections(redis) -> int:
     """Close every connection whose last command was a publish batch (the publishers' own); return how many."""
-    cut = 0
-    for c in await redis.client_list():
-        if c.get("cmd") == "evalsha":
-            cut += await redis.execute_command("CLIENT", "KILL", "ID", c["id"])
-    return cut
+    return await kill_clients(redis, lambda c: c.get("cmd") == "evalsha")
 
 
 @pytest.mark.real_only
@@ -760,16 +761,16 @@ async def test_connections_cut_again_and_again_mid_stream_lose_and_double_nothin
 async def test_close_returns_after_a_refused_reconnect_failed_the_unconfirmed_batch(redis, redis_url, keys):
     # given a publisher of an ACL user that has published once
     user = f"u_{uuid.uuid4().hex[:12]}"
-    await redis.execute_command("ACL", "SETUSER", user, "on", ">secret", "~*", "+@all")
-    client = connect(redis_url.replace("redis://", f"redis://{user}:secret@"))
+    await on_every_node(redis, "ACL", "SETUSER", user, "on", ">secret", "~*", "+@all")
+    client = connect(with_user(redis_url, user, "secret"))
     pub = Publisher(client, keys=keys)
     closing: asyncio.Task[None] | None = None
     try:
         await pub.publish(tick())
         # when its password changes and its connections are cut, so that the next batch is resent on a new
         # connection, which Redis refuses
-        await redis.execute_command("ACL", "SETUSER", user, "resetpass", ">changed")
-        await redis.execute_command("CLIENT", "KILL", "USER", user)
+        await on_every_node(redis, "ACL", "SETUSER", user, "resetpass", ">changed")
+        await on_every_node(redis, "CLIENT", "KILL", "USER", user)
         with pytest.raises(AuthenticationFailed):
             await asyncio.wait_for(pub.publish(tick()), HANG_S)
         # then the publisher still closes
@@ -786,4 +787,4 @@ async def test_close_returns_after_a_refused_reconnect_failed_the_unconfirmed_ba
             if pub._conn is not None:
                 await pub._conn.disconnect()
         await client.aclose()
-        await redis.execute_command("ACL", "DELUSER", user)
+        await on_every_node(redis, "ACL", "DELUSER", user)
