@@ -24,15 +24,13 @@ current owners, are what ``balance.balance`` spreads the streams over.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.crc import key_slot
 
-from fabric import scripts
+from fabric import nodes, scripts
+from fabric.client import Line
 from fabric.keys import Keys
 
 __all__ = [
@@ -60,14 +58,11 @@ def _text(value: bytes | str) -> str:
 
 
 def by_slot(streams: Iterable[str], clustered: bool) -> list[list[str]]:
-    """Streams grouped by cluster slot (a stream's lease and companions share its slot), so one script each; on a
-    single Redis, all of them in one group."""
+    """Streams grouped by cluster slot (``nodes.by_slot``: a stream's lease and companions share its slot), so one
+    script each; on a single Redis, all of them in one group."""
     if not clustered:
         return [names] if (names := list(streams)) else []
-    groups: defaultdict[int, list[str]] = defaultdict(list)
-    for stream in streams:
-        groups[key_slot(stream.encode())].append(stream)
-    return list(groups.values())
+    return nodes.by_slot(streams)
 
 
 class Lease(NamedTuple):
@@ -112,7 +107,7 @@ class Leases:
         self.keys = keys
         self.group = group
         self.ttl_ms = ttl_ms
-        self.clustered = isinstance(client, RedisCluster)
+        self.clustered = nodes.is_cluster(client)
 
     def key(self, stream: str) -> str:
         """The lease key of a stream (what a fenced script gets as its lease KEY)."""
@@ -126,25 +121,37 @@ class Leases:
         )
         return None if token is None else int(token)
 
-    async def renew(self, tokens: Mapping[str, int], member: str) -> set[str]:
-        """Extend the leases ``member`` holds (stream → token), one call per cluster slot; return those lost."""
+    async def _per_slot(self, script: scripts.Script, calls: list[tuple[list[str], list[Any]]],
+                        line: Line | nodes.ClusterLine | None) -> list[Any]:
+        """Run ``script`` once per (keys, args), each call's keys in one slot: on a cluster with a ``ClusterLine``,
+        pipelined per node, the nodes at once; else one call after another (a single Redis has one call)."""
+        if isinstance(line, nodes.ClusterLine):
+            return await nodes.eval_many(line, script, calls)
+        return [await script(self.client, keys, args) for keys, args in calls]
+
+    async def renew(self, tokens: Mapping[str, int], member: str,
+                    line: Line | nodes.ClusterLine | None = None) -> set[str]:
+        """Extend the leases ``member`` holds (stream → token), one call per cluster slot (on ``line``, if given,
+        a cluster's slots at once); return those lost."""
+        groups = by_slot(tokens, self.clustered)
+        calls = [([self.key(s) for s in streams], [member, self.ttl_ms, *(tokens[s] for s in streams)])
+                 for streams in groups]
         lost: set[str] = set()
-        for streams in by_slot(tokens, self.clustered):
-            args: list[Any] = [member, self.ttl_ms, *(tokens[s] for s in streams)]
-            kept = await scripts.LEASE_RENEW(self.client, [self.key(s) for s in streams], args)
+        for streams, kept in zip(groups, await self._per_slot(scripts.LEASE_RENEW, calls, line), strict=True):
             lost.update(s for s, ok in zip(streams, kept, strict=True) if not ok)
         return lost
 
-    async def read(self, tokens: Mapping[str, int], member: str, count: int) -> Read:
+    async def read(self, tokens: Mapping[str, int], member: str, count: int,
+                   line: Line | nodes.ClusterLine | None = None) -> Read:
         """Read up to ``count`` new entries of each stream ``member`` holds (stream → token) as its consumer, one
-        call per cluster slot."""
+        call per cluster slot (on ``line``, if given, a cluster's slots at once)."""
         entries: dict[str, list[Any]] = {}
         lost: set[str] = set()
         idle: dict[str, bytes] = {}
-        for streams in by_slot(tokens, self.clustered):
-            keys = [k for s in streams for k in (s, self.key(s))]
-            args: list[Any] = [self.group, member, count, *(tokens[s] for s in streams)]
-            replies = await scripts.FENCED_READ(self.client, keys, args)
+        groups = by_slot(tokens, self.clustered)
+        calls = [([k for s in streams for k in (s, self.key(s))],
+                  [self.group, member, count, *(tokens[s] for s in streams)]) for streams in groups]
+        for streams, replies in zip(groups, await self._per_slot(scripts.FENCED_READ, calls, line), strict=True):
             for stream, reply in zip(streams, replies, strict=True):
                 if reply is None:
                     lost.add(stream)
