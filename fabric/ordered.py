@@ -42,6 +42,7 @@ from fabric.codec import FORMAT_VERSION, Encoded
 from fabric.errors import FabricError, Reject, Retry
 from fabric.handler import Context
 from fabric.keys import Priority, StreamRef
+from fabric.nodes import ClusterLine, eval_many, line_for, slot_of
 from fabric.ownership import FENCED, Leases, Members, by_slot, renew_interval_ms
 from fabric.retry import backoff_ms
 from fabric.worker import Delivery, finish
@@ -63,8 +64,11 @@ COMMIT_CHUNK = 32
 """A commit batch this large goes out at once, without waiting for the streams still handling."""
 MAX_WAIT_MS = 1_000
 """Longest XREAD BLOCK of idle streams (cut short when a newly owned stream is ready to be read)."""
+IDLE_POLL_MS = (1, 10)
+"""On a cluster, the first and the longest pause between two looks at idle streams of several slots (``_poll_new``)."""
 _LABELS = tuple(p.label for p in Priority)
 
+_Line = Line | ClusterLine
 _Outputs = list[tuple[str, Encoded]]
 _Commit = tuple["Owned", Delivery, _Outputs, asyncio.Future[int]]
 
@@ -138,7 +142,7 @@ class Ordered:
         self._commits: list[_Commit] = []
         self._commit_ready = asyncio.Event()
         self._commits_closed = False
-        self._lines: list[Line] = []
+        self._lines: list[_Line] = []
         """Commit connections not sending right now."""
         self._line_free = asyncio.Event()
         self._sending: set[asyncio.Task[None]] = set()
@@ -150,12 +154,21 @@ class Ordered:
         self._new_ready = asyncio.Event()
         """A stream finished its take-over: the reader stops waiting on the others and reads it too."""
         self._now = asyncio.get_running_loop().time
+        self._renew_line = ClusterLine(worker.client) if self.leases.clustered else None
+        """The balancer's connections on a cluster: each renewal round, every slot's call at once."""
         self._ttl_s = cfg.lease_ms / 1000
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Join, own streams and handle them until the worker stops; then drain (see ``Worker.run``)."""
+        try:
+            await self._run()
+        finally:
+            if self._renew_line is not None:
+                await self._renew_line.close()
+
+    async def _run(self) -> None:
         w, cfg = self.w, self.w.config
         await self.members.heartbeat(w.consumer)
         await w.discover()
@@ -265,7 +278,7 @@ class Ordered:
         if not tokens:
             return
         sent = self._now()
-        lost = await self.leases.renew(tokens, me)
+        lost = await self.leases.renew(tokens, me, self._renew_line)
         for stream in tokens:
             if stream in lost:
                 self._lose(stream, "its lease expired before it was renewed")
@@ -355,7 +368,7 @@ class Ordered:
             if outcome is None:  # withheld by a breaker as the worker stops: it stays pending
                 return False
             if isinstance(outcome, list):
-                return await self._commit(o, d, outcome)
+                return await self._commit_or_refuse(o, d, outcome, event)
             error_type, message, after_s = outcome
             if error_type != "Reject":
                 w.stats.failed += 1
@@ -363,6 +376,26 @@ class Ordered:
                 return await self._dead_letter(o, d, error_type, message, event)
             if not await self._retry(o, d, error_type, message, after_s, event):
                 return False
+
+    async def _commit_or_refuse(self, o: Owned, d: Delivery, outputs: _Outputs, event: Event) -> bool:
+        """Commit the handler's outputs with the entry, or dead-letter the entry when they cannot be committed
+        together (an output outside the entry's cluster slot)."""
+        if (stray := self._other_slot(o, outputs)) is not None:
+            return await self._dead_letter(o, d, "CrossSlotOutput", stray, event)
+        return await self._commit(o, d, outputs)
+
+    def _other_slot(self, o: Owned, outputs: _Outputs) -> str | None:
+        """On a cluster, why the outputs cannot be committed with the entry's ack (one stream outside the input
+        stream's slot), else None."""
+        if not self.leases.clustered or not outputs:
+            return None
+        slot = slot_of(o.ref.key)
+        for out_stream, _ in outputs:
+            if slot_of(out_stream) != slot:
+                return (f"output {out_stream} is not in the slot of {o.ref.key}: on a Redis Cluster an ordered group "
+                        "commits an entry's outputs with its ack in one script, so they must share its symbol (hash "
+                        "tag); publish events of other symbols from an unordered group, or run on a single Redis")
+        return None
 
     async def _call(self, o: Owned, d: Delivery, event: Event) -> _Outputs | tuple[str, str, float | None] | None:
         """Run the handler in a slot: its outputs, or the failure (type, message, retry after s), or None when the
@@ -494,7 +527,7 @@ class Ordered:
         commits came back handle their next entries. A stream has one commit in flight at most, so batches in
         flight never touch one entry twice."""
         for _ in range(COMMIT_LINES):
-            self._lines.append(Line(self.w.client))
+            self._lines.append(line_for(self.w.client))
         try:
             while not self._failed:
                 if not self._commits:
@@ -526,7 +559,7 @@ class Ordered:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send_on(self, line: Line, batch: list[_Commit]) -> None:
+    async def _send_on(self, line: _Line, batch: list[_Commit]) -> None:
         try:
             await self._send(line, batch)
         except BaseException as exc:
@@ -541,7 +574,9 @@ class Ordered:
         self._lines.append(line)
         self._line_free.set()
 
-    async def _send(self, line: Line, batch: list[_Commit]) -> None:
+    async def _send(self, line: _Line, batch: list[_Commit]) -> None:
+        """Commit a batch: one ``fenced_commit.lua`` call per slot; on a cluster, all of them at once, pipelined
+        per node. A call sent again after a lost connection finds its entries committed already (status 0)."""
         w = self.w
         new = {s for _, _, outs, _ in batch for s, _ in outs} - w._registered
         if new:
@@ -549,10 +584,17 @@ class Ordered:
         by_stream: dict[str, list[int]] = {}
         for i, (o, *_rest) in enumerate(batch):
             by_stream.setdefault(o.ref.key, []).append(i)
-        for streams in by_slot(by_stream, self.leases.clustered):
-            part = [batch[i] for s in streams for i in by_stream[s]]
-            keys, args = self._commit_call(part)
-            results = await w._retrying(partial(scripts.FENCED_COMMIT.on, line, keys, args))
+        parts = [[batch[i] for s in streams for i in by_stream[s]]
+                 for streams in by_slot(by_stream, self.leases.clustered)]
+        if isinstance(line, ClusterLine):
+            calls = [self._commit_call(part) for part in parts]
+            replies = await w._retrying(partial(eval_many, line, scripts.FENCED_COMMIT, calls)) or [None] * len(parts)
+        else:
+            replies = []
+            for part in parts:
+                keys, args = self._commit_call(part)
+                replies.append(await w._retrying(partial(scripts.FENCED_COMMIT.on, line, keys, args)))
+        for part, results in zip(parts, replies, strict=True):
             for (*_, fut), status in zip(part, results or [0] * len(part), strict=True):
                 if not fut.done():
                     fut.set_result(int(status))
@@ -575,7 +617,7 @@ class Ordered:
 
     async def _read_loop(self) -> None:
         w = self.w
-        line = Line(w.client)
+        line = line_for(w.client)
         delay = 0.1
         try:
             while not w._stop.is_set():
@@ -592,7 +634,7 @@ class Ordered:
                         await asyncio.wait_for(self._room.wait(), w.config.block_ms / 1000)
                     continue
                 try:
-                    read = await self.leases.read(want, w.consumer, ahead)
+                    read = await self.leases.read(want, w.consumer, ahead, line)
                     if not read.entries and read.idle and not full and not w._stop.is_set():
                         await self._wait_new(line, read.idle)
                     elif not read.entries and full:
@@ -628,12 +670,16 @@ class Ordered:
             self.w.stats.delivered += taken
             self.w.read_sizes.observe(taken)
 
-    async def _wait_new(self, line: Line, idle: dict[str, bytes]) -> None:
+    async def _wait_new(self, line: _Line, idle: dict[str, bytes]) -> None:
         """Block until one of the idle streams gets an entry (XREAD, no group: it changes nothing), a stream
-        needs reading again, or a short while passed, so streams acquired meanwhile are read soon."""
+        needs reading again, or a short while passed, so streams acquired meanwhile are read soon. On a cluster,
+        idle streams in more than one slot are polled instead (``_poll_new``)."""
         wait_ms = min(self.w.config.block_ms, MAX_WAIT_MS)
         self._room.clear()
         self._new_ready.clear()
+        if isinstance(line, ClusterLine) and len(slots := by_slot(idle, True)) > 1:
+            await self._poll_new(line, idle, slots, wait_ms)
+            return
         read = asyncio.ensure_future(line.call("XREAD", "COUNT", 1, "BLOCK", wait_ms, "STREAMS", *idle, *idle.values()))
         ready = asyncio.ensure_future(self._new_ready.wait())
         try:
@@ -646,3 +692,23 @@ class Ordered:
         if not read.cancelled():
             read.result()
 
+    async def _poll_new(self, line: ClusterLine, idle: dict[str, bytes], slots: list[list[str]], wait_ms: int) -> None:
+        """Wait for an entry on idle streams spread over several cluster slots, which no single XREAD BLOCK can
+        watch (CROSSSLOT), and one blocking connection per slot would not scale: after a pause, a non-blocking
+        XREAD per slot, pipelined per node (one round trip, the nodes at once), the pauses doubling from
+        ``IDLE_POLL_MS[0]`` to ``IDLE_POLL_MS[1]``, until an entry came, a stream is ready to be read, the worker
+        stops or ``wait_ms`` passed. The cost: a new entry on a quiet stream waits up to ``IDLE_POLL_MS[1]`` (plus
+        a round trip) instead of waking a blocked read at once; a busy stream is read back to back, never paused."""
+        commands = [("XREAD", "COUNT", 1, "STREAMS", *streams, *(idle[s] for s in streams)) for streams in slots]
+        deadline = self._now() + wait_ms / 1000
+        pause_s = IDLE_POLL_MS[0] / 1000
+        while (left := deadline - self._now()) > 0 and not self.w._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_ready.wait(), min(pause_s, left))
+                return
+            for reply in await line.call_many(commands):
+                if isinstance(reply, Exception):
+                    raise reply
+                if reply:
+                    return
+            pause_s = min(pause_s * 2, IDLE_POLL_MS[1] / 1000)
