@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from fabric.client import error_code, translated
 from fabric.errors import FabricError, NotFound
 from fabric.keys import Keys, Priority, StreamRef
+from fabric.nodes import is_cluster
 
 __all__ = [
     "ConsumerInfo", "GroupHealth", "GroupInfo", "GroupLag", "Health", "Ownership", "PendingEntry", "StreamInfo",
@@ -210,9 +211,14 @@ async def _pipelined(client: Redis, calls: Sequence[tuple[Any, ...]]) -> list[An
 
 
 async def _timed(client: Redis, calls: Sequence[tuple[Any, ...]]) -> tuple[int, list[Any]]:
-    """Redis's time in Unix ms just after the calls ran (in the same pipeline), and their replies."""
-    replies = await _pipelined(client, [*calls, ("time",)])
-    seconds, micros = _checked(replies.pop())
+    """Redis's time in Unix ms just after the calls ran (in the same pipeline), and their replies. On a cluster
+    TIME has no key to pipeline it with (the cluster pipeline refuses it): it is asked of one node after them."""
+    if is_cluster(client):
+        replies = await _pipelined(client, calls)
+        seconds, micros = await client.time()
+    else:
+        replies = await _pipelined(client, [*calls, ("time",)])
+        seconds, micros = _checked(replies.pop())
     return int(seconds) * 1000 + int(micros) // 1000, replies
 
 
