@@ -70,11 +70,31 @@ class FastSSLConnection(_HiredisPacking, SSLConnection):
     """A TLS connection that packs with hiredis."""
 
 
-class FastSentinelConnection(_HiredisPacking, SentinelManagedConnection):
+class _AsksSentinels:
+    """Every connect asks the sentinels for the primary: redis-py's ``connect()`` does, but a command sent on a
+    closed connection (as ``Line`` sends) reconnects through ``connect_check_health``, to the last address known,
+    or to localhost:6379 on a connection never connected."""
+
+    connection_pool: SentinelConnectionPool
+    host: str
+    port: int
+    is_connected: bool
+
+    async def connect(self) -> None:
+        await self.connect_check_health(check_health=self.connection_pool.check_connection)
+
+    async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if not self.is_connected:
+            self.host, self.port = await self.connection_pool.get_master_address()  # type: ignore[no-untyped-call]
+        await super().connect_check_health(  # type: ignore[misc]
+            check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
+class FastSentinelConnection(_AsksSentinels, _HiredisPacking, SentinelManagedConnection):
     """A TCP connection to the primary the sentinels name, packing with hiredis."""
 
 
-class FastSentinelSSLConnection(_HiredisPacking, SentinelManagedSSLConnection):
+class FastSentinelSSLConnection(_AsksSentinels, _HiredisPacking, SentinelManagedSSLConnection):
     """A TLS connection to the primary the sentinels name, packing with hiredis."""
 
 
