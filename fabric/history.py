@@ -31,6 +31,7 @@ from fabric.errors import DecodeError, NotFound, Reject, Retry
 from fabric.events import Event
 from fabric.handler import Context, HandlerFn
 from fabric.keys import Keys, Priority, StreamRef
+from fabric.nodes import by_slot, is_cluster
 from fabric.publisher import Publisher
 from fabric.retention import plan_stream, trim_stream
 
@@ -43,6 +44,10 @@ __all__ = [
 MAX_SEQ = 2**64 - 1
 PAGE = 500
 DISCOVER_MS = 1_000
+TAIL_BLOCKING_SLOTS = 64
+"""A tail on a cluster blocks in one XREAD per slot up to this many slots; over it, it polls every
+``TAIL_POLL_MS``."""
+TAIL_POLL_MS = 100
 DEFAULT_REPLAY_DEDUP_MS = 3_600_000
 """A replay marks each event it publishes for an hour (about 100 bytes of Redis memory per event)."""
 HANDLER_ATTEMPTS = 5
@@ -187,6 +192,49 @@ async def _start(client: Redis, stream: str, start: int | str) -> str:
     return last[0][0].decode() if last else "0-0"
 
 
+async def _read_new(client: Redis, positions: dict[str, str], count: int, block_ms: int) -> Any:
+    """XREAD after each position, waiting up to ``block_ms`` for the first new entry. On a cluster one XREAD
+    takes only streams of one slot: the slots are read in a pipeline (a round trip per node) and, when none has
+    anything, a blocking XREAD per slot waits at once for the first to get something, then they are read again."""
+    if not is_cluster(client):
+        return await client.xread(positions, count=count, block=block_ms)  # type: ignore[arg-type]
+    slots = [{key: positions[key] for key in keys} for keys in by_slot(positions)]
+    if len(slots) == 1:
+        return await client.xread(slots[0], count=count, block=block_ms)  # type: ignore[arg-type]
+    reply = await _read_slots(client, slots, count)
+    if reply:
+        return reply
+    if len(slots) > TAIL_BLOCKING_SLOTS:  # a blocked read holds a connection: poll this many instead
+        await asyncio.sleep(min(block_ms, TAIL_POLL_MS) / 1000)
+    else:
+        await _first_to_read(client, slots, block_ms)
+    return await _read_slots(client, slots, count)
+
+
+async def _read_slots(client: Redis, slots: list[dict[str, str]], count: int) -> list[Any]:
+    async with client.pipeline(transaction=False) as pipe:
+        for slot in slots:
+            pipe.xread(slot, count=count)  # type: ignore[arg-type]
+        replies = await pipe.execute()
+    return [stream for reply in replies for stream in reply or []]
+
+
+async def _first_to_read(client: Redis, slots: list[dict[str, str]], block_ms: int) -> None:
+    """Wait until one slot's blocking XREAD returns (an entry came, or ``block_ms`` passed); the others are
+    cancelled (their connections are dropped: an XREAD without a group consumes nothing)."""
+    reads: list[asyncio.Task[Any]] = [
+        asyncio.create_task(client.xread(slot, count=1, block=block_ms))  # type: ignore[arg-type]
+        for slot in slots]
+    try:
+        done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+        for read in done:
+            read.result()
+    finally:
+        for read in reads:
+            read.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+
+
 async def tail(client: Redis, keys: Keys, topic: str, *, start: int | str = "$", filters: Filters = EVERYTHING,
                discover_ms: int = DISCOVER_MS, count: int = PAGE) -> AsyncGenerator[Entry, None]:
     """Follow every stream of a topic from ``start`` (``"$"``: only new entries; or a time or entry id), in
@@ -197,7 +245,7 @@ async def tail(client: Redis, keys: Keys, topic: str, *, start: int | str = "$",
     discover_at = time.monotonic() + discover_ms / 1000
     while True:
         if positions:
-            reply: Any = await client.xread(positions, count=count, block=discover_ms)  # type: ignore[arg-type]
+            reply: Any = await _read_new(client, positions, count, discover_ms)
         else:  # no stream matches yet: wait for one to appear
             await asyncio.sleep(discover_ms / 1000)
             reply = []
