@@ -8,7 +8,9 @@ import pytest
 from redis.crc import key_slot
 
 from fabric import scripts
+from fabric.client import Line
 from fabric.keys import Keys, Priority
+from fabric.nodes import ClusterLine, line_for
 from fabric.ownership import FENCED, Leases, Members
 from tests.waiting import eventually
 
@@ -102,6 +104,19 @@ async def test_a_renewal_restarts_the_ttl(redis, keys: Keys) -> None:
 
 
 async def test_renew_reports_the_leases_lost_across_slots(redis, keys: Keys) -> None:
+    await renew_across_slots(redis, keys, None)
+
+
+@pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
+async def test_renew_on_a_line_reports_the_leases_lost_across_slots(redis, keys: Keys) -> None:
+    line = line_for(redis)  # on a cluster, every slot's call at once, pipelined per node
+    try:
+        await renew_across_slots(redis, keys, line)
+    finally:
+        await line.close()
+
+
+async def renew_across_slots(redis: Any, keys: Keys, line: Line | ClusterLine | None) -> None:
     leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
     kept, moved, stale = tick(keys, "A"), tick(keys, "B"), tick(keys, "C")
     assert len({key_slot(leases.key(s).encode()) for s in (kept, moved, stale)}) == 3
@@ -111,7 +126,7 @@ async def test_renew_reports_the_leases_lost_across_slots(redis, keys: Keys) -> 
     await leases.acquire(moved, "b")
     held = {kept: tokens[kept], moved: tokens[moved], stale: tokens[stale] - 1}
     # When "a" renews what it believes it holds, then only "kept" is still its own
-    assert await leases.renew(held, "a") == {moved, stale}
+    assert await leases.renew(held, "a", line) == {moved, stale}
     assert (await leases.owners([moved]))[moved].owner == "b"
 
 
@@ -187,12 +202,26 @@ async def _free(leases: Leases, stream: str) -> bool:
 
 @pytest.mark.real_only  # fakeredis hands XREADGROUP's reply to Lua one level less nested than Redis does
 async def test_a_fenced_read_reads_the_held_streams_and_reports_the_lost(redis, keys: Keys) -> None:
+    await fenced_read(redis, keys, None)
+
+
+@pytest.mark.real_only  # fakeredis hands XREADGROUP's reply to Lua one level less nested than Redis does
+async def test_a_fenced_read_on_a_line_reads_the_held_streams_and_reports_the_lost(redis, keys: Keys) -> None:
+    line = line_for(redis)  # on a cluster, every slot's call at once, pipelined per node
+    try:
+        await fenced_read(redis, keys, line)
+    finally:
+        await line.close()
+
+
+async def fenced_read(redis: Any, keys: Keys, line: Line | ClusterLine | None) -> None:
     leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
     held, empty, lost = tick(keys, "A"), tick(keys, "B"), tick(keys, "C")
     ids = {s: await backlog(redis, s, n) for s, n in ((held, 3), (empty, 0), (lost, 2))}
     tokens = {s: await leases.acquire(s, "a") for s in (held, empty, lost)}
     tokens[lost] -= 1  # a token "a" no longer holds
-    entries, fenced, idle = await leases.read(tokens, "a", 2)
+    assert len({key_slot(s.encode()) for s in tokens}) == 3
+    entries, fenced, idle = await leases.read(tokens, "a", 2, line)
     assert {s: [e[0] for e in es] for s, es in entries.items()} == {held: ids[held][:2]}
     assert fenced == {lost}
     assert idle == {empty: b"0-0"}
