@@ -15,6 +15,7 @@ from fabric import Worker
 from fabric.events import Event, Signal, Tick
 from fabric.handler import Context, as_handler
 from fabric.keys import Keys
+from fabric.nodes import is_cluster
 from fabric.ownership import Leases
 from tests.cli_runner import invoke as fabric
 from tests.cli_runner import parsed
@@ -188,6 +189,24 @@ async def test_a_writer_whose_lease_moved_is_fenced_out(redis, keys: Keys) -> No
         await eventually(lambda: _at_least(lambda: a.stats.refused, 1), what="a's late commit refused")
     assert await redis.xrange(keys.stream("signal", Signal.default_priority, "A")) == []
     assert a.stats.handled == 0
+
+
+async def test_an_output_of_another_symbol_is_committed_with_its_entry_only_where_one_script_can_take_both(
+        redis, keys: Keys) -> None:
+    async def other_symbol(tick: Tick) -> Signal:
+        return Signal(symbol="B", strategy="s", action="buy", strength=1.0)
+
+    await publish(redis, keys, seq_ticks("A", 1, 1))
+    worker = ordered_worker(redis, keys, other_symbol)
+    async with running(worker):
+        await eventually(lambda: _at_least(lambda: worker.stats.handled + worker.stats.dead_lettered, 1),
+                         what="A's tick settled")
+    outputs = await redis.xrange(keys.stream("signal", Signal.default_priority, "B"))
+    dead = await redis.xrange(keys.dlq(stream_of(keys, "A")))
+    if is_cluster(redis):  # B's stream is in another slot: the output cannot be fenced with A's ack
+        assert outputs == [] and [d[b"error_type"] for _, d in dead] == [b"CrossSlotOutput"]
+    else:
+        assert len(outputs) == 1 and dead == []
 
 
 async def _len(items: list[Any], n: int) -> bool:
