@@ -48,6 +48,7 @@ from fabric.events import Event
 from fabric.handler import Context, HandlerFn, Middleware, timeout, wrap
 from fabric.keys import Keys, Priority, StreamRef
 from fabric.lanes import Lanes
+from fabric.nodes import ClusterLine, by_slot, is_cluster, line_for, slot_of
 from fabric.retention import trim_stream
 from fabric.retirement import retire_idle_consumers
 from fabric.retry import RetryTimer, backoff_ms
@@ -73,6 +74,13 @@ TOUCH_CHUNK = 1_000
 RECLAIM_COUNT = 100
 ERROR_BACKOFF_S = (0.1, 5.0)
 CANCEL_WAIT_S = 2.0
+CLUSTER_BLOCK_MS = 50
+"""On a cluster, the longest a reader waits on one slot per node before reading every slot again."""
+OUTPUT_MARK_TTL_MS = 86_400_000
+"""On a cluster, how long the mark of an output written in another slot than its input outlives a crash before
+the input's ack (once the input is acked, the mark is deleted)."""
+OUTPUTS = scripts.Script("outputs")
+"""outputs.lua (loaded here, not in ``fabric.scripts``, while that module is being changed by others)."""
 GONE = frozenset({"NOGROUP", "UNBLOCKED"})
 """Replies that mean the group or stream no longer exists."""
 TRANSIENT = frozenset({"BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"})
@@ -183,6 +191,8 @@ class Worker:
         self._streams: dict[str, StreamRef] = {}
         self._by_name: dict[bytes, StreamRef] = {}
         self._by_priority: dict[Priority, list[str]] = {}
+        self._slots: dict[Priority, tuple[list[str], list[list[str]]]] = {}
+        """On a cluster, per lane: its streams (``_by_priority``'s list) and those grouped by slot."""
         self._held: defaultdict[str, dict[bytes, float]] = defaultdict(dict)
         """Per stream, the entries this worker holds and when it last took or touched each (monotonic s)."""
         self._released = asyncio.Event()
@@ -198,6 +208,8 @@ class Worker:
         self._max_held = config.prefetch * len(Priority) + config.concurrency
         """Past this many held entries (read ahead, in flight, parked, committing) the reader pauses."""
         self._halt = asyncio.Event()  # set last, at the end of a drain: stops the heartbeat
+        self._beat_line: ClusterLine | None = None
+        """On a cluster, the heartbeat's connections (its touches pipelined per node)."""
         self._joined = asyncio.Event()
         self._reads_failing = False
 
@@ -272,15 +284,22 @@ class Worker:
                     await b.close()
                 stopper.cancel()
                 await finish([heartbeat, stopper], CANCEL_WAIT_S)
+                await self._close_beat_line()
         except asyncio.CancelledError:  # stopped at once: everything unfinished stays pending in Redis
             for b in self._breakers:
                 b.stop()
             self._stop.set()
             self._halt.set()
             await finish([*watched, stopper], 0)
+            await self._close_beat_line()
             raise
         if crashed:
             raise crashed[0].exception()  # type: ignore[misc]
+
+    async def _close_beat_line(self) -> None:
+        if self._beat_line is not None:
+            line, self._beat_line = self._beat_line, None
+            await line.close()
 
     async def _run_ordered(self) -> None:
         from fabric.ordered import Ordered  # it builds on this module's Delivery and finish
@@ -400,6 +419,9 @@ class Worker:
     # ---- reading and handling --------------------------------------------------------------------
 
     async def _read_loop(self, priority: Priority) -> None:
+        if is_cluster(self.client):
+            await self._read_loop_cluster(priority)
+            return
         line = Line(self.client)
         primed = False
         try:
@@ -443,6 +465,111 @@ class Worker:
             if not primed:
                 self._prime()
             await line.close()
+
+    async def _read_loop_cluster(self, priority: Priority) -> None:
+        """``_read_loop`` on a Redis Cluster, which has no read across slots and so no blocking read across them.
+
+        Each round reads every slot of the lane without blocking: one XREADGROUP per slot's streams, the slots of
+        one node pipelined, the nodes at once (``ClusterLine.call_many``). When every slot comes back empty, the
+        reader waits with one blocking XREADGROUP per node, on the slot of that node that last had entries, for
+        at most ``CLUSTER_BLOCK_MS`` (or ``block_ms`` if shorter), then reads every slot again. The trade-off:
+        an idle lane costs one pipelined round per node every ``CLUSTER_BLOCK_MS`` instead of one blocked read,
+        and the first entry of a quiet stream that is not the one its node's wait is on waits up to that long
+        (a busy lane never waits: its rounds find entries and go straight on)."""
+        line = ClusterLine(self.client)  # type: ignore[arg-type]
+        primed = False
+        hot: dict[str, list[str]] = {}  # node → the slot's streams that last had entries
+        try:
+            delay = ERROR_BACKOFF_S[0]
+            while not self._stop.is_set():
+                streams = self._lane_streams(priority)
+                count = await self._read_room(priority, len(streams))
+                if not count or not streams:
+                    if not streams and not primed:
+                        primed = self._prime()
+                    if count and not streams:
+                        self._changed.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), self.config.block_ms / 1000)
+                    continue
+                try:
+                    taken = await self._read_slots(line, priority, streams, count, hot)
+                    if not taken and primed:
+                        taken = await self._wait_slots(line, priority, streams, count, hot)
+                    delay = ERROR_BACKOFF_S[0]
+                    self._reads_failing = False
+                except (rex.RedisError, OSError) as exc:
+                    primed = primed or self._prime()
+                    raise_if_cancelled(exc)
+                    self._reads_failing = True
+                    if isinstance(exc, rex.ResponseError) and error_code(exc) in GONE:
+                        self._group_gone(exc)
+                        continue
+                    log.warning("read failed, retrying in %.1fs: %s", delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, ERROR_BACKOFF_S[1])
+                    continue
+                if taken and taken < FEW:
+                    await asyncio.sleep(0)  # a trickle: let a dispatcher start on it before reading again
+                primed = primed or self._prime()
+        finally:
+            if not primed:
+                self._prime()
+            await line.close()
+
+    def _slot_groups(self, priority: Priority, streams: list[str]) -> list[list[str]]:
+        """A lane's streams grouped by cluster slot (kept until the lane's streams change)."""
+        cached = self._slots.get(priority)
+        if cached is None or cached[0] is not streams:
+            cached = self._slots[priority] = (streams, by_slot(streams))
+        return cached[1]
+
+    def _read_command(self, slot_streams: list[str], count: int, block_ms: int | None = None) -> tuple[Any, ...]:
+        block = ("BLOCK", block_ms) if block_ms is not None else ()
+        return ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, *block,
+                "STREAMS", *slot_streams, *(">",) * len(slot_streams))
+
+    async def _read_slots(self, line: ClusterLine, priority: Priority, streams: list[str], count: int,
+                          hot: dict[str, list[str]]) -> int:
+        """Read every slot of a lane once, without blocking; return how many entries were taken. An error reply
+        is raised after the other slots' entries are taken."""
+        groups = self._slot_groups(priority, streams)
+        replies = await line.call_many([self._read_command(g, count) for g in groups])
+        taken = 0
+        error: BaseException | None = None
+        for group, reply in zip(groups, replies, strict=True):
+            if isinstance(reply, BaseException):
+                error = error or reply
+            elif reply:
+                taken += self._take(priority, reply)
+                hot[(await line.node_for(group[0])).name] = group
+        if error is not None:
+            raise error
+        return taken
+
+    async def _wait_slots(self, line: ClusterLine, priority: Priority, streams: list[str], count: int,
+                          hot: dict[str, list[str]]) -> int:
+        """Wait for entries with one blocking read per node, on its slot that last had entries (or its first),
+        all nodes at once; entries are taken as each read returns. Return how many were taken."""
+        waits: dict[str, list[str]] = {}
+        for group in self._slot_groups(priority, streams):
+            name = (await line.node_for(group[0])).name
+            if name not in waits:
+                waits[name] = group
+        for name, group in hot.items():
+            if name in waits and group in self._slot_groups(priority, streams):
+                waits[name] = group
+        block_ms = min(self.config.block_ms, CLUSTER_BLOCK_MS)
+
+        async def wait(group: list[str]) -> int:
+            reply = await line.call(*self._read_command(group, count, block_ms))
+            return self._take(priority, reply) if reply else 0
+
+        results = await asyncio.gather(*(wait(g) for g in waits.values()), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return sum(results)  # type: ignore[arg-type]
 
     def _lane_streams(self, priority: Priority) -> list[str]:
         """The joined streams of one priority (kept until the joined streams change)."""
@@ -653,7 +780,7 @@ class Worker:
     # ---- committing ------------------------------------------------------------------------------
 
     async def _commit_loop(self) -> None:
-        line = Line(self.client)
+        line = line_for(self.client)
         try:
             while True:
                 if not self._commits:
@@ -676,17 +803,21 @@ class Worker:
         finally:
             await line.close()
 
-    async def _ack(self, line: Line, batch: list[Delivery]) -> None:
-        """Ack entries handled with nothing else to write: one script call, one XACK per stream."""
+    async def _ack(self, line: Line | ClusterLine, batch: list[Delivery]) -> None:
+        """Ack entries handled with nothing else to write: one script call (on a cluster, one per slot), one XACK
+        per stream."""
         by_stream: defaultdict[str, list[bytes]] = defaultdict(list)
         for d in batch:
             by_stream[d.stream.key].append(d.entry_id)
-        keys = list(by_stream)
-        args: list[Any] = [self.group]
-        for ids in by_stream.values():
-            args.append(len(ids))
-            args += ids
-        acked = await self._retrying(lambda: scripts.ACK.on(line, keys, args))
+        if isinstance(line, ClusterLine):
+            acked, expected = await self._ack_slots(line, by_stream)
+        else:
+            keys = list(by_stream)
+            args: list[Any] = [self.group]
+            for ids in by_stream.values():
+                args.append(len(ids))
+                args += ids
+            acked, expected = await self._retrying(lambda: scripts.ACK.on(line, keys, args)), len(batch)
         for stream, ids in by_stream.items():
             held = self._held[stream]
             for entry_id in ids:
@@ -695,12 +826,41 @@ class Worker:
             return
         done = sum(acked)
         self.stats.handled += done
-        if done < len(batch):
-            self.stats.refused += len(batch) - done
+        if done < expected:
+            self.stats.refused += expected - done
             log.warning("%d acks found their entries already acknowledged: another consumer took them over "
-                        "and finished them too (handled twice, as at-least-once delivery allows)", len(batch) - done)
+                        "and finished them too (handled twice, as at-least-once delivery allows)", expected - done)
 
-    async def _commit(self, line: Line, batch: list[_Commit]) -> None:
+    async def _ack_slots(self, line: ClusterLine, by_stream: dict[str, list[bytes]]) -> tuple[list[int] | None, int]:
+        """``_ack`` on a cluster: one ack.lua call per slot. Return the acked counts per stream and how many
+        entries they were for (None, 0 when the group is gone everywhere)."""
+        slots = by_slot(by_stream)
+        calls = [(slot, [self.group, *(x for s in slot for x in (len(by_stream[s]), *by_stream[s]))])
+                 for slot in slots]
+        acked: list[int] = []
+        expected = 0
+        for slot, reply in zip(slots, await self._per_slot(line, scripts.ACK, calls), strict=True):
+            if reply is not None:  # else the group is gone there
+                acked += reply
+                expected += sum(len(by_stream[s]) for s in slot)
+        return (acked, expected) if expected else (None, 0)
+
+    async def _commit(self, line: Line | ClusterLine, batch: list[_Commit]) -> None:
+        new = {s for _, outs in batch for s, _ in outs} - self._registered
+        if new:
+            await self._retrying(lambda: self._register(new))
+        if isinstance(line, ClusterLine):
+            await self._commit_slots(line, batch)
+            return
+        keys, args = self._commit_call(batch)
+        results = await self._retrying(lambda: scripts.COMMIT.on(line, keys, args))
+        for d, _ in batch:
+            self._held[d.stream.key].pop(d.entry_id, None)
+        if results is not None:  # else the group is gone: nothing to ack; the rejoin delivers these again
+            self._count_commits(batch, results)
+
+    def _commit_call(self, batch: list[_Commit]) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of one commit.lua call for a batch."""
         ix = scripts.KeyIndex()
         args: list[Any] = [self.group, self.consumer, FORMAT_VERSION]
         for d, outputs in batch:
@@ -709,14 +869,112 @@ class Worker:
             args += (ix(stream), failures, d.entry_id, len(outputs))
             for out_stream, enc in outputs:
                 args += (ix(out_stream), enc.type, enc.enc, enc.data)
-        new = {s for _, outs in batch for s, _ in outs} - self._registered
-        if new:
-            await self._retrying(lambda: self._register(new))
-        results = await self._retrying(lambda: scripts.COMMIT.on(line, ix.keys, args))
+        return ix.keys, args
+
+    async def _commit_slots(self, line: ClusterLine, batch: list[_Commit]) -> None:
+        """``_commit`` on a cluster: one commit.lua call per slot of the inputs, with the outputs in their input's
+        slot (atomic with the ack, as on one Redis). Outputs in another slot are written first, by outputs.lua,
+        each guarded by a mark in its own slot named after the input entry: a crash before the ack, or a late
+        writer whose entry was taken over, gives a redelivery whose outputs are recognised, not written twice.
+        Those marks are deleted once the input is acked."""
+        near: list[_Commit] = []
+        far: list[tuple[Delivery, str, str, Encoded]] = []  # input, mark, output stream, output
+        for d, outputs in batch:
+            slot = slot_of(d.stream.key)
+            near.append((d, [(s, enc) for s, enc in outputs if slot_of(s) == slot]))
+            if len(near[-1][1]) < len(outputs):
+                far += ((d, self._output_mark(d, i), s, enc) for i, (s, enc) in enumerate(outputs)
+                        if slot_of(s) != slot)
+        if far:
+            far = await self._write_far(line, far)
+        groups = by_slot(near, key=lambda c: c[0].stream.key)
+        replies = await self._per_slot(line, scripts.COMMIT, [self._commit_call(g) for g in groups])
         for d, _ in batch:
             self._held[d.stream.key].pop(d.entry_id, None)
-        if results is not None:  # else the group is gone: nothing to ack; the rejoin delivers these again
-            self._count_commits(batch, results)
+        done: list[_Commit] = []
+        results: list[int] = []
+        whole = {id(c[0]): c for c in batch}
+        for group, reply in zip(groups, replies, strict=True):
+            if reply is not None:  # else the group is gone there: nothing to ack; the rejoin delivers these again
+                done += (whole[id(d)] for d, _ in group)
+                results += reply
+        self._count_commits(done, results)
+        committed = {id(c[0]) for c, ok in zip(done, results, strict=True) if ok}
+        await self._forget_marks(line, [mark for d, mark, _, _ in far if id(d) in committed])
+
+    def _output_mark(self, d: Delivery, index: int) -> str:
+        """The mark of an entry's output ``index`` for this group, in the output's slot (``outputs.lua``)."""
+        ref = d.stream
+        tag = self.keys.tag_of(ref.key)[1:-1]
+        return f"out/{self.group}/{ref.topic}/{ref.priority.label}/{tag}/{d.entry_id.decode()}/{index}"
+
+    async def _write_far(self, line: ClusterLine, far: list[tuple[Delivery, str, str, Encoded]]
+                         ) -> list[tuple[Delivery, str, str, Encoded]]:
+        """Write the outputs in other slots than their inputs (``_commit_slots``) of the entries this consumer
+        still owns, one outputs.lua call per slot; return those written or found written (their marks)."""
+        entries = list({id(d): d for d, _, _, _ in far}.values())
+        pending = await self._retrying(lambda: self._replies(line, [
+            ("XPENDING", d.stream.key, self.group, d.entry_id, d.entry_id, 1, self.consumer) for d in entries]))
+        owned = {id(d) for d, p in zip(entries, pending or (), strict=False) if p}
+        far = [f for f in far if id(f[0]) in owned]  # the others were taken over: commit.lua refuses them too
+        marked = [(f, self.keys.dedup(f[2], f[1])) for f in far]
+        calls = []
+        for group in by_slot(marked, key=lambda m: m[0][2]):
+            ix = scripts.KeyIndex()
+            args: list[Any] = [FORMAT_VERSION, OUTPUT_MARK_TTL_MS]
+            for (_, _, stream, enc), mark in group:
+                args += (ix(stream), ix(mark), enc.type, enc.enc, enc.data)
+            calls.append((ix.keys, args))
+        await self._per_slot(line, OUTPUTS, calls)
+        return [(d, mark, stream, enc) for (d, _, stream, enc), mark in marked]
+
+    async def _replies(self, line: ClusterLine, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """``call_many``'s replies, raising the first error reply (for ``_retrying``)."""
+        replies = await line.call_many(commands)
+        for r in replies:
+            if isinstance(r, BaseException):
+                raise r
+        return replies
+
+    async def _forget_marks(self, line: ClusterLine, marks: list[str]) -> None:
+        """Delete the output marks of committed entries (one DEL per slot); a failure leaves them to expire."""
+        if not marks:
+            return
+        try:
+            await line.call_many([("DEL", *group) for group in by_slot(marks)])
+        except (rex.RedisError, OSError) as exc:
+            raise_if_cancelled(exc)
+            log.info("could not delete %d output marks (they expire in %d s): %s", len(marks),
+                     OUTPUT_MARK_TTL_MS // 1000, exc)
+
+    async def _per_slot(self, line: ClusterLine, script: scripts.Script,
+                        calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run ``script`` once per (keys, args), each in one slot, the calls for one node pipelined, the nodes at
+        once; retry the calls that failed (connection loss, OOM, transient refusals) until each has run. Return
+        the replies in order, None for a call whose group or stream is gone."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+
+        async def attempt() -> bool:
+            got = await line.call_many([("EVALSHA", script.sha, len(calls[i][0]), *calls[i][0], *calls[i][1])
+                                        for i in todo])
+            error: BaseException | None = None
+            for i, reply in zip(list(todo), got, strict=True):
+                if isinstance(reply, rex.NoScriptError):  # a node that restarted or was added: load it there
+                    reply = await script.on(line, *calls[i])
+                if isinstance(reply, BaseException):
+                    error = error or reply
+                    continue
+                replies[i] = reply
+                todo.remove(i)
+            if error is not None:
+                raise error
+            return True
+
+        while todo:
+            if await self._retrying(attempt) is None and todo:  # gone: what is left cannot apply any more
+                break
+        return replies
 
     def _count_commits(self, batch: list[_Commit], results: list[int]) -> None:
         published = self.published
@@ -785,7 +1043,12 @@ class Worker:
             old = [entry_id for entry_id, t in held.items() if t <= cutoff]
             chunks += ((stream, old[i : i + TOUCH_CHUNK]) for i in range(0, len(old), TOUCH_CHUNK))
         calls = [([stream], [self.group, self.consumer, len(chunk), *chunk]) for stream, chunk in chunks]
-        for (stream, chunk), lost in zip(chunks, await scripts.TOUCH.many(self.client, calls), strict=True):
+        if is_cluster(self.client):  # a cluster pipeline refuses EVALSHA: a line of its own, pipelined per node
+            self._beat_line = self._beat_line or ClusterLine(self.client)  # type: ignore[arg-type]
+            replies = await self._per_slot(self._beat_line, scripts.TOUCH, calls)
+        else:
+            replies = await scripts.TOUCH.many(self.client, calls)
+        for (stream, chunk), lost in zip(chunks, replies, strict=True):
             held = self._held[stream]
             gone = set(lost[0]) if lost else set()
             for entry_id in chunk:

@@ -872,16 +872,20 @@ async def test_a_connection_error_while_registering_an_output_stream_is_retried(
 
     def pipeline(*args: Any, **kwargs: Any) -> Any:
         pipe = real_pipeline(*args, **kwargs)
-        real_execute = pipe.execute
+        real_execute, real_sadd = pipe.execute, pipe.sadd
+        registers: list[bool] = []
+
+        def sadd(name: Any, *values: Any) -> Any:  # the cluster's pipeline keeps its queue elsewhere: watch here
+            registers.append(name == registry)
+            return real_sadd(name, *values)
 
         async def execute(*a: Any, **k: Any) -> Any:
-            registers = any(cmd[0] == "SADD" and cmd[1] == registry for cmd, _ in pipe.command_stack)
-            if registers and not dropped:
+            if any(registers) and not dropped:
                 dropped.append(True)
                 raise rex.ConnectionError("Connection closed by server.")
             return await real_execute(*a, **k)
 
-        pipe.execute = execute
+        pipe.execute, pipe.sadd = execute, sadd
         return pipe
 
     monkeypatch.setattr(redis, "pipeline", pipeline)
