@@ -10,8 +10,11 @@ dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens th
   first), then the new entries the reader hands it, each handled and committed before the next is started. A
   failure retries the same entry after its backoff, so the stream waits behind it until it succeeds or is
   dead-lettered, while the other streams go on;
-- ``_read_loop``    one fenced read for every owned stream with room for more, then XREAD BLOCK on the idle ones;
-- ``_commit_loop``  the streams' commits, gathered into one ``fenced_commit.lua`` call per cluster slot.
+- ``_read_loop``    one fenced read for every owned stream with room for more, then XREAD BLOCK on the idle ones
+  (on a Redis Cluster, idle streams of several slots are polled instead: ``_poll_new`` has the latency cost);
+- ``_commit_loop``  the streams' commits, gathered into one ``fenced_commit.lua`` call per cluster slot (on a
+  cluster, the slots' calls pipelined per node). An entry's outputs must be in its stream's slot there (its
+  symbol): one outside it is dead-lettered as ``CrossSlotOutput``, since no script could fence it with the ack.
 
 Every write for an owned stream (outputs with the ack, a failure record, a retry's claim, a dead letter) carries
 the stream's fencing token and is refused on the server once the token is stale, so an owner that was paused or
@@ -30,9 +33,10 @@ import itertools
 import logging
 from collections import deque
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis.exceptions as rex
+from redis.asyncio.cluster import RedisCluster
 
 from fabric import deadletter, scripts
 from fabric.balance import balance
@@ -154,7 +158,7 @@ class Ordered:
         self._new_ready = asyncio.Event()
         """A stream finished its take-over: the reader stops waiting on the others and reads it too."""
         self._now = asyncio.get_running_loop().time
-        self._renew_line = ClusterLine(worker.client) if self.leases.clustered else None
+        self._renew_line = ClusterLine(cast(RedisCluster, worker.client)) if self.leases.clustered else None
         """The balancer's connections on a cluster: each renewal round, every slot's call at once."""
         self._ttl_s = cfg.lease_ms / 1000
 
