@@ -37,6 +37,7 @@ from fabric.errors import DecodeError, FabricError, NotFound
 from fabric.events import BreakerStateChanged, Event
 from fabric.handler import Context, HandlerFn, Middleware
 from fabric.keys import Keys
+from fabric.nodes import is_cluster
 
 __all__ = [
     "FORCE_TARGETS", "POLL_MS", "REPORT_MS", "Breaker", "BreakerInfo", "BreakerState", "BreakerStore", "Deferred",
@@ -204,16 +205,17 @@ async def _infos(client: Redis, keys: Keys, names: list[str], policies: Mapping[
                  transitions: int) -> list[BreakerInfo]:
     # HGETALL, not breaker.lua's "get": the script writes (and an admit-free read must not turn anything HALF_OPEN)
     async with client.pipeline(transaction=False) as pipe:
-        pipe.time()
+        if not is_cluster(client):  # (a cluster's pipeline refuses TIME, a command without a key: asked below)
+            pipe.time()
         for name in names:
             pipe.hgetall(keys.breaker(name))
             pipe.hgetall(keys.breaker_window(name))
         replies = await pipe.execute()
-    seconds, micros = replies[0]
+    seconds, micros = await client.time() if is_cluster(client) else replies.pop(0)
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     history = await _transitions(client, keys, set(names), transitions)
     default_window_ms = BreakerConfig(name="default").window_ms
-    return [_info(name, now_ms, replies[1 + 2 * i], replies[2 + 2 * i],
+    return [_info(name, now_ms, replies[2 * i], replies[2 * i + 1],
                   policies[name].window_ms if name in policies else default_window_ms, history[name])
             for i, name in enumerate(names)]
 
