@@ -14,18 +14,20 @@ writes them twice. With ``noeviction`` a full Redis refuses writes instead, and 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import redis.exceptions as rex
 from redis.asyncio import Redis
 
 from fabric import scripts
-from fabric.client import Line, error_code, redact, resolve_url
+from fabric.client import Line, error_code, read_timeout_s, redact, resolve_url
 from fabric.config import WorkerConfig
 from fabric.errors import PermissionDenied, RedisMisconfigured
 from fabric.keys import Keys, Priority
+from fabric.nodes import is_cluster
 
 __all__ = ["Probe", "check_eviction", "check_publisher", "check_worker", "publisher_needs", "refused",
            "worker_needs"]
@@ -114,28 +116,55 @@ def worker_needs(keys: Keys, config: WorkerConfig, consumer: str) -> list[Probe]
 async def refused(client: Redis, probes: Sequence[Probe]) -> list[str] | None:
     """The permissions Redis's ACL would refuse ``probes``, one phrase each (``+xadd``, ``keys a, b (HSET)``), none
     run; None when the check cannot run (the user may not MULTI/DISCARD). Other refusals (OOM at maxmemory, a
-    renamed command) are not about permissions and are left to the commands themselves."""
-    line = Line(client)
+    renamed command, a key another cluster node serves) are not about permissions and are left to the commands
+    themselves. On a cluster every primary is asked (each has its own ACLs; Redis checks a command's ACL before
+    it redirects it, so every probe is checked on every node)."""
+    lines = await _lines(client)
     try:
-        try:
-            await line.call("MULTI")
-        except rex.ResponseError as exc:
-            if _denied(exc):
-                return None
-            raise
-        missing: dict[str, None] = {}  # ordered, without repeats
-        for probe in probes:
-            try:
-                await line.call(*probe.args)
-            except rex.ResponseError as exc:
-                # Redis checks ACLs before anything else that refuses a queued command (at maxmemory every one
-                # is refused OOM): only NOPERM is a missing permission
-                if _denied(exc):
-                    missing[_phrase(probe, exc)] = None
-        await line.call("DISCARD")
-        return list(missing)
+        found = await asyncio.gather(*(_refused_on(line, probes) for line in lines))
     finally:
-        await line.close()
+        for line in lines:
+            await line.close()
+    if any(missing is None for missing in found):
+        return None
+    return list(dict.fromkeys(phrase for missing in found for phrase in missing or ()))
+
+
+async def _refused_on(line: Line, probes: Sequence[Probe]) -> list[str] | None:
+    try:
+        await line.call("MULTI")
+    except rex.ResponseError as exc:
+        if _denied(exc):
+            return None
+        raise
+    missing: dict[str, None] = {}  # ordered, without repeats
+    for probe in probes:
+        try:
+            await line.call(*probe.args)
+        except rex.ResponseError as exc:
+            # Redis checks ACLs before anything else that refuses a queued command (at maxmemory every one
+            # is refused OOM): only NOPERM is a missing permission
+            if _denied(exc):
+                missing[_phrase(probe, exc)] = None
+    await line.call("DISCARD")
+    return list(missing)
+
+
+async def _lines(client: Redis) -> list[Line]:
+    """A connection of its own to the Redis, or to each primary of a cluster (whose ACLs and config are each
+    node's own)."""
+    if not is_cluster(client):
+        return [Line(client)]
+    await client.initialize()
+    timeout_s = read_timeout_s(client)
+    return [Line.on(node.connection_class(**dict(node.connection_kwargs, socket_timeout=None)), timeout_s)
+            for node in client.get_primaries()]  # type: ignore[attr-defined]
+
+
+def _settings(client: Redis) -> dict[str, Any]:
+    """The connection settings (host, port, username...) of the client, a single Redis's or a cluster's."""
+    pool = getattr(client, "connection_pool", None)
+    return dict(pool.connection_kwargs if pool is not None else client.get_connection_kwargs())  # type: ignore[no-untyped-call]
 
 
 def _denied(exc: rex.ResponseError) -> bool:
@@ -145,7 +174,9 @@ def _denied(exc: rex.ResponseError) -> bool:
 def _where(client: Redis, url: str | None) -> str:
     if url is not None:
         return redact(resolve_url(url))
-    kwargs = client.connection_pool.connection_kwargs
+    if is_cluster(client):
+        return f"the cluster of {client.get_default_node().name}"  # type: ignore[attr-defined]
+    kwargs = _settings(client)
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
 
@@ -162,7 +193,7 @@ def _phrase(probe: Probe, exc: rex.ResponseError) -> str:
 
 async def _check(client: Redis, probes: Sequence[Probe], role: str, url: str | None) -> None:
     missing = await refused(client, probes)
-    user = client.connection_pool.connection_kwargs.get("username") or "default"
+    user = _settings(client).get("username") or "default"
     where = _where(client, url)
     if missing is None:
         log.warning("cannot check the Redis user %r's permissions at %s (it may not MULTI/DISCARD): a missing one "
@@ -205,23 +236,31 @@ async def check_eviction(client: Redis, *, url: str | None = None) -> None:
 
 
 async def _eviction_policy(client: Redis) -> str | None:
-    line = Line(client)
+    """The ``maxmemory-policy`` (on a cluster: a primary's that evicts, if any), or None if it cannot be read."""
+    lines = await _lines(client)
     try:
-        for command in (("INFO", "memory"), ("CONFIG", "GET", "maxmemory-policy")):
-            try:
-                reply = await line.call(*command)
-            except rex.ResponseError as exc:
-                if _denied(exc):
-                    continue
-                raise
-            if isinstance(reply, bytes):  # INFO: "field:value" lines
-                for row in reply.decode().splitlines():
-                    if row.startswith("maxmemory_policy:"):
-                        return row.split(":", 1)[1].strip()
-            elif isinstance(reply, list) and len(reply) == 2:  # CONFIG GET: [name, value] (RESP2)
-                return bytes(reply[1]).decode()
-            elif isinstance(reply, dict):  # RESP3
-                return bytes(next(iter(reply.values()))).decode()
-        return None
+        policies = await asyncio.gather(*(_eviction_policy_on(line) for line in lines))
     finally:
-        await line.close()
+        for line in lines:
+            await line.close()
+    known = [p for p in policies if p is not None]
+    return next((p for p in known if p != "noeviction"), known[0] if known else None)
+
+
+async def _eviction_policy_on(line: Line) -> str | None:
+    for command in (("INFO", "memory"), ("CONFIG", "GET", "maxmemory-policy")):
+        try:
+            reply = await line.call(*command)
+        except rex.ResponseError as exc:
+            if _denied(exc):
+                continue
+            raise
+        if isinstance(reply, bytes):  # INFO: "field:value" lines
+            for row in reply.decode().splitlines():
+                if row.startswith("maxmemory_policy:"):
+                    return row.split(":", 1)[1].strip()
+        elif isinstance(reply, list) and len(reply) == 2:  # CONFIG GET: [name, value] (RESP2)
+            return bytes(reply[1]).decode()
+        elif isinstance(reply, dict):  # RESP3
+            return bytes(next(iter(reply.values()))).decode()
+    return None
