@@ -140,8 +140,17 @@ class PublisherConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=
     retries: int = 3
     """Resends of a batch after a connection error (safe: the session's sequence numbers make a resend
     write only what had not landed)."""
+    wait_replicas: int = 0
+    """Opt-in: confirm a batch only after this many replicas of its node have it (Redis ``WAIT``, pipelined right
+    behind the batch), so a failover that promotes one of them cannot lose it; 0, the default, confirms on the
+    primary's reply. A batch not replicated within ``wait_timeout_ms`` is still written: it is counted in
+    ``Publisher.under_replicated`` and logged."""
+    wait_timeout_ms: int = 1000
+    """How long ``WAIT`` waits for ``wait_replicas`` replicas."""
 
     def __post_init__(self) -> None:
+        if self.wait_replicas < 0 or self.wait_timeout_ms < 1:
+            self._fail("wait_replicas", "wait_replicas cannot be negative and wait_timeout_ms must be at least 1")
         if self.max_batch < 1:
             self._fail("max_batch", "must be at least 1")
         if self.max_buffer < self.max_batch:

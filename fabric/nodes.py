@@ -162,14 +162,15 @@ class ClusterLine:
                 raise
         return await self._send(await self.node_for(key), args, asking=False)
 
-    async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def call_many(self, commands: list[tuple[Any, ...]], keys: list[Any] | None = None) -> list[Any]:
         """Send commands, each to its key's node, and return their raw replies in order, an error reply as its
         exception in its place: the commands for one node go out together (one round trip), the nodes at once.
         A command redirected or told to wait is sent again on its own (it had not run); a lost connection
-        raises, as for ``call``."""
+        raises, as for ``call``. ``keys``, when given, routes each command by its key there instead of its own
+        (a keyless command such as WAIT then goes right behind the command it follows, on that one's node)."""
         by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
         for i, args in enumerate(commands):
-            node = await self.node_for(command_key(args))
+            node = await self.node_for(command_key(args) if keys is None else keys[i])
             by_node.setdefault(node.name, (node, []))[1].append(i)
         replies: list[Any] = [None] * len(commands)
 
@@ -192,7 +193,8 @@ class ClusterLine:
         for i, reply in enumerate(replies):
             if isinstance(reply, (rex.MovedError, rex.AskError, rex.TryAgainError, rex.ClusterDownError)):
                 try:
-                    replies[i] = await self.call(*commands[i])
+                    key = command_key(commands[i]) if keys is None else keys[i]
+                    replies[i] = await self.call_at(key, *commands[i])
                 except rex.ResponseError as exc:
                     replies[i] = exc
         return replies

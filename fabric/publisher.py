@@ -194,6 +194,9 @@ class Publisher:
         """No reply (or connect) within this long: the connection is dead, and what it carried is resent."""
         self.published: dict[str, int] = {}
         """Events written per stream since this publisher started (confirmed by Redis; duplicates not counted)."""
+        self._wait_s = self.config.wait_timeout_ms / 1000 if self.config.wait_replicas else 0.0
+        self.under_replicated = 0
+        """Events confirmed by their primary that fewer than ``wait_replicas`` replicas had within the timeout."""
         self.lost: dict[str, int] = {}
         """Events per stream that Redis confirmed and later lost (see the module docstring), as detected so far."""
 
@@ -437,6 +440,8 @@ class Publisher:
             except rex.ResponseError as exc:
                 self._refusal(self._inflight.popleft(), exc)
             else:
+                if self.config.wait_replicas:
+                    self._replicated(await read_reply(conn, self._reply_timeout_s + self._wait_s), len(ids))
                 batch = self._inflight.popleft()
                 batch.complete(ids)
                 self._count(batch, ids)
@@ -463,6 +468,13 @@ class Publisher:
             for item in req.items:
                 if next(written) is not None:
                     published[item[0]] = published.get(item[0], 0) + 1
+
+    def _replicated(self, replicas: Any, events: int) -> None:
+        """Check a WAIT's reply (how many replicas acknowledged the batch)."""
+        if isinstance(replicas, int) and replicas < self.config.wait_replicas:
+            self.under_replicated += events
+            log.warning("%d events were written but only %d of %d replicas had them within %d ms: a failover now "
+                        "could lose them", events, replicas, self.config.wait_replicas, self.config.wait_timeout_ms)
 
     def _refusal(self, batch: _Batch, exc: rex.ResponseError) -> None:
         code = error_code(exc)
@@ -513,7 +525,10 @@ class Publisher:
         items = [item for req in batch.requests for item in req.items]
         args, batch.streams, batch.lasts = self._command(items)
         batch.session = self._session
-        return hiredis.pack_command(args)  # type: ignore[no-any-return]
+        packed: bytes = hiredis.pack_command(args)
+        if self.config.wait_replicas:
+            packed += _packed("WAIT", self.config.wait_replicas, self.config.wait_timeout_ms)
+        return packed
 
     def _command(self, items: list[_Item]) -> tuple[tuple[Any, ...], list[tuple[str, int]], list[int]]:
         """The EVALSHA of publish.lua for ``items``, numbered per stream in this session; with the events per
@@ -606,7 +621,7 @@ class Publisher:
         assert batch.parts is not None and batch.ids is not None
         todo = [p for p in batch.parts if not p.done]
         items = self._items_of(batch)
-        replies = await line.call_many([p.args for p in todo])
+        replies = await self._call_parts(line, todo)
         if any(isinstance(r, rex.NoScriptError) for r in replies):
             for node in {(await line.node_for(p.args[3])).name: p for p in todo}.values():
                 await line.call_at(node.args[3], "SCRIPT", "LOAD", scripts.PUBLISH.source)
@@ -641,6 +656,18 @@ class Publisher:
             return
         batch.complete(batch.ids)
         self._done(batch)
+
+    async def _call_parts(self, line: ClusterLine, todo: list[_Part]) -> list[Any]:
+        """The parts' publish.lua calls, each followed by its WAIT on its node when ``wait_replicas`` asks."""
+        if not self.config.wait_replicas:
+            return await line.call_many([p.args for p in todo])
+        wait = ("WAIT", self.config.wait_replicas, self.config.wait_timeout_ms)
+        both = await line.call_many([c for p in todo for c in (p.args, wait)],
+                                    keys=[k for p in todo for k in (p.args[3], p.args[3])])
+        for part, reply, replicas in zip(todo, both[0::2], both[1::2], strict=True):
+            if not isinstance(reply, BaseException):
+                self._replicated(replicas, len(part.positions))
+        return both[0::2]
 
     @staticmethod
     def _items_of(batch: _Batch) -> list[_Item]:
