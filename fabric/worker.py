@@ -208,8 +208,6 @@ class Worker:
         self._max_held = config.prefetch * len(Priority) + config.concurrency
         """Past this many held entries (read ahead, in flight, parked, committing) the reader pauses."""
         self._halt = asyncio.Event()  # set last, at the end of a drain: stops the heartbeat
-        self._beat_line: ClusterLine | None = None
-        """On a cluster, the heartbeat's connections (its touches pipelined per node)."""
         self._joined = asyncio.Event()
         self._reads_failing = False
 
@@ -284,22 +282,15 @@ class Worker:
                     await b.close()
                 stopper.cancel()
                 await finish([heartbeat, stopper], CANCEL_WAIT_S)
-                await self._close_beat_line()
         except asyncio.CancelledError:  # stopped at once: everything unfinished stays pending in Redis
             for b in self._breakers:
                 b.stop()
             self._stop.set()
             self._halt.set()
             await finish([*watched, stopper], 0)
-            await self._close_beat_line()
             raise
         if crashed:
             raise crashed[0].exception()  # type: ignore[misc]
-
-    async def _close_beat_line(self) -> None:
-        if self._beat_line is not None:
-            line, self._beat_line = self._beat_line, None
-            await line.close()
 
     async def _run_ordered(self) -> None:
         from fabric.ordered import Ordered  # it builds on this module's Delivery and finish
@@ -1043,12 +1034,7 @@ class Worker:
             old = [entry_id for entry_id, t in held.items() if t <= cutoff]
             chunks += ((stream, old[i : i + TOUCH_CHUNK]) for i in range(0, len(old), TOUCH_CHUNK))
         calls = [([stream], [self.group, self.consumer, len(chunk), *chunk]) for stream, chunk in chunks]
-        if is_cluster(self.client):  # a cluster pipeline refuses EVALSHA: a line of its own, pipelined per node
-            self._beat_line = self._beat_line or ClusterLine(self.client)  # type: ignore[arg-type]
-            replies = await self._per_slot(self._beat_line, scripts.TOUCH, calls)
-        else:
-            replies = await scripts.TOUCH.many(self.client, calls)
-        for (stream, chunk), lost in zip(chunks, replies, strict=True):
+        for (stream, chunk), lost in zip(chunks, await scripts.TOUCH.many(self.client, calls), strict=True):
             held = self._held[stream]
             gone = set(lost[0]) if lost else set()
             for entry_id in chunk:
