@@ -136,6 +136,8 @@ async def test_a_crash_between_other_slot_outputs_and_the_ack_does_not_double_th
                           "on the other nodes; their resend adds nothing and their events come back as None")
 async def test_a_batch_over_nodes_one_of_which_lacks_the_publish_script_gets_every_entry_id(cluster, keys):
     # given a cluster whose nodes forgot their scripts, then one node that learnt publish.lua again (symbol A's)
+    await cluster.initialize()  # a fresh client knows no nodes yet
+    assert len(cluster.get_primaries()) == 3
     for node in cluster.get_primaries():
         await cluster.execute_command("SCRIPT", "FLUSH", target_nodes=node)
     await publish_tick(cluster, keys, "A")
