@@ -3,13 +3,15 @@
 Separate loops share one client (watermill's subscriber, not one big function):
 
 - ``_read_loop``     one per priority, each on its own connection: XREADGROUP (blocking) across that
-  priority's streams while its lane has room, so a flood of low entries never delays reading critical ones;
+  priority's streams while its lane has room, so a flood of low entries never delays reading critical ones
+  (on a Redis Cluster, one read per slot and a short blocking wait per node: ``_read_loop_cluster``);
 - ``_dispatch_loop`` ``concurrency`` copies: take the next entry by the lane rule, decode, run the handler;
   they take turns (``turns.py``), so that handlers that never wait still let the loop poll I/O every
   ``SLICE_S``: reads (a critical entry) and commits keep flowing under load;
 - ``_commit_loop``   on its own connection: one ``ack.lua`` call acks every plainly handled entry of a batch
   (one XACK per stream); entries with outputs or a failure record go through ``commit.lua`` (outputs + ack
-  atomically per entry, refused if another consumer took the entry over);
+  atomically per entry, refused if another consumer took the entry over); on a cluster, one call per slot, and
+  outputs outside their input's slot written first, once each (``_commit_slots``);
 - ``heartbeat``      resets the idle time of entries this worker has held for a while, so a slow but live
   handler is never reclaimed;
 - ``_reclaim_loop``  XAUTOCLAIM of entries idle past ``reclaim_idle_ms`` (their consumer died);
