@@ -36,7 +36,7 @@ async def test_many_returns_each_calls_reply_in_order_across_slots(redis, keys) 
     names = counters(keys, 20)
     assert len({slot_of(k) for k in names}) == 20
 
-    # when the script runs once per key, some keys twice
+    # when the script runs once per key, one key twice (its calls run in order, as in a pipeline)
     calls = [([k], [i]) for i, k in enumerate(names)] + [([names[0]], [100])]
     replies = await INCR_BY.many(redis, calls)
 

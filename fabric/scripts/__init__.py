@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from fabric.client import Line
-from fabric.nodes import ClusterLine, is_cluster
+from fabric.nodes import ClusterLine, by_slot, is_cluster
 
 __all__ = [
     "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "FENCED_COMMIT", "FENCED_READ", "LEASE",
@@ -79,20 +79,27 @@ class Script:
         return replies
 
     async def _concurrently(self, client: Redis, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
-        """The calls at once, each to its first key's node (a cluster's pipeline refuses EVALSHA), at most
-        ``CONCURRENT_CALLS`` in flight; the first error raised once all have run."""
+        """The calls each on its first key's node (a cluster's pipeline refuses EVALSHA): a slot's calls one after
+        another, in order, as a pipeline runs them; the slots at once, at most ``CONCURRENT_CALLS``. The first
+        error is raised once all have run."""
         limit = asyncio.Semaphore(CONCURRENT_CALLS)
+        replies: list[Any] = [None] * len(calls)
         # a client's first commands sent at once race in its start-up (redis-py 8.1: a connection of one is
         # closed under another's handshake): it reads the slot map first, once
         await client.initialize()
 
-        async def one(keys: list[Any], args: list[Any]) -> Any:
+        async def run(indexes: list[int]) -> None:
             async with limit:
-                return await self(client, keys, args)
+                for i in indexes:
+                    try:
+                        replies[i] = await self(client, *calls[i])
+                    except Exception as exc:  # raised below, once the other calls have run
+                        replies[i] = exc
 
-        replies = await asyncio.gather(*(one(keys, args) for keys, args in calls), return_exceptions=True)
+        slots = by_slot(range(len(calls)), key=lambda i: calls[i][0][0] if calls[i][0] else "")
+        await asyncio.gather(*(run(indexes) for indexes in slots))
         for r in replies:
-            if isinstance(r, BaseException):
+            if isinstance(r, Exception):
                 raise r
         return replies
 
