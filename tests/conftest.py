@@ -41,6 +41,36 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", backends, scope="function")
 
 
+CLUSTER_PENDING = Path(__file__).with_name("cluster_pending.txt")
+"""Cluster cases that do not pass yet: one ``path::test`` (or a whole ``path``) per line, ``# reason`` after it."""
+
+
+def _cluster_pending() -> dict[str, str]:
+    pending = {}
+    if CLUSTER_PENDING.exists():
+        for line in CLUSTER_PENDING.read_text().splitlines():
+            where, _, reason = line.partition("#")
+            if where.strip():
+                pending[where.strip()] = reason.strip() or "not yet on a cluster"
+    return pending
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the listed cluster cases as expected failures (not strict: one that passes is reported XPASS)."""
+    pending = _cluster_pending()
+    if not pending:
+        return
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or callspec.params.get("backend") != "cluster":
+            continue
+        base = item.nodeid.split("[", 1)[0]
+        for where, reason in pending.items():
+            if base == where or base.startswith(where + "::") or item.nodeid.startswith(where + "::"):
+                item.add_marker(pytest.mark.xfail(reason=f"on a cluster: {reason}", strict=False))
+                break
+
+
 def _free_port(below: int = 65536) -> int:
     while True:
         with socket.socket() as s:
