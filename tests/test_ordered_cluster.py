@@ -39,7 +39,7 @@ SYMBOLS = 40
 
 async def checked_on_cluster(tick: Tick) -> Tick:
     """``tests.fixtures.ordered.checked`` with its Redis client made by ``fabric.client.connect``, which takes
-    the ``redis+cluster://`` URL (the fixture's own ``Redis.from_url`` does not: see the xfail below)."""
+    the ``redis+cluster://`` URL (kept for the fixture client made before the handler runs)."""
     if handlers._client is None:
         handlers._client = connect(os.environ["FABRIC_TEST_REDIS_URL"])  # type: ignore[assignment]
     return await checked(tick)
@@ -87,17 +87,11 @@ def spawn(redis_cluster: RedisClusterServers, keys: Keys, tmp_path: Path) -> Ite
             w.close()
 
 
-PREFLIGHT_BUG = ("fabric/preflight.py: refused() opens Line(client), which needs a single Redis's connection pool "
-                 "(AttributeError: 'RedisCluster' object has no attribute 'connection_pool'), so `fabric worker` exits "
-                 "at start-up on a cluster; nodes.line_for(client) would route the probes")
 
-
-@pytest.mark.xfail(strict=True, reason=PREFLIGHT_BUG)
 async def test_the_worker_start_up_check_runs_on_a_cluster(cluster: Any, keys: Keys) -> None:
     await check_worker(cluster, keys, config(ordered=True, lease_ms=LEASE_MS), "a")
 
 
-@pytest.mark.xfail(strict=True, reason=PREFLIGHT_BUG)
 async def test_two_ordered_workers_on_a_cluster_split_the_symbols_and_keep_each_ones_order(
         cluster: Any, keys: Keys, spawn: Any) -> None:
     symbols = [f"S{i:02d}" for i in range(SYMBOLS)]
@@ -138,9 +132,6 @@ async def _true(value: bool) -> bool:
     return value
 
 
-@pytest.mark.xfail(strict=True, reason="tests/fixtures/handlers.py: _redis() makes its client with Redis.from_url, "
-                   "which refuses a redis+cluster:// URL, so the process tests' handlers cannot run on the cluster "
-                   "(fabric.client.connect takes it)")
 def test_the_fixture_handlers_client_takes_a_cluster_url(redis_cluster: RedisClusterServers,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FABRIC_TEST_REDIS_URL", redis_cluster.url)
