@@ -622,12 +622,12 @@ class Publisher:
         todo = [p for p in batch.parts if not p.done]
         items = self._items_of(batch)
         replies = await self._call_parts(line, todo)
-        if any(isinstance(r, rex.NoScriptError) for r in replies):
-            for node in {(await line.node_for(p.args[3])).name: p for p in todo}.values():
-                await line.call_at(node.args[3], "SCRIPT", "LOAD", scripts.PUBLISH.source)
-            raise rex.ConnectionError("publish script unknown to a cluster node: loaded it, resending")
-        gaps = []
+        gaps: list[_Part] = []
+        unloaded: list[_Part] = []  # on a node without the script: nothing of them ran
         for part, reply in zip(todo, replies, strict=True):
+            if isinstance(reply, rex.NoScriptError):
+                unloaded.append(part)
+                continue
             if isinstance(reply, rex.ResponseError):
                 if error_code(reply) == "GAP" and batch.attempts < self.config.retries + 1:
                     gaps.append(part)
@@ -641,21 +641,30 @@ class Publisher:
             for i, entry_id in zip(part.positions, reply, strict=True):
                 batch.ids[i] = entry_id
             self._count_part(part, reply, items)
-        if gaps:  # nothing of these was written: renew the session (after the audit) and send them again first
-            await self._audit_cluster(line)
-            self._session = _new_session()
-            self._session_born = time.monotonic()
-            self._seq.clear()
-            self._confirmed.clear()
-            batch.attempts += 1
-            for part in gaps:
-                part.args, part.streams, part.lasts = self._command([items[i] for i in part.positions])
-                part.session = self._session
-            log.info("publisher renewed its session after a sequence gap; resending %d parts", len(gaps))
-            self._resend.appendleft(batch)
+        if unloaded:  # load it where it was missing; the parts confirmed meanwhile stay done
+            for key in {(await line.node_for(p.args[3])).name: p.args[3] for p in unloaded}.values():
+                await line.call_at(key, "SCRIPT", "LOAD", scripts.PUBLISH.source)
+        if gaps:
+            await self._renumber(line, batch, gaps, items)
+        if gaps or unloaded:
+            batch.attempts += 1  # (bounded: the parts still refused after retries + 1 attempts fail the batch)
+            self._resend.appendleft(batch)  # the rest goes again first, in order
             return
         batch.complete(batch.ids)
         self._done(batch)
+
+    async def _renumber(self, line: ClusterLine, batch: _Batch, gaps: list[_Part], items: list[_Item]) -> None:
+        """Parts refused with GAP wrote nothing: audit what the session had confirmed, renew the session and
+        number them in the new one."""
+        await self._audit_cluster(line)
+        self._session = _new_session()
+        self._session_born = time.monotonic()
+        self._seq.clear()
+        self._confirmed.clear()
+        for part in gaps:
+            part.args, part.streams, part.lasts = self._command([items[i] for i in part.positions])
+            part.session = self._session
+        log.info("publisher renewed its session after a sequence gap; resending %d parts", len(gaps))
 
     async def _call_parts(self, line: ClusterLine, todo: list[_Part]) -> list[Any]:
         """The parts' publish.lua calls, each followed by its WAIT on its node when ``wait_replicas`` asks."""

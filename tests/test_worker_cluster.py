@@ -130,10 +130,6 @@ async def test_a_crash_between_other_slot_outputs_and_the_ack_does_not_double_th
     assert await redis.exists(mark) == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Publisher._send_parts (fabric/publisher.py, not this task's file): when one node answers "
-                          "NOSCRIPT it loads the script and resends every part of the batch, also those that landed "
-                          "on the other nodes; their resend adds nothing and their events come back as None")
 async def test_a_batch_over_nodes_one_of_which_lacks_the_publish_script_gets_every_entry_id(cluster, keys):
     # given a cluster whose nodes forgot their scripts, then one node that learnt publish.lua again (symbol A's)
     await cluster.initialize()  # a fresh client knows no nodes yet
