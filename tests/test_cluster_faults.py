@@ -123,6 +123,15 @@ def _masters(cluster: RedisClusterServers) -> dict[int, tuple[str, int]]:
     return masters
 
 
+async def _agreed(cluster: RedisClusterServers) -> bool:
+    check = await asyncio.create_subprocess_exec(
+        "redis-cli", "--cluster", "check", f"127.0.0.1:{cluster.ports[0]}",
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    out, _ = await check.communicate()
+    return check.returncode == 0 and b"agree" in out and b"[ERR]" not in out
+
+
 def node_ids(cluster: RedisClusterServers) -> dict[int, str]:
     """Live masters' port → node id."""
     return {port: node_id for port, (node_id, _) in _masters(cluster).items()}
@@ -132,6 +141,8 @@ async def test_a_reshard_under_load_loses_and_doubles_nothing(cluster: RedisClus
     # given a producer publishing over 30 symbols spread over three masters
     async with producing(cluster.url, PublisherConfig(max_batch=64)) as producer:
         # when 3,000 slots move from the first master to the second while it publishes (MOVED and ASK replies)
+        await eventually(lambda: _agreed(cluster), what="every node agreeing on the configuration (redis-cli "
+                         "refuses to reshard before)")
         ids = node_ids(cluster)
         ports = sorted(ids)
         served = _masters(cluster)[ports[1]][1]
@@ -139,10 +150,10 @@ async def test_a_reshard_under_load_loses_and_doubles_nothing(cluster: RedisClus
         reshard = await asyncio.create_subprocess_exec(
             "redis-cli", "--cluster", "reshard", f"127.0.0.1:{ports[0]}", "--cluster-from", ids[ports[0]],
             "--cluster-to", ids[ports[1]], "--cluster-slots", "3000", "--cluster-yes",
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-        _, err = await reshard.communicate()
-        assert reshard.returncode == 0, err.decode()[-500:]
+        out, _ = await reshard.communicate()
+        assert reshard.returncode == 0, out.decode()[-500:]
         await eventually(lambda: _true(producer.rounds >= before + 5), what="rounds after the reshard")
     # then the slots moved, and every confirmed event is stored exactly once, nothing failed
     assert _masters(cluster)[ports[1]][1] == served + 3000
