@@ -133,8 +133,9 @@ async def _agreed(cluster: RedisClusterServers) -> bool:
 
 
 def node_ids(cluster: RedisClusterServers) -> dict[int, str]:
-    """Live masters' port → node id."""
-    return {port: node_id for port, (node_id, _) in _masters(cluster).items()}
+    """Live masters' port → node id (those serving slots: a node joining as a replica is a master without slots
+    for a moment)."""
+    return {port: node_id for port, (node_id, slots) in _masters(cluster).items() if slots}
 
 
 async def test_a_reshard_under_load_loses_and_doubles_nothing(cluster: RedisClusterServers) -> None:
