@@ -448,5 +448,5 @@ def translated(url: str | None = None) -> Iterator[None]:
     """Re-raise redis-py exceptions inside the block as fabric errors, chained with ``from``."""
     try:
         yield
-    except (rex.RedisError, OSError) as exc:
+    except (rex.RedisError, rex.RedisClusterException, OSError) as exc:  # the cluster's is no RedisError
         raise translate(exc, url) from exc

@@ -7,7 +7,6 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 import pytest
@@ -16,6 +15,7 @@ from fabric.cli.options import Exit
 from fabric.codec import decode_fields
 from fabric.events import Tick
 from fabric.keys import Keys
+from tests.backends import on_every_node, with_user
 from tests.conftest import ROOT, fabric_cmd
 from tests.fixtures.handlers import subprocess_env
 
@@ -135,11 +135,11 @@ async def test_a_bad_config_file_is_one_line_error_naming_the_field(redis_url, k
 
 @pytest.fixture
 async def acl_user(redis: Any) -> AsyncIterator[str]:
-    """A user on the session server whose password is 'right'."""
+    """A user on the session server (on every node of a cluster) whose password is 'right'."""
     name = f"u_{uuid.uuid4().hex[:8]}"
-    await redis.execute_command("ACL", "SETUSER", name, "on", ">right", "~*", "+@all")
+    await on_every_node(redis, "ACL", "SETUSER", name, "on", ">right", "~*", "+@all")
     yield name
-    await redis.execute_command("ACL", "DELUSER", name)
+    await on_every_node(redis, "ACL", "DELUSER", name)
 
 
 def worker_args(ns: str, url: str, handler: str = "tests.fixtures.handlers:record") -> list[str]:
@@ -171,8 +171,7 @@ async def test_worker_on_unreachable_redis_is_one_line_error(redis_url, keys) ->
 async def test_wrong_password_is_one_line_error_without_the_password(redis_url, keys, acl_user, verb) -> None:
     # Given a URL with a real user and a wrong password
     secret = f"wrong-{uuid.uuid4().hex[:8]}"
-    parts = urlsplit(redis_url)
-    url = f"redis://{acl_user}:{secret}@{parts.hostname}:{parts.port}/0"
+    url = with_user(redis_url, acl_user, secret)
     args = publish_args(keys.ns, url) if verb == "publish" else worker_args(keys.ns, url)
 
     # When the command connects
