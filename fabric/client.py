@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as rex
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, parse_url
 from redis.asyncio.sentinel import (
     MasterNotFoundError,
@@ -119,10 +120,32 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 """URL schemes that select redis-py's cluster client, and the plain scheme each stands for."""
 
 
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, made safe for many concurrent callers (redis-py 8.1 is not):
+
+    - commands sent at once to a client that has not read the slot map yet race in its start-up (a connection of
+      one is closed under another's handshake): the first command reads the map, under a lock, before any is sent;
+    - past ``max_connections`` to one node it raises MaxConnectionsError instead of waiting (and a command that
+      raised may still have run): at most ``max_connections`` commands are in flight, the others wait their turn.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._room = asyncio.Semaphore(kwargs.get("max_connections", 32))
+        self._started = asyncio.Lock()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            async with self._started:
+                await self.initialize()
+        async with self._room:
+            return await super().execute_command(*args, **kwargs)
+
+
 def _cluster(url: str, max_connections: int) -> aioredis.Redis:
     """A cluster client for ``redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]``: the nodes listed are
     where it starts; it learns the others (and every later change) from the cluster itself."""
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.cluster import ClusterNode
 
     parts = urlsplit(url)
     hosts = parts.netloc.rsplit("@", 1)[-1].split(",")
@@ -136,7 +159,7 @@ def _cluster(url: str, max_connections: int) -> aioredis.Redis:
         nodes.append(ClusterNode(name, int(port)))
     if parts.path not in ("", "/", "/0"):
         raise ValueError("a cluster has database 0 only")
-    client = RedisCluster.from_url(
+    client = _Cluster.from_url(
         plain, startup_nodes=nodes, decode_responses=False, max_connections=max_connections,
         socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S, socket_keepalive=True,
     )

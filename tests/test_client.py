@@ -82,3 +82,20 @@ def test_fabric_packs_commands_byte_for_byte_as_redis_py_does(args):
     from fabric.client import FastConnection
 
     assert b"".join(FastConnection().pack_command(*args)) == b"".join(Connection().pack_command(*args))
+
+
+async def test_a_cluster_client_runs_more_concurrent_commands_than_connections_each_once(redis_cluster, keys) -> None:
+    # given a fresh cluster client allowed two connections per node (nothing sent yet: no slot map)
+    client = connect(redis_cluster.url, max_connections=2)
+    counter = f"{keys.ns}:count"
+    try:
+        # when 200 increments are sent at once, then 200 more
+        for _ in range(2):
+            replies = await asyncio.gather(*(client.incr(counter) for _ in range(200)), return_exceptions=True)
+            # then none fails (redis-py alone races in its start-up and raises MaxConnectionsError)
+            assert [r for r in replies if isinstance(r, BaseException)] == []
+        # and each ran exactly once
+        assert int(await client.get(counter)) == 400
+    finally:
+        await client.delete(counter)
+        await client.aclose()
