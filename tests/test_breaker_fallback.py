@@ -39,17 +39,6 @@ def worker_process(redis_url: str, keys: Keys, tmp_path: Path) -> Iterator[Any]:
             sup.close()
 
 
-FLAKY_RECORD_ON_A_CLUSTER = (
-    "tests/fixtures/handlers.py: flaky_record (the handler of write_config's workers) reads TIME, the breaker's hash "
-    "and the downstream flag in one MULTI pipeline; a cluster's pipeline refuses TIME (and the keys are in three "
-    "slots), so on the cluster every call of the handler fails and it never answers")
-
-
-def _handler_fails_on_a_cluster(request: pytest.FixtureRequest) -> None:
-    if request.getfixturevalue("backend") == "cluster":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FLAKY_RECORD_ON_A_CLUSTER))
-
-
 async def answered(redis: Any, keys: Keys, key: str, published: set[str]) -> bool:
     """Every published event is recorded in ``key`` and nothing is pending."""
     return {parse_record(r)[0] for r in await redis.lrange(key, 0, -1)} >= published and not await pending(redis, keys)
@@ -74,9 +63,7 @@ async def test_the_fallback_answers_and_acks_while_the_breaker_is_open(redis, ke
 
 
 @pytest.mark.real_only
-async def test_once_the_breaker_closes_the_handler_answers_again(redis, keys, worker_process, tmp_path,
-                                                                 request) -> None:
-    _handler_fails_on_a_cluster(request)
+async def test_once_the_breaker_closes_the_handler_answers_again(redis, keys, worker_process, tmp_path) -> None:
     # Given a config-file worker with a fallback, its breaker forced open, then closed by hand once it runs
     config = write_config(tmp_path, processes=1, recovery_ms=1000, fallback="fallback_record")
     store = breaker_store(redis, keys, config)
@@ -99,9 +86,7 @@ async def test_once_the_breaker_closes_the_handler_answers_again(redis, keys, wo
 
 
 @pytest.mark.real_only
-async def test_a_worker_with_a_fallback_recovers_after_the_recovery_time(redis, keys, worker_process,
-                                                                         tmp_path, request) -> None:
-    _handler_fails_on_a_cluster(request)
+async def test_a_worker_with_a_fallback_recovers_after_the_recovery_time(redis, keys, worker_process, tmp_path) -> None:
     # Given a config-file worker with a fallback, its breaker tripped (not forced: 5 s to recover, ample for the
     # worker to start and answer from its fallback first, even on a loaded machine), on a steady flow of events
     config = write_config(tmp_path, processes=1, recovery_ms=5000, fallback="fallback_record")

@@ -1,8 +1,8 @@
 """Shared circuit breakers across real worker processes (issue 5's must-show), on the session's redis-server.
 
 Worker processes run ``fabric worker --config FILE`` with ``[breakers.x]`` and ``[workers.w] breakers = ["x"]``
-and the ``flaky_record`` handler of ``tests/fixtures/handlers.py``: it fails while ``{ns}:down`` exists, and notes
-every call it begins with Redis's TIME and the breaker's state and ``since`` read in the same transaction. So "no
+and the ``flaky_record`` handler of ``tests/fixtures/handlers.py``: it fails while ``down_key(ns)`` exists, and notes
+every call it begins with Redis's TIME and the breaker's state and ``since`` read in one script. So "no
 call begun more than ``REPORT_MS + POLL_MS`` after the breaker opened" is checked on Redis's clock, from Redis's own
 record of when it opened, whatever the processes' clocks say.
 
@@ -246,7 +246,7 @@ class Flow:
 
 
 class Reads(NamedTuple):
-    """The group's reading of the topic at one moment (one MULTI): entries read, entries in the streams, lag."""
+    """The group's reading of the topic: entries read, entries in the streams, lag (summed over the streams)."""
 
     read: int
     length: int
@@ -254,13 +254,14 @@ class Reads(NamedTuple):
 
 
 async def reads(redis: Any, streams_: list[str]) -> Reads:
-    async with redis.pipeline(transaction=True) as pipe:
-        for s in streams_:
+    """Each stream's counts at one instant (one MULTI per stream: a cluster serves the streams from several nodes);
+    two readings' differences still add up stream by stream."""
+    read = length = lag = 0
+    for s in streams_:
+        async with redis.pipeline(transaction=True) as pipe:
             pipe.xinfo_groups(s)
             pipe.xlen(s)
-        replies = await pipe.execute()
-    read = length = lag = 0
-    for groups, n in zip(replies[::2], replies[1::2], strict=True):
+            groups, n = await pipe.execute()
         (group,) = [g for g in groups if g["name"] == GROUP.encode()]
         assert group["lag"] is not None and group["entries-read"] is not None, group
         read, length, lag = read + int(group["entries-read"]), length + int(n), lag + int(group["lag"])
@@ -385,7 +386,8 @@ def ready_key(ns: str) -> str:
 
 
 def go_key(ns: str, index: int) -> str:
-    return f"{ns}:go:{index}"
+    """One admitter's go list; every admitter's in one hash slot, so one MULTI gives them all their go at once."""
+    return f"{ns}:go:{{admitters}}:{index}"
 
 
 def answers_key(ns: str) -> str:
