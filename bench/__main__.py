@@ -21,6 +21,7 @@ import uvloop
 from redis.exceptions import RedisError
 
 from bench import baselines, scenarios
+from bench.cluster import ClusterFailed, Clusters
 from bench.environment import machine, revision, versions
 from bench.report import markdown, ratios, table, targets, write_json
 from bench.server import Target, describe, redis_target
@@ -32,6 +33,8 @@ from fabric.client import redact
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 GROUPS = {"baselines": ("redis_benchmark", "plain")}
+CLUSTER_MASTERS = (1, 3)
+"""The cluster cases' sizes: publish and end to end on a Redis Cluster of 1 master, then of 3."""
 
 
 def cases(settings: Settings) -> list[Case]:
@@ -52,6 +55,11 @@ def cases(settings: Settings) -> list[Case]:
                    partial(baselines.redis_benchmark, pipeline=64, same_shape=False)),
               Case("plain_publish", "plain", "plain redis-py, publish only", baselines.plain_publish),
               Case("plain_end_to_end", "plain", "plain redis-py, producer and consumer", baselines.plain_end_to_end)]
+    found += [Case(f"cluster_{m}_{name}", "cluster", f"{title}, on a Redis Cluster of {m} master{'s' * (m > 1)}",
+                   measure, masters=m)
+              for m in CLUSTER_MASTERS
+              for name, title, measure in (("publish", "publish only", scenarios.publish),
+                                           ("end_to_end", "producer and worker", scenarios.end_to_end))]
     return found
 
 
@@ -89,9 +97,12 @@ async def measure(settings: Settings, target: Target, chosen: list[Case]) -> dic
         doc["environment"]["versions"]["redis"] = doc["environment"]["redis"]["version"]
         bench = Bench(target, client, settings)
         doc["cases"] = {}
-        for case in chosen:
-            print(f"{case.name}: {case.title}", file=sys.stderr, flush=True)
-            doc["cases"][case.name] = await run_case(bench, case)
+        async with Clusters(settings) as clusters:
+            for case in chosen:
+                print(f"{case.name}: {case.title}", file=sys.stderr, flush=True)
+                doc["cases"][case.name] = await run_on(bench, clusters, case)
+        if clusters.described:
+            doc["environment"]["clusters"] = clusters.described
     finally:
         await client.aclose()
     doc["duration_s"] = time.perf_counter() - started
@@ -101,6 +112,19 @@ async def measure(settings: Settings, target: Target, chosen: list[Case]) -> dic
     return doc
 
 
+async def run_on(bench: Bench, clusters: Clusters, case: Case) -> dict[str, Any]:
+    """Run a case on the suite's Redis, or on a cluster of its size (failed if that cluster cannot start)."""
+    if not case.masters:
+        await clusters.aclose()
+        return await run_case(bench, case)
+    try:
+        on = await clusters.bench(case.masters)
+    except (ClusterFailed, RedisError, OSError) as exc:
+        return {"scenario": case.scenario, "title": case.title, "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}", "lost": 0, "runs": []}
+    return await run_case(on, case)
+
+
 def parser() -> argparse.ArgumentParser:
     """The suite's command line."""
     p = argparse.ArgumentParser(prog="python -m bench", description="fabric's benchmark suite")
@@ -108,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="repeats of each case (default 3; 1 with --quick)")
     p.add_argument("--events", type=int, help="N for publish, end to end, variants and plain (default 200,000)")
     p.add_argument("--only", help="comma-separated scenarios or cases: publish, end_to_end, latency, priority, "
-                                  "variants, memory, redis_benchmark, plain, baselines, or a case name")
+                                  "variants, memory, redis_benchmark, plain, baselines, cluster, or a case name")
     p.add_argument("--worker-config", metavar="JSON",
                    help='more WorkerConfig fields for fabric\'s workers, e.g. \'{"concurrency": 64}\' (default: none)')
     p.add_argument("--redis-url", help="Redis to measure (default $FABRIC_REDIS_URL, else a dedicated redis-server)")

@@ -29,6 +29,8 @@ SHOWN: dict[str, list[tuple[str, str]]] = {
     "redis_benchmark": [("requests_per_s", "XADD/s")],
     "plain": [("events_per_s", "events/s"), ("cpu_us_per_event", "producer CPU µs/event"),
               ("worker_cpu_us_per_event", "consumer CPU µs/event")],
+    "cluster": [("events_per_s", "events/s"), ("cpu_us_per_event", "producer CPU µs/event"),
+                ("worker_cpu_us_per_event", "worker CPU µs/event")],
 }
 """Per scenario, the figures the table shows (the JSON has every figure of every repeat)."""
 
@@ -57,6 +59,10 @@ def ratios(doc: Doc) -> dict[str, float | None]:
                                     _median(doc, "end_to_end", "events_per_s")),
         "ordered_vs_unordered": _ratio(_median(doc, "variant_ordered", "events_per_s"),
                                        _median(doc, "end_to_end", "events_per_s")),
+        "cluster_3_vs_1_publish": _ratio(_median(doc, "cluster_3_publish", "events_per_s"),
+                                         _median(doc, "cluster_1_publish", "events_per_s")),
+        "cluster_3_vs_1_end_to_end": _ratio(_median(doc, "cluster_3_end_to_end", "events_per_s"),
+                                            _median(doc, "cluster_1_end_to_end", "events_per_s")),
     }
 
 

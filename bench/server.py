@@ -13,13 +13,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from fabric.client import redact
+from fabric.nodes import is_cluster
 
-__all__ = ["OWN_SERVER_ARGS", "Target", "cleanup", "delete_namespace", "describe", "redis_target"]
+__all__ = ["OWN_SERVER_ARGS", "Target", "answers", "cleanup", "delete_namespace", "describe", "free_port",
+           "redis_target"]
 
 OWN_SERVER_ARGS = ["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
 CONFIG_REPORTED = ("save", "appendonly", "appendfsync", "maxmemory", "maxmemory-policy", "io-threads",
@@ -36,13 +39,15 @@ class Target:
     command: list[str] = field(default_factory=list)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _answers(port: int) -> bool:
+def answers(port: int) -> bool:
+    """Whether a Redis on this loopback port answers PING."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.3) as s:
             s.sendall(b"PING\r\n")
@@ -55,13 +60,13 @@ def _answers(port: int) -> bool:
 def _own_server() -> Iterator[Target]:
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not installed: apt-get install -y redis-server, or pass --redis-url")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
         command = ["redis-server", "--port", str(port), *OWN_SERVER_ARGS, "--dir", tmp]
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
-            while not _answers(port):
+            while not answers(port):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"the dedicated redis-server did not start on port {port}")
                 time.sleep(0.02)
@@ -83,14 +88,18 @@ def redis_target(url: str | None) -> Iterator[Target]:
 
 
 async def describe(client: Redis, target: Target) -> dict[str, Any]:
-    """The server's version and the configuration that matters to the figures."""
+    """The server's version and the configuration that matters to the figures (on a cluster, of the node redis-py
+    asks by default: the suite starts every node of its clusters alike), and a cluster's number of masters."""
     info = await client.info("server")
     config: dict[str, str] = {}
     for name in CONFIG_REPORTED:
         reply = await client.config_get(name)
         config.update({_text(k): _text(v) for k, v in reply.items()})
-    return {"url": redact(target.url), "started_by_suite": target.owned, "command": target.command,
-            "version": _text(info["redis_version"]), "config": config}
+    found: dict[str, Any] = {"url": redact(target.url), "started_by_suite": target.owned,
+                             "command": target.command, "version": _text(info["redis_version"]), "config": config}
+    if is_cluster(client):
+        found["masters"] = len(cast(RedisCluster, client).get_primaries())
+    return found
 
 
 def _text(value: Any) -> str:
@@ -98,7 +107,8 @@ def _text(value: Any) -> str:
 
 
 async def delete_namespace(client: Redis, prefix: str) -> int:
-    """Delete every key under ``prefix:``; return how many (a namespace is never shared between runs)."""
+    """Delete every key under ``prefix:``; return how many (a namespace is never shared between runs). On a
+    cluster, SCAN covers every primary and UNLINK is split by slot (redis-py's cluster client does both)."""
     deleted = 0
     batch: list[bytes] = []
     async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
@@ -112,7 +122,8 @@ async def delete_namespace(client: Redis, prefix: str) -> int:
 
 
 async def cleanup(client: Redis, target: Target, prefix: str) -> None:
-    """Remove what a run wrote: FLUSHDB on a server this suite started, else the keys under ``prefix:``."""
+    """Remove what a run wrote: FLUSHDB on a server (or every primary of a cluster) this suite started, else the
+    keys under ``prefix:``."""
     if target.owned:
         await client.flushdb()
     else:

@@ -75,6 +75,8 @@ class Case:
     scenario: str
     title: str
     measure: Callable[[Run], Awaitable[dict[str, Any]]]
+    masters: int = 0
+    """0: measured on the suite's Redis; M: on a Redis Cluster of M masters started for it (``bench.cluster``)."""
 
 
 async def run_case(bench: Bench, case: Case) -> dict[str, Any]:
