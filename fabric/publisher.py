@@ -667,16 +667,23 @@ class Publisher:
         log.info("publisher renewed its session after a sequence gap; resending %d parts", len(gaps))
 
     async def _call_parts(self, line: ClusterLine, todo: list[_Part]) -> list[Any]:
-        """The parts' publish.lua calls, each followed by its WAIT on its node when ``wait_replicas`` asks."""
+        """The parts' publish.lua calls, and when ``wait_replicas`` asks, one WAIT per node behind its last part
+        (a WAIT covers every earlier write on its connection: one per part would wait its timeout once per part
+        on a node whose replica is gone)."""
         if not self.config.wait_replicas:
             return await line.call_many([p.args for p in todo])
+        by_node: dict[str, list[int]] = {}
+        for i, part in enumerate(todo):
+            by_node.setdefault((await line.node_for(part.args[3])).name, []).append(i)
         wait = ("WAIT", self.config.wait_replicas, self.config.wait_timeout_ms)
-        both = await line.call_many([c for p in todo for c in (p.args, wait)],
-                                    keys=[k for p in todo for k in (p.args[3], p.args[3])])
-        for part, reply, replicas in zip(todo, both[0::2], both[1::2], strict=True):
-            if not isinstance(reply, BaseException):
-                self._replicated(replicas, len(part.positions))
-        return both[0::2]
+        behind = [todo[ix[-1]].args[3] for ix in by_node.values()]  # each WAIT routed by its node's last part
+        replies = await line.call_many([p.args for p in todo] + [wait] * len(by_node),
+                                       keys=[p.args[3] for p in todo] + behind)
+        for ix, replicas in zip(by_node.values(), replies[len(todo):], strict=True):
+            events = sum(len(todo[i].positions) for i in ix if not isinstance(replies[i], BaseException))
+            if events:
+                self._replicated(replicas, events)
+        return replies[: len(todo)]
 
     @staticmethod
     def _items_of(batch: _Batch) -> list[_Item]:

@@ -132,6 +132,16 @@ async def _agreed(cluster: RedisClusterServers) -> bool:
     return check.returncode == 0 and b"agree" in out and b"[ERR]" not in out
 
 
+def _replicas_in_sync(cluster: RedisClusterServers) -> bool:
+    """Every replica's link to its master is up (its first full sync done)."""
+    links = []
+    for port in cluster.ports:
+        info = cluster.cli(port, "INFO", "replication")
+        if "role:slave" in info:
+            links.append("master_link_status:up" in info)
+    return len(links) == len(cluster.ports) // 2 and all(links)
+
+
 def node_ids(cluster: RedisClusterServers) -> dict[int, str]:
     """Live masters' port → node id (those serving slots: a node joining as a replica is a master without slots
     for a moment)."""
@@ -165,14 +175,14 @@ async def test_a_reshard_under_load_loses_and_doubles_nothing(cluster: RedisClus
     assert producer.pub.lost == {}
 
 
-@pytest.mark.xfail(strict=False, reason="flaky on a loaded 2-core machine: the replica's promotion or the rounds "
-                   "after it sometimes take longer than the 60 s deadline; to be made steady")
 @pytest.mark.parametrize("wait_replicas", [0, 1])
 async def test_a_killed_master_fails_over_and_what_replication_lost_is_counted(
         cluster: RedisClusterServers, wait_replicas: int) -> None:
     # given a producer publishing over three masters, each with a replica (with WAIT 1: each batch confirmed only
     # once its master's replica has it)
     config = PublisherConfig(max_batch=64, wait_replicas=wait_replicas, wait_timeout_ms=500, retries=20)
+    # (a replica that never finished its first sync refuses to stand for election: wait for every link)
+    await eventually(lambda: _true(_replicas_in_sync(cluster)), what="every replica in sync with its master")
     async with producing(cluster.url, config) as producer:
         # when one master is SIGKILLed mid-run
         victim = sorted(node_ids(cluster))[0]

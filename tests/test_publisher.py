@@ -788,3 +788,31 @@ async def test_close_returns_after_a_refused_reconnect_failed_the_unconfirmed_ba
                 await pub._conn.disconnect()
         await client.aclose()
         await on_every_node(redis, "ACL", "DELUSER", user)
+
+
+@pytest.mark.real_only
+async def test_a_batch_no_replica_confirmed_in_time_is_still_written_and_counted_under_replicated(redis, keys):
+    # given a publisher that asks one replica to confirm each batch, on servers that have none
+    events = [Tick(symbol=f"R{i}", bid=1.0, ask=2.0) for i in range(12)]
+    async with Publisher(redis, PublisherConfig(wait_replicas=1, wait_timeout_ms=5), keys=keys) as pub:
+        # when it publishes
+        ids = await pub.publish_many(events)
+        # then every event is written and confirmed, and counted as not replicated in time
+        assert None not in ids
+        assert pub.under_replicated == len(events)
+    for e in events:
+        assert await redis.xlen(keys.stream("tick", Priority.NORMAL, e.symbol)) == 1
+
+
+@pytest.mark.real_only
+async def test_a_batch_over_many_slots_waits_for_replicas_once_per_node(redis, backend, keys):
+    # given a batch over 30 symbols (30 slots: on a cluster, every node has several)
+    events = [Tick(symbol=f"W{i}", bid=1.0, ask=2.0) for i in range(30)]
+    async with Publisher(redis, PublisherConfig(wait_replicas=1, wait_timeout_ms=5), keys=keys) as pub:
+        await pub.publish_many(events[:1])  # (connected, the script loaded)
+        before = await command_calls(redis, "wait")
+        # when it is published
+        await pub.publish_many(events)
+        # then each node was asked to WAIT once (a WAIT covers every write before it on its connection)
+        nodes = len(await on_every_node(redis, "PING"))
+        assert await command_calls(redis, "wait") - before == nodes
