@@ -202,6 +202,11 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     lease_ms: int = DEFAULT_LEASE_MS
     """Ordered mode: how long a stream's lease lasts unless renewed (every third of it); a dead owner's streams
     move after this long."""
+    commit_ahead: int = 0
+    """Ordered mode: how many entries of a stream may be handled while the commit of the ones before is in flight
+    (they are committed together once it is back, so a stream's commits still reach Redis in order). 0: each entry
+    is committed before the next starts, so a handler that reads back the outputs of the entry before sees them.
+    More: faster (a stream does not wait a round trip per entry), for handlers whose state is their own."""
     breakers: list[BreakerConfig] = []
     """Circuit breakers guarding the handler (a config file names ``[breakers.NAME]`` tables): while one is open,
     the worker stops reading and calling (or calls its fallback)."""
@@ -214,6 +219,7 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     def __post_init__(self) -> None:
         self._check_names()
         self._check_limits()
+        self._check_times()
 
     def _check_names(self) -> None:
         names = [("group", "group", self.group), *(("topics", "topic", t) for t in self.topics)]
@@ -240,12 +246,15 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
             self._fail("block_ms", f"{self.block_ms} is over {MAX_BLOCK_MS}: longer looks like a dead connection")
         if self.handler_timeout_s is not None and self.handler_timeout_s <= 0:
             self._fail("handler_timeout_s", "must be positive, or unset for no limit")
+
+    def _check_times(self) -> None:
         if self.reclaim_idle_ms < 30:
             self._fail("reclaim_idle_ms", "too small to refresh held entries in time: use at least 30")
         if self.lease_ms < 30:
             self._fail("lease_ms", "too small to renew the lease in time: use at least 30")
-        if self.retire_idle_ms < 0:
-            self._fail("retire_idle_ms", "must be 0 (never retire) or positive")
+        for name, zero in (("retire_idle_ms", "never retire"), ("commit_ahead", "commit each entry before the next")):
+            if getattr(self, name) < 0:
+                self._fail(name, f"must be 0 ({zero}) or positive")
 
 
 HANDLER_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

@@ -131,6 +131,11 @@ class Owned:
         """Fenced out: the lease expired or moved; write nothing more."""
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.staged: list[_Commit] = []
+        """Handled entries whose commit waits for the stream's commit in flight (one at a time, so in order)."""
+        self.committing = False
+        self.last: asyncio.Future[int] | None = None
+        """The latest commit's outcome (settled: every earlier one is too)."""
 
 
 class Ordered:
@@ -161,6 +166,7 @@ class Ordered:
         self._renew_line = ClusterLine(cast(RedisCluster, worker.client)) if self.leases.clustered else None
         """The balancer's connections on a cluster: each renewal round, every slot's call at once."""
         self._ttl_s = cfg.lease_ms / 1000
+        self._ahead = cfg.commit_ahead
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -325,6 +331,7 @@ class Ordered:
                         self._room.set()
                     if not await self._handle(o, d):
                         break
+            await self._settle(o)
             if not o.lost and not self._draining:
                 await self.leases.release(stream, self.w.consumer, o.token)
                 self.owned.pop(stream, None)
@@ -438,6 +445,8 @@ class Ordered:
         """Record the failure, wait out the backoff, and claim the entry again (a new delivery); False when the
         stream must stop."""
         w, cfg, stream = self.w, self.w.config, o.ref.key
+        if not await self._settle(o):  # the commits of the entries before it first (the stream may be lost)
+            return False
         log.warning("%s failed on %s %s (delivery %d): %s: %s; the stream waits for it", w.handler_name, stream,
                     d.entry_id.decode(), d.deliveries, error_type, message, extra=w._log_ids(d, event))
         lease = self.leases.key(stream)
@@ -486,6 +495,8 @@ class Ordered:
 
     async def _dead_letter(self, o: Owned, d: Delivery, error_type: str, message: str, event: Event | None) -> bool:
         w, stream = self.w, o.ref.key
+        if not await self._settle(o):  # the commits of the entries before it first (the stream may be lost)
+            return False
         moved = await w._retrying(lambda: deadletter.move(
             w.client, w.keys, stream, d.entry_id, group=w.group, consumer=w.consumer, handler=w.handler_name,
             error_type=error_type, error=message, deliveries=d.deliveries, registered=w._dlqs,
@@ -501,14 +512,58 @@ class Ordered:
     # ---- committing ------------------------------------------------------------------------------
 
     async def _commit(self, o: Owned, d: Delivery, outputs: _Outputs) -> bool:
-        """Commit one entry (its outputs and its ack, fenced) and wait for it; False if fenced out."""
+        """Commit one entry (its outputs and its ack, fenced); False if the stream is lost.
+
+        With ``commit_ahead`` 0 it waits until the commit is back. Otherwise the stream goes on to its next
+        entries while it is in flight (at most ``commit_ahead`` of them): their commits wait, staged, and go as one
+        once it is back, so a stream's commits reach Redis one after another, in order. A commit refused as fenced
+        loses the stream; the staged ones behind it are refused too."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._commits.append((o, d, outputs, fut))
+        if not self._ahead:
+            self._commits.append((o, d, outputs, fut))
+            self._queued()
+            return self._counted(o, d, outputs, await fut)
+        fut.add_done_callback(partial(self._committed, o, d, outputs))
+        o.staged.append((o, d, outputs, fut))
+        o.last = fut
+        if not o.committing:
+            self._submit(o)
+        if len(o.staged) >= self._ahead:
+            await fut  # (a failed send raises here, as the committer does)
+        return not o.lost
+
+    def _queued(self) -> None:
+        """Commits were queued: send a full chunk at once, else let the committer gather more."""
         if len(self._commits) >= COMMIT_CHUNK and self._lines:
             self._flush()
         else:
             self._commit_ready.set()
-        status = await fut
+
+    def _submit(self, o: Owned) -> None:
+        """Queue a stream's staged commits for the committer; the next go when these are back."""
+        batch, o.staged = o.staged, []
+        o.committing = True
+        batch[-1][3].add_done_callback(lambda _: self._submitted(o))
+        self._commits += batch
+        self._queued()
+
+    def _submitted(self, o: Owned) -> None:
+        o.committing = False
+        if o.staged:
+            self._submit(o)
+
+    async def _settle(self, o: Owned) -> bool:
+        """Wait until every commit of the stream is back; False if the stream is lost."""
+        while o.last is not None and not o.last.done():
+            await asyncio.wait([o.last])
+        return not o.lost
+
+    def _committed(self, o: Owned, d: Delivery, outputs: _Outputs, fut: asyncio.Future[int]) -> None:
+        if not fut.cancelled() and fut.exception() is None:  # (a failed send is the committer's to raise)
+            self._counted(o, d, outputs, fut.result())
+
+    def _counted(self, o: Owned, d: Delivery, outputs: _Outputs, status: int) -> bool:
+        """Count a commit's outcome; False if it was fenced out (the stream is lost)."""
         w = self.w
         if status == 1:
             w.stats.handled += 1

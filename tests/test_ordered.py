@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from fabric import Worker
-from fabric.events import Event, Signal, Tick
+from fabric.codec import decode_fields
+from fabric.events import Action, Event, Signal, Tick
 from fabric.handler import Context, as_handler
 from fabric.keys import Keys
 from fabric.nodes import is_cluster
@@ -110,6 +111,31 @@ async def test_the_next_entry_starts_only_after_the_previous_one_is_committed(re
         await eventually(lambda: _pending_is(redis, stream, 0), what="all committed")
     assert still_pending == []
     assert len(await redis.xrange(keys.stream("signal", Signal.default_priority, "A"))) == 20
+
+
+@pytest.mark.parametrize("ahead", [1, 8])
+async def test_with_commit_ahead_entries_and_their_outputs_are_still_committed_once_in_order(
+        redis, keys: Keys, ahead: int) -> None:
+    # given 40 ticks of each of two symbols and a worker whose streams may run ahead of their commits
+    symbols = ["A", "B"]
+    seen: dict[str, list[int]] = {s: [] for s in symbols}
+
+    async def handle(tick: Tick, ctx: Context) -> Signal:
+        seen[tick.symbol].append(tick.seq)
+        await asyncio.sleep(0)  # (lets the committer send while the stream goes on)
+        return Signal(symbol=tick.symbol, strategy=str(tick.seq), action=Action.BUY, strength=0.5)
+
+    await publish(redis, keys, [t for s in symbols for t in seq_ticks(s, 1, 40)])
+    # when it handles them
+    async with running(ordered_worker(redis, keys, handle, commit_ahead=ahead)):
+        for s in symbols:
+            await eventually(lambda s=s: _len(seen[s], 40), what=f"{s}'s 40 ticks handled")
+            await eventually(lambda s=s: _pending_is(redis, stream_of(keys, s), 0), what=f"{s} all committed")
+    # then each was handled once in order, and its output was committed once, in the same order
+    for s in symbols:
+        assert seen[s] == list(range(1, 41))
+        outputs = await redis.xrange(keys.stream("signal", Signal.default_priority, s))
+        assert [decode_fields(f).strategy for _, f in outputs] == [str(i) for i in range(1, 41)]
 
 
 async def test_a_failing_entry_blocks_its_stream_but_not_the_others(redis, keys: Keys) -> None:

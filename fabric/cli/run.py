@@ -193,7 +193,7 @@ def _logging(verbose: bool, fmt: str) -> None:
 
 
 WORKER_OPTIONS = ("concurrency", "max_deliveries", "output_topic", "reclaim_idle_ms", "block_ms", "grace_s",
-                  "handler_timeout_s", "ordered", "lease_ms")
+                  "handler_timeout_s", "ordered", "lease_ms", "commit_ahead")
 """The WorkerConfig fields the command line can set; given with --config, they override each table's."""
 
 
@@ -325,6 +325,9 @@ def worker(
         "handles its entries one after another.  [default: unordered]")] = None,
     lease_ms: Annotated[int | None, typer.Option(
         help=f"Ordered mode: a dead owner's streams move after this long.  [default: {DEFAULT_LEASE_MS}]")] = None,
+    commit_ahead: Annotated[int | None, typer.Option(
+        min=0, help="Ordered mode: entries of a stream handled while the commit before is in flight (0: each "
+        "committed before the next starts).  [default: 0]")] = None,
     redis_url: RedisUrl = None,
     namespace: Namespace = None,
     config_file: ConfigFile = None,
@@ -345,7 +348,7 @@ def worker(
     s = settings(config_file, redis_url, namespace)
     given = dict(concurrency=concurrency, max_deliveries=max_deliveries, output_topic=output_topic,
                  reclaim_idle_ms=reclaim_idle_ms, block_ms=block_ms, grace_s=grace_s,
-                 handler_timeout_s=handler_timeout_s, ordered=ordered, lease_ms=lease_ms)
+                 handler_timeout_s=handler_timeout_s, ordered=ordered, lease_ms=lease_ms, commit_ahead=commit_ahead)
     overrides = {name: value for name, value in given.items() if value is not None}
     with reported():
         if handler is None:
