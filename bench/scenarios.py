@@ -106,8 +106,14 @@ async def variant_processes(run: Run) -> dict[str, Any]:
             "failed": produced["failed"] + (done["exit_code"] != 0), "processes": done["processes"]}
 
 
+async def variant_ordered_ahead(run: Run) -> dict[str, Any]:
+    """End to end in ordered mode with commit_ahead = 16: a stream handles its next entries while its commit is in
+    flight (still in order, committed in order), for handlers that do not read back the previous entry's outputs."""
+    return await _through_worker(run, "noop", ordered=True, commit_ahead=16)
+
+
 VARIANTS = {"outputs": variant_outputs, "metrics": variant_metrics, "ordered": variant_ordered,
-            "processes_2": variant_processes}
+            "ordered_ahead": variant_ordered_ahead, "processes_2": variant_processes}
 """End-to-end variants: adding one is one function."""
 
 
