@@ -1,9 +1,10 @@
 """One worker alone, draining a backlog: its CPU per event without a producer beside it, optionally profiled.
 
-    python -m bench.drain [--events 200000] [--symbols 50] [--profile] [--redis-url URL]
+    python -m bench.drain [--events 200000] [--symbols 50] [--profile] [--redis-url URL] [--config JSON]
 
 Publishes the backlog first, then times one in-process worker (no-op handler, acks, tuned GC as
-``fabric worker`` runs) from start until every event is acknowledged. ``--profile`` prints cProfile's top
+``fabric worker`` runs) from start until every event is acknowledged (``--config '{"ordered": true}'``: more
+``WorkerConfig`` fields, for instance the ordered mode). ``--profile`` prints cProfile's top
 functions by own time (profiling slows everything down: read the shares, not the speed).
 """
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import json
 import pstats
 import time
 import uuid
 
+import msgspec
 import uvloop
 
 from bench.workload import ticks
@@ -25,7 +28,7 @@ from fabric.handler import as_handler
 from fabric.runner import tune_gc
 
 
-async def drain(url: str, events: int, symbols: int, profile: cProfile.Profile | None) -> None:
+async def drain(url: str, events: int, symbols: int, profile: cProfile.Profile | None, config: str = "{}") -> None:
     """Publish ``events`` ticks, then time one worker handling them all."""
     client = connect(url)
     keys = Keys(f"drain{uuid.uuid4().hex[:8]}")
@@ -35,7 +38,8 @@ async def drain(url: str, events: int, symbols: int, profile: cProfile.Profile |
     async def noop(event: object) -> None:
         return None
 
-    worker = Worker(client, as_handler(noop), WorkerConfig(group="drain", topics=["tick"]), keys=keys)
+    fields = {"group": "drain", "topics": ["tick"], **json.loads(config)}
+    worker = Worker(client, as_handler(noop), msgspec.convert(fields, WorkerConfig), keys=keys)
     if profile:
         profile.enable()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -60,11 +64,12 @@ def main() -> None:
     p.add_argument("--symbols", type=int, default=50)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--redis-url")
+    p.add_argument("--config", default="{}", help="more WorkerConfig fields, as JSON")
     args = p.parse_args()
     profile = cProfile.Profile() if args.profile else None
     tune_gc()
     with redis_url(args.redis_url) as url:
-        uvloop.run(drain(url, args.events, args.symbols, profile))
+        uvloop.run(drain(url, args.events, args.symbols, profile, args.config))
     if profile:
         pstats.Stats(profile).sort_stats("tottime").print_stats(20)
 

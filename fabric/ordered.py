@@ -391,7 +391,7 @@ class Ordered:
     async def _commit_or_refuse(self, o: Owned, d: Delivery, outputs: _Outputs, event: Event) -> bool:
         """Commit the handler's outputs with the entry, or dead-letter the entry when they cannot be committed
         together (an output outside the entry's cluster slot)."""
-        if (stray := self._other_slot(o, outputs)) is not None:
+        if outputs and self.leases.clustered and (stray := self._other_slot(o, outputs)) is not None:
             return await self._dead_letter(o, d, "CrossSlotOutput", stray, event)
         return await self._commit(o, d, outputs)
 
@@ -523,8 +523,7 @@ class Ordered:
             self._commits.append((o, d, outputs, fut))
             self._queued()
             return self._counted(o, d, outputs, await fut)
-        fut.add_done_callback(partial(self._committed, o, d, outputs))
-        o.staged.append((o, d, outputs, fut))
+        o.staged.append((o, d, outputs, fut))  # (``_send`` counts it: nobody awaits it but at the limit)
         o.last = fut
         if not o.committing:
             self._submit(o)
@@ -557,10 +556,6 @@ class Ordered:
         while o.last is not None and not o.last.done():
             await asyncio.wait([o.last])
         return not o.lost
-
-    def _committed(self, o: Owned, d: Delivery, outputs: _Outputs, fut: asyncio.Future[int]) -> None:
-        if not fut.cancelled() and fut.exception() is None:  # (a failed send is the committer's to raise)
-            self._counted(o, d, outputs, fut.result())
 
     def _counted(self, o: Owned, d: Delivery, outputs: _Outputs, status: int) -> bool:
         """Count a commit's outcome; False if it was fenced out (the stream is lost)."""
@@ -624,7 +619,11 @@ class Ordered:
         except BaseException as exc:
             for *_, fut in batch:
                 if not fut.done():
-                    fut.set_exception(exc) if isinstance(exc, Exception) else fut.cancel()
+                    if isinstance(exc, Exception):
+                        fut.set_exception(exc)
+                        fut.exception()  # (a staged commit nobody awaits: the committer raises it, not the loop's log)
+                    else:
+                        fut.cancel()
             if not isinstance(exc, asyncio.CancelledError):
                 self._failed.append(exc)
                 self._commit_ready.set()
@@ -653,10 +652,13 @@ class Ordered:
             for part in parts:
                 keys, args = self._commit_call(part)
                 replies.append(await w._retrying(partial(scripts.FENCED_COMMIT.on, line, keys, args)))
+        ahead = self._ahead
         for part, results in zip(parts, replies, strict=True):
-            for (*_, fut), status in zip(part, results or [0] * len(part), strict=True):
+            for (o, d, outputs, fut), status in zip(part, results or [0] * len(part), strict=True):
                 if not fut.done():
                     fut.set_result(int(status))
+                    if ahead:
+                        self._counted(o, d, outputs, int(status))
 
     def _commit_call(self, part: list[_Commit]) -> tuple[list[str], list[Any]]:
         ix = scripts.KeyIndex()
