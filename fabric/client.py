@@ -125,21 +125,30 @@ class _Cluster(RedisCluster):
 
     - commands sent at once to a client that has not read the slot map yet race in its start-up (a connection of
       one is closed under another's handshake): the first command reads the map, under a lock, before any is sent;
-    - past ``max_connections`` to one node it raises MaxConnectionsError instead of waiting (and a command that
-      raised may still have run): at most ``max_connections`` commands are in flight, the others wait their turn.
+    - past its ``max_connections`` to one node it raises MaxConnectionsError instead of waiting (a command that
+      raised may still have run; a pipeline that meets it closes every connection of the client, under the
+      commands in flight): so its pools are left unbounded, and at most ``in_flight`` commands (not counting
+      blocking reads, which wait on the server and would hold the others up) are sent at once, the others
+      waiting their turn. Pipelines and blocking reads are few, and each takes a connection of its own.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, in_flight: int = 32, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._room = asyncio.Semaphore(kwargs.get("max_connections", 32))
+        self._room = asyncio.Semaphore(in_flight)
         self._started = asyncio.Lock()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._initialize:
             async with self._started:
                 await self.initialize()
+        if _blocking_s(args):
+            return await super().execute_command(*args, **kwargs)
         async with self._room:
             return await super().execute_command(*args, **kwargs)
+
+
+UNBOUNDED = 2**31
+"""redis-py's own default pool size for a cluster node (``_Cluster`` bounds the commands in flight instead)."""
 
 
 def _cluster(url: str, max_connections: int) -> aioredis.Redis:
@@ -160,7 +169,7 @@ def _cluster(url: str, max_connections: int) -> aioredis.Redis:
     if parts.path not in ("", "/", "/0"):
         raise ValueError("a cluster has database 0 only")
     client = _Cluster.from_url(
-        plain, startup_nodes=nodes, decode_responses=False, max_connections=max_connections,
+        plain, startup_nodes=nodes, decode_responses=False, max_connections=UNBOUNDED, in_flight=max_connections,
         socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_S, socket_keepalive=True,
     )
     return client  # type: ignore[return-value]

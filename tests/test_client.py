@@ -89,13 +89,21 @@ async def test_a_cluster_client_runs_more_concurrent_commands_than_connections_e
     client = connect(redis_cluster.url, max_connections=2)
     counter = f"{keys.ns}:count"
     try:
-        # when 200 increments are sent at once, then 200 more
-        for _ in range(2):
-            replies = await asyncio.gather(*(client.incr(counter) for _ in range(200)), return_exceptions=True)
-            # then none fails (redis-py alone races in its start-up and raises MaxConnectionsError)
-            assert [r for r in replies if isinstance(r, BaseException)] == []
+        async def piped() -> list[int]:
+            async with client.pipeline(transaction=False) as pipe:
+                for _ in range(5):
+                    pipe.incr(counter)
+                return await pipe.execute()
+
+        # when 200 increments are sent at once, then 200 more beside 20 pipelines of 5
+        first = await asyncio.gather(*(client.incr(counter) for _ in range(200)), return_exceptions=True)
+        second = await asyncio.gather(*(client.incr(counter) for _ in range(200)),
+                                      *(piped() for _ in range(20)), return_exceptions=True)
+        # then none fails (redis-py alone races in its start-up and raises MaxConnectionsError, and a pipeline
+        # meeting that limit closes the connections of the commands in flight)
+        assert [r for r in first + second if isinstance(r, BaseException)] == []
         # and each ran exactly once
-        assert int(await client.get(counter)) == 400
+        assert int(await client.get(counter)) == 500
     finally:
         await client.delete(counter)
         await client.aclose()
