@@ -80,6 +80,10 @@ def line_for(client: Any) -> Line | ClusterLine:
     return ClusterLine(client) if is_cluster(client) else Line(client)
 
 
+REDIRECTS = (rex.MovedError, rex.AskError, rex.TryAgainError, rex.ClusterDownError)
+"""Replies to a command that did not run there: sent again on its own (``ClusterLine.call_many``)."""
+
+
 class ClusterLine:
     """``Line``'s interface over a Redis Cluster: one connection of its own per node, commands routed by slot.
 
@@ -162,12 +166,14 @@ class ClusterLine:
                 raise
         return await self._send(await self.node_for(key), args, asking=False)
 
-    async def call_many(self, commands: list[tuple[Any, ...]], keys: list[Any] | None = None) -> list[Any]:
+    async def call_many(self, commands: list[tuple[Any, ...]], keys: list[Any] | None = None,
+                        resent: list[int] | None = None) -> list[Any]:
         """Send commands, each to its key's node, and return their raw replies in order, an error reply as its
         exception in its place: the commands for one node go out together (one round trip), the nodes at once.
         A command redirected or told to wait is sent again on its own (it had not run); a lost connection
         raises, as for ``call``. ``keys``, when given, routes each command by its key there instead of its own
-        (a keyless command such as WAIT then goes right behind the command it follows, on that one's node)."""
+        (a keyless command such as WAIT then goes right behind the command it follows, on that one's node).
+        ``resent``, when given, gets the indexes of the commands sent again on their own (after the others)."""
         by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
         for i, args in enumerate(commands):
             node = await self.node_for(command_key(args) if keys is None else keys[i])
@@ -190,13 +196,14 @@ class ClusterLine:
             if isinstance(r, BaseException):
                 self._stale = True
                 raise r
-        for i, reply in enumerate(replies):
-            if isinstance(reply, (rex.MovedError, rex.AskError, rex.TryAgainError, rex.ClusterDownError)):
-                try:
-                    key = command_key(commands[i]) if keys is None else keys[i]
-                    replies[i] = await self.call_at(key, *commands[i])
-                except rex.ResponseError as exc:
-                    replies[i] = exc
+        again = [i for i, r in enumerate(replies) if isinstance(r, REDIRECTS)]
+        for i in again:
+            try:
+                replies[i] = await self.call_at(command_key(commands[i]) if keys is None else keys[i], *commands[i])
+            except rex.ResponseError as exc:
+                replies[i] = exc
+        if resent is not None:
+            resent += again
         return replies
 
     async def close(self) -> None:

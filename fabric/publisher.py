@@ -470,7 +470,10 @@ class Publisher:
                     published[item[0]] = published.get(item[0], 0) + 1
 
     def _replicated(self, replicas: Any, events: int) -> None:
-        """Check a WAIT's reply (how many replicas acknowledged the batch)."""
+        """Check a WAIT's reply (how many replicas acknowledged the batch; an error reply counts as none)."""
+        if isinstance(replicas, BaseException):
+            log.warning("WAIT after %d written events failed (%s): counted as not replicated", events, replicas)
+            replicas = 0
         if isinstance(replicas, int) and replicas < self.config.wait_replicas:
             self.under_replicated += events
             log.warning("%d events were written but only %d of %d replicas had them within %d ms: a failover now "
@@ -669,7 +672,8 @@ class Publisher:
     async def _call_parts(self, line: ClusterLine, todo: list[_Part]) -> list[Any]:
         """The parts' publish.lua calls, and when ``wait_replicas`` asks, one WAIT per node behind its last part
         (a WAIT covers every earlier write on its connection: one per part would wait its timeout once per part
-        on a node whose replica is gone)."""
+        on a node whose replica is gone). A part redirected (a reshard, a failover) is written again after those
+        WAITs, maybe elsewhere: it gets a WAIT of its own behind it."""
         if not self.config.wait_replicas:
             return await line.call_many([p.args for p in todo])
         by_node: dict[str, list[int]] = {}
@@ -677,12 +681,18 @@ class Publisher:
             by_node.setdefault((await line.node_for(part.args[3])).name, []).append(i)
         wait = ("WAIT", self.config.wait_replicas, self.config.wait_timeout_ms)
         behind = [todo[ix[-1]].args[3] for ix in by_node.values()]  # each WAIT routed by its node's last part
+        resent: list[int] = []
         replies = await line.call_many([p.args for p in todo] + [wait] * len(by_node),
-                                       keys=[p.args[3] for p in todo] + behind)
+                                       keys=[p.args[3] for p in todo] + behind, resent=resent)
+        again = set(resent)
         for ix, replicas in zip(by_node.values(), replies[len(todo):], strict=True):
-            events = sum(len(todo[i].positions) for i in ix if not isinstance(replies[i], BaseException))
+            events = sum(len(todo[i].positions) for i in ix
+                         if i not in again and not isinstance(replies[i], BaseException))
             if events:
                 self._replicated(replicas, events)
+        for i in sorted(again):
+            if not isinstance(replies[i], BaseException):
+                self._replicated(await line.call_at(todo[i].args[3], *wait), len(todo[i].positions))
         return replies[: len(todo)]
 
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from typing import Any
 
 import fakeredis
 import msgspec
@@ -23,6 +24,7 @@ from fabric.errors import (
 from fabric.events import Alert, Order, Severity, Side, Tick
 from fabric.keys import Priority
 from fabric.nodes import is_cluster, slot_of
+from fabric.publisher import _Part
 from tests import conftest
 from tests.backends import command_calls, kill_clients, on_every_node, with_user
 from tests.conftest import RedisServer
@@ -816,3 +818,34 @@ async def test_a_batch_over_many_slots_waits_for_replicas_once_per_node(redis, b
         # then each node was asked to WAIT once (a WAIT covers every write before it on its connection)
         nodes = len(await on_every_node(redis, "PING"))
         assert await command_calls(redis, "wait") - before == nodes
+
+
+class _RedirectingLine:
+    """A cluster line on which the first part was redirected and written again after its node's WAIT."""
+
+    def __init__(self) -> None:
+        self.waits_at: list[str] = []
+
+    async def node_for(self, key: str) -> Any:
+        return type("Node", (), {"name": "n1"})()
+
+    async def call_many(self, commands: list[Any], keys: list[Any], resent: list[int]) -> list[Any]:
+        resent.append(0)
+        return [[b"1-0"], [b"2-0"], 1]  # the two parts written; the node's WAIT saw its replica
+
+    async def call_at(self, key: str, *args: Any) -> Any:
+        self.waits_at.append(key)
+        return 0  # where the redirected part landed, no replica had it in time
+
+
+async def test_a_part_written_again_after_a_redirect_waits_for_replicas_on_its_own():
+    # given a publisher asking one replica, whose first part was redirected (its write came after the WAIT)
+    pub = Publisher(fakeredis.FakeAsyncRedis(), PublisherConfig(wait_replicas=1, wait_timeout_ms=5))
+    parts = [_Part(("EVALSHA", "sha", 1, key), [i], [], [], "s") for i, key in enumerate(["{a}k", "{b}k"])]
+    line = _RedirectingLine()
+    # when the parts are sent
+    replies = await pub._call_parts(line, parts)  # type: ignore[arg-type]
+    # then the redirected part got a WAIT of its own, whose answer counts (not the first node's)
+    assert replies == [[b"1-0"], [b"2-0"]]
+    assert line.waits_at == ["{a}k"]
+    assert pub.under_replicated == 1
