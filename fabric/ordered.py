@@ -1,4 +1,5 @@
-"""The ordered mode: each owned stream's entries handled one after another, each committed before the next.
+"""The ordered mode: each owned stream's entries handled one after another, each committed before the next (or,
+with ``commit_ahead``, committed in order while the stream goes on: ``Ordered._commit``).
 
 A worker whose group is ordered (``WorkerConfig.ordered``) runs these loops instead of the free-for-all reader,
 dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens they rest on):
@@ -7,7 +8,8 @@ dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens th
   lost one stops its stream at once), and follow ``balance.balance``: acquire the free streams the plan gives
   this member, hand over those it gives to others (finish the entry in hand, then release);
 - ``_run_stream``   one task per owned stream: first what former owners left pending (``take_over``, oldest
-  first), then the new entries the reader hands it, each handled and committed before the next is started. A
+  first), then the new entries the reader hands it, each handled and committed before the next is started (with
+  ``commit_ahead``, up to that many handled while the stream's commit is in flight, their commits staged). A
   failure retries the same entry after its backoff, so the stream waits behind it until it succeeds or is
   dead-lettered, while the other streams go on;
 - ``_read_loop``    one fenced read for every owned stream with room for more, then XREAD BLOCK on the idle ones
@@ -167,6 +169,8 @@ class Ordered:
         """The balancer's connections on a cluster: each renewal round, every slot's call at once."""
         self._ttl_s = cfg.lease_ms / 1000
         self._ahead = cfg.commit_ahead
+        self._ended = False
+        """The committer has stopped: commits queued from now on fail at once (their entries stay pending)."""
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -528,7 +532,7 @@ class Ordered:
         if not o.committing:
             self._submit(o)
         if len(o.staged) >= self._ahead:
-            await fut  # (a failed send raises here, as the committer does)
+            await fut  # (waiting for its own commit measured faster than for the one in flight; a failed send raises)
         return not o.lost
 
     def _queued(self) -> None:
@@ -541,6 +545,9 @@ class Ordered:
     def _submit(self, o: Owned) -> None:
         """Queue a stream's staged commits for the committer; the next go when these are back."""
         batch, o.staged = o.staged, []
+        if self._ended:  # the committer has stopped (a failed send, or the end of a drain): they stay pending
+            _unsent(batch)
+            return
         o.committing = True
         batch[-1][3].add_done_callback(lambda _: self._submitted(o))
         self._commits += batch
@@ -552,9 +559,15 @@ class Ordered:
             self._submit(o)
 
     async def _settle(self, o: Owned) -> bool:
-        """Wait until every commit of the stream is back; False if the stream is lost."""
-        while o.last is not None and not o.last.done():
-            await asyncio.wait([o.last])
+        """Wait until every commit of the stream is back; False if the stream is lost (a failed send raises)."""
+        last = o.last
+        if last is None:
+            return not o.lost
+        await asyncio.wait([last])
+        if last.cancelled():
+            return False
+        if (error := last.exception()) is not None:
+            raise error
         return not o.lost
 
     def _counted(self, o: Owned, d: Delivery, outputs: _Outputs, status: int) -> bool:
@@ -586,7 +599,11 @@ class Ordered:
             while not self._failed:
                 if not self._commits:
                     if self._commits_closed:
-                        break
+                        if not self._sending:
+                            break
+                        # batches still in flight: their return may send streams' staged commits
+                        await asyncio.wait(set(self._sending))
+                        continue
                     self._commit_ready.clear()
                     await self._commit_ready.wait()
                     continue
@@ -600,10 +617,18 @@ class Ordered:
             if self._failed:
                 raise self._failed[0]
         finally:
-            for task in self._sending:
-                task.cancel()
-            for line in self._lines:
-                await line.close()
+            await self._stop_committing()
+
+    async def _stop_committing(self) -> None:
+        """The committer's end: what is left unsent fails at once (its entries stay pending), lines closed."""
+        self._ended = True
+        for task in self._sending:
+            task.cancel()
+        left, self._commits = self._commits, []
+        _unsent(left)
+        lines, self._lines = self._lines, []
+        for line in lines:
+            await line.close()
 
     def _flush(self) -> None:
         """Send what is gathered on a free connection (the caller checked there is one)."""
@@ -773,3 +798,11 @@ class Ordered:
                 if reply:
                     return
             pause_s = min(pause_s * 2, IDLE_POLL_MS[1] / 1000)
+
+
+def _unsent(commits: list[_Commit]) -> None:
+    """Fail commits the committer will never send (raised to whoever waits for one; nobody may)."""
+    for *_, fut in commits:
+        if not fut.done():
+            fut.set_exception(FabricError("the committer stopped before this entry's commit: it stays pending"))
+            fut.exception()
