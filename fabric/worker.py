@@ -442,14 +442,7 @@ class Worker:
                     self._reads_failing = False
                 except (rex.RedisError, OSError) as exc:
                     primed = primed or self._prime()
-                    raise_if_cancelled(exc)
-                    self._reads_failing = True
-                    if isinstance(exc, rex.ResponseError) and error_code(exc) in GONE:
-                        self._group_gone(exc)
-                        continue
-                    log.warning("read failed, retrying in %.1fs: %s", delay, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, ERROR_BACKOFF_S[1])
+                    delay = await self._read_failed(exc, delay)
                     continue
                 if reply and self._take(priority, reply) < FEW:
                     await asyncio.sleep(0)  # a trickle: let a dispatcher start on it before reading again
@@ -493,14 +486,7 @@ class Worker:
                     self._reads_failing = False
                 except (rex.RedisError, OSError) as exc:
                     primed = primed or self._prime()
-                    raise_if_cancelled(exc)
-                    self._reads_failing = True
-                    if isinstance(exc, rex.ResponseError) and error_code(exc) in GONE:
-                        self._group_gone(exc)
-                        continue
-                    log.warning("read failed, retrying in %.1fs: %s", delay, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, ERROR_BACKOFF_S[1])
+                    delay = await self._read_failed(exc, delay)
                     continue
                 if taken and taken < FEW:
                     await asyncio.sleep(0)  # a trickle: let a dispatcher start on it before reading again
@@ -509,6 +495,18 @@ class Worker:
             if not primed:
                 self._prime()
             await line.close()
+
+    async def _read_failed(self, exc: BaseException, delay: float) -> float:
+        """After a failed read: a group found gone is rejoined at once; otherwise wait ``delay`` and return the
+        next (doubling, capped)."""
+        raise_if_cancelled(exc)
+        self._reads_failing = True
+        if isinstance(exc, rex.ResponseError) and error_code(exc) in GONE:
+            self._group_gone(exc)
+            return delay
+        log.warning("read failed, retrying in %.1fs: %s", delay, exc)
+        await asyncio.sleep(delay)
+        return min(delay * 2, ERROR_BACKOFF_S[1])
 
     def _slot_groups(self, priority: Priority, streams: list[str]) -> list[list[str]]:
         """A lane's streams grouped by cluster slot (kept until the lane's streams change)."""
