@@ -81,8 +81,6 @@ CLUSTER_BLOCK_MS = 50
 OUTPUT_MARK_TTL_MS = 86_400_000
 """On a cluster, how long the mark of an output written in another slot than its input outlives a crash before
 the input's ack (once the input is acked, the mark is deleted)."""
-OUTPUTS = scripts.Script("outputs")
-"""outputs.lua (loaded here, not in ``fabric.scripts``, while that module is being changed by others)."""
 GONE = frozenset({"NOGROUP", "UNBLOCKED"})
 """Replies that mean the group or stream no longer exists."""
 TRANSIENT = frozenset({"BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"})
@@ -916,7 +914,7 @@ class Worker:
             for (_, _, stream, enc), mark in group:
                 args += (ix(stream), ix(mark), enc.type, enc.enc, enc.data)
             calls.append((ix.keys, args))
-        await self._per_slot(line, OUTPUTS, calls)
+        await self._per_slot(line, scripts.OUTPUTS, calls)
         return [(d, mark, stream, enc) for (d, _, stream, enc), mark in marked]
 
     async def _replies(self, line: ClusterLine, commands: list[tuple[Any, ...]]) -> list[Any]:

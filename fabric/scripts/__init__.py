@@ -20,7 +20,8 @@ from fabric.nodes import ClusterLine, by_slot, is_cluster
 __all__ = [
     "ACK", "BREAKER", "CLAIM", "COMMIT", "DEADLETTER", "FAIL", "FENCED_COMMIT", "FENCED_READ", "LEASE",
     "KeyIndex",
-    "LEASE_HANDOVER", "LEASE_RELEASE", "LEASE_RENEW", "MEMBERS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY", "RETIRE",
+    "LEASE_HANDOVER", "LEASE_RELEASE", "LEASE_RENEW", "MEMBERS", "OUTPUTS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY",
+    "RETIRE",
     "SAMPLER", "TAKEOVER", "TOUCH", "TRIM", "Script",
 ]
 
@@ -144,3 +145,4 @@ TAKEOVER = Script("takeover")
 MEMBERS = Script("members")
 FENCED_COMMIT = Script("fenced_commit")
 FENCED_READ = Script("fenced_read")
+OUTPUTS = Script("outputs")
