@@ -82,6 +82,8 @@ OUTPUT_MARK_TTL_MS = 86_400_000
 """On a cluster, how long the mark of an output written in another slot than its input outlives a crash before
 the input's ack (once the input is acked, the mark is deleted)."""
 GONE = frozenset({"NOGROUP", "UNBLOCKED"})
+_Read = Callable[[list[str], int, bool], Awaitable[int]]
+"""A lane's read: (its streams, how many entries to ask each for, primed) → how many entries were taken."""
 """Replies that mean the group or stream no longer exists."""
 TRANSIENT = frozenset({"BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"})
 """Replies that mean: the same write will work later."""
@@ -410,10 +412,7 @@ class Worker:
     # ---- reading and handling --------------------------------------------------------------------
 
     async def _read_loop(self, priority: Priority) -> None:
-        if is_cluster(self.client):
-            await self._read_loop_cluster(priority)
-            return
-        line = Line(self.client)
+        line, read = self._cluster_reader(priority) if is_cluster(self.client) else self._reader(priority)
         primed = False
         try:
             delay = ERROR_BACKOFF_S[0]
@@ -429,57 +428,7 @@ class Worker:
                             await asyncio.wait_for(self._changed.wait(), self.config.block_ms / 1000)
                     continue
                 try:
-                    # The first read does not block: what already waits in every lane is read before any is
-                    # handled, so a worker starting on backlogs serves the critical one first.
-                    block = ("BLOCK", self.config.block_ms) if primed else ()
-                    reply = await line.call(
-                        "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, *block,
-                        "STREAMS", *streams, *(">",) * len(streams),
-                    )
-                    delay = ERROR_BACKOFF_S[0]
-                    self._reads_failing = False
-                except (rex.RedisError, OSError) as exc:
-                    primed = primed or self._prime()
-                    delay = await self._read_failed(exc, delay)
-                    continue
-                if reply and self._take(priority, reply) < FEW:
-                    await asyncio.sleep(0)  # a trickle: let a dispatcher start on it before reading again
-                primed = primed or self._prime()
-        finally:
-            if not primed:
-                self._prime()
-            await line.close()
-
-    async def _read_loop_cluster(self, priority: Priority) -> None:
-        """``_read_loop`` on a Redis Cluster, which has no read across slots and so no blocking read across them.
-
-        Each round reads every slot of the lane without blocking: one XREADGROUP per slot's streams, the slots of
-        one node pipelined, the nodes at once (``ClusterLine.call_many``). When every slot comes back empty, the
-        reader waits with one blocking XREADGROUP per node, on the slot of that node that last had entries, for
-        at most ``CLUSTER_BLOCK_MS`` (or ``block_ms`` if shorter), then reads every slot again. The trade-off:
-        an idle lane costs one pipelined round per node every ``CLUSTER_BLOCK_MS`` instead of one blocked read,
-        and the first entry of a quiet stream that is not the one its node's wait is on waits up to that long
-        (a busy lane never waits: its rounds find entries and go straight on)."""
-        line = ClusterLine(self.client)  # type: ignore[arg-type]
-        primed = False
-        hot: dict[str, list[str]] = {}  # node → the slot's streams that last had entries
-        try:
-            delay = ERROR_BACKOFF_S[0]
-            while not self._stop.is_set():
-                streams = self._lane_streams(priority)
-                count = await self._read_room(priority, len(streams))
-                if not count or not streams:
-                    if not streams and not primed:
-                        primed = self._prime()
-                    if count and not streams:
-                        self._changed.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._changed.wait(), self.config.block_ms / 1000)
-                    continue
-                try:
-                    taken = await self._read_slots(line, priority, streams, count, hot)
-                    if not taken and primed:
-                        taken = await self._wait_slots(line, priority, streams, count, hot)
+                    taken = await read(streams, count, primed)
                     delay = ERROR_BACKOFF_S[0]
                     self._reads_failing = False
                 except (rex.RedisError, OSError) as exc:
@@ -493,6 +442,41 @@ class Worker:
             if not primed:
                 self._prime()
             await line.close()
+
+    def _reader(self, priority: Priority) -> tuple[Line, _Read]:
+        """A lane's reads on one Redis: one XREADGROUP over all its streams, blocking once primed (the first read
+        does not block: what already waits in every lane is read before any is handled, so a worker starting on
+        backlogs serves the critical one first)."""
+        line = Line(self.client)
+
+        async def read(streams: list[str], count: int, primed: bool) -> int:
+            block = ("BLOCK", self.config.block_ms) if primed else ()
+            reply = await line.call("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, *block,
+                                    "STREAMS", *streams, *(">",) * len(streams))
+            return self._take(priority, reply) if reply else 0
+
+        return line, read
+
+    def _cluster_reader(self, priority: Priority) -> tuple[ClusterLine, _Read]:
+        """A lane's reads on a Redis Cluster, which has no read across slots and so no blocking read across them.
+
+        Each round reads every slot of the lane without blocking: one XREADGROUP per slot's streams, the slots of
+        one node pipelined, the nodes at once (``ClusterLine.call_many``). When every slot comes back empty, the
+        reader waits with one blocking XREADGROUP per node, on the slot of that node that last had entries, for
+        at most ``CLUSTER_BLOCK_MS`` (or ``block_ms`` if shorter), then reads every slot again. The trade-off:
+        an idle lane costs one pipelined round per node every ``CLUSTER_BLOCK_MS`` instead of one blocked read,
+        and the first entry of a quiet stream that is not the one its node's wait is on waits up to that long
+        (a busy lane never waits: its rounds find entries and go straight on)."""
+        line = ClusterLine(self.client)  # type: ignore[arg-type]
+        hot: dict[str, list[str]] = {}  # node → the slot's streams that last had entries
+
+        async def read(streams: list[str], count: int, primed: bool) -> int:
+            taken = await self._read_slots(line, priority, streams, count, hot)
+            if not taken and primed:
+                taken = await self._wait_slots(line, priority, streams, count, hot)
+            return taken
+
+        return line, read
 
     async def _read_failed(self, exc: BaseException, delay: float) -> float:
         """After a failed read: a group found gone is rejoined at once; otherwise wait ``delay`` and return the
