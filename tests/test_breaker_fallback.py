@@ -73,6 +73,9 @@ async def test_once_the_breaker_closes_the_handler_answers_again(redis, keys, wo
     await eventually(lambda: answered(redis, keys, fallback_key(keys.ns), first), timeout_s=30,
                      what="the fallback answering while open")
     await store.force("closed", "maintenance over")
+    # (a process's view follows within the breaker's poll, at once when the announcement reaches it: an event
+    # arriving before that is the fallback's, as it should be)
+    await eventually(lambda: _logged(worker, "breaker x: CLOSED"), timeout_s=30, what="the worker seeing it closed")
 
     # When more events arrive
     later = await publish_ticks(redis, keys, 10)
@@ -131,3 +134,7 @@ def test_a_fallback_that_cannot_be_imported_exits_2_naming_it(cli, redis_url, ke
     # Then it exits 2 with one line naming the table's fallback field and the module, and starts nothing
     assert result.exit_code == 2, result.output
     assert_one_error_line(result.stderr, f"{config}: workers.w.fallback:", "no.such.module")
+
+
+async def _logged(worker: Any, text: str) -> bool:
+    return text in worker.output()
