@@ -395,14 +395,14 @@ class Ordered:
     async def _commit_or_refuse(self, o: Owned, d: Delivery, outputs: _Outputs, event: Event) -> bool:
         """Commit the handler's outputs with the entry, or dead-letter the entry when they cannot be committed
         together (an output outside the entry's cluster slot)."""
-        if outputs and self.leases.clustered and (stray := self._other_slot(o, outputs)) is not None:
+        if (stray := self._other_slot(o, outputs)) is not None:
             return await self._dead_letter(o, d, "CrossSlotOutput", stray, event)
         return await self._commit(o, d, outputs)
 
     def _other_slot(self, o: Owned, outputs: _Outputs) -> str | None:
         """On a cluster, why the outputs cannot be committed with the entry's ack (one stream outside the input
         stream's slot), else None."""
-        if not self.leases.clustered or not outputs:
+        if not outputs or not self.leases.clustered:  # (the usual case, first: no call to slot_of)
             return None
         slot = slot_of(o.ref.key)
         for out_stream, _ in outputs:
