@@ -692,7 +692,11 @@ class Publisher:
                 self._replicated(replicas, events)
         for i in sorted(again):
             if not isinstance(replies[i], BaseException):
-                self._replicated(await line.call_at(todo[i].args[3], *wait), len(todo[i].positions))
+                try:
+                    replicas = await line.call_at(todo[i].args[3], *wait)
+                except rex.ResponseError as exc:  # written all the same: counted as not replicated, not failed
+                    replicas = exc
+                self._replicated(replicas, len(todo[i].positions))
         return replies[: len(todo)]
 
     @staticmethod
