@@ -17,9 +17,27 @@ from fabric.client import URL_ENV, resolve_url
 from fabric.errors import RedisUnavailable
 from fabric.supervisor import signal_on_parent_death
 
-__all__ = ["answers", "redis_server", "redis_url"]
+__all__ = ["STREAM_NODE_SETTINGS", "answers", "redis_server", "redis_url", "server_args"]
 
 START_TIMEOUT_S = 10.0
+
+STREAM_NODE_SETTINGS = {"stream-node-max-bytes": "16320", "stream-node-max-entries": "0"}
+"""The Redis settings fabric recommends for its streams (deploy/cluster/redis-node.conf; the servers that
+fabric and bench/ start).
+
+Redis packs a stream's entries into nodes of up to ``stream-node-max-bytes``, but Redis 7.0 checks the limit
+without an entry's own headers, so the entry that fills a node can take it a few bytes past the limit, and the
+allocator then moves the whole node to its next size class, a quarter larger. Whether that happens to every node
+depends on the entry size to the byte: at Redis's defaults (4096 bytes, 100 entries) a 242-byte tick costs 1.49x
+its payload, one of 241 or 243 bytes 1.25x. A limit 64 bytes under the 16 KiB class keeps every node inside that
+class: 1.14-1.18x for every tick of 230 to 300 bytes (``python -m bench.memory``). There is no entry-count limit:
+it would cut small entries' nodes anywhere inside a size class.
+"""
+
+
+def server_args(settings: dict[str, str] = STREAM_NODE_SETTINGS) -> list[str]:
+    """``settings`` as redis-server command-line arguments."""
+    return [arg for name, value in settings.items() for arg in (f"--{name}", value)]
 
 
 def answers(host: str, port: int) -> bool:
@@ -47,7 +65,7 @@ def redis_server(port: int, *, quiet: bool = True) -> Iterator[subprocess.Popen[
                                "(or brew install redis), or point --redis-url / FABRIC_REDIS_URL at a Redis")
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", tmp],
+                                 "--appendonly", "no", *server_args(), "--dir", tmp],
                                 stdout=subprocess.DEVNULL if quiet else None,
                                 start_new_session=True,  # a Ctrl-C is for fabric, which stops the server last
                                 preexec_fn=signal_on_parent_death)  # stops when fabric dies, even by SIGKILL

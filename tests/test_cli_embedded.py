@@ -9,12 +9,13 @@ from collections.abc import Callable
 
 import msgspec
 import pytest
+import redis
 from typer.testing import CliRunner
 
 import fabric.embedded
 from fabric.cli import app
 from fabric.cli.options import Exit
-from fabric.embedded import answers, free_port
+from fabric.embedded import STREAM_NODE_SETTINGS, answers, free_port
 from fabric.events import Tick
 from tests.conftest import ROOT, fabric_cmd
 from tests.fixtures.handlers import subprocess_env
@@ -124,3 +125,15 @@ def test_a_private_redis_server_dies_with_the_command_that_started_it(redis_url,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_private_redis_server_runs_with_fabrics_stream_node_settings(redis_url) -> None:
+    # redis_url: skips without redis-server (fails under CI), like the shared one
+    port = free_port()
+    with fabric.embedded.redis_server(port):
+        client = redis.Redis(port=port, decode_responses=True)
+        try:
+            found = {name: client.config_get(name)[name] for name in STREAM_NODE_SETTINGS}
+        finally:
+            client.close()
+    assert found == STREAM_NODE_SETTINGS

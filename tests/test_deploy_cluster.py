@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from fabric.cli import app
 from fabric.client import connect, is_cluster_url
 from fabric.config import load_config
+from fabric.embedded import STREAM_NODE_SETTINGS
 from fabric.nodes import is_cluster
 
 pytestmark = pytest.mark.timeout(90)
@@ -115,6 +116,7 @@ def test_compose_runs_six_cluster_nodes_from_one_config() -> None:
     assert conf["cluster-preferred-endpoint-type"] == "hostname"
     assert conf["maxmemory-policy"] == "noeviction"  # fabric's start-up check refuses an evicting one
     assert "dir" not in conf  # the image's working directory: /data, the volume
+    assert STREAM_NODE_SETTINGS.items() <= conf.items()  # the stream node settings fabric recommends
 
 
 def _redis_conf() -> dict[str, str]:
