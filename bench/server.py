@@ -19,12 +19,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from fabric.client import redact
+from fabric.embedded import server_args
 from fabric.nodes import is_cluster
 
 __all__ = ["OWN_SERVER_ARGS", "Target", "answers", "cleanup", "delete_namespace", "describe", "free_port",
            "redis_target"]
 
-OWN_SERVER_ARGS = ["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
+OWN_SERVER_ARGS = ["--save", "", "--appendonly", "no", "--bind", "127.0.0.1", *server_args()]
+"""No persistence, loopback, and the stream node settings fabric recommends (``fabric.embedded``)."""
 CONFIG_REPORTED = ("save", "appendonly", "appendfsync", "maxmemory", "maxmemory-policy", "io-threads",
                    "stream-node-max-bytes", "stream-node-max-entries", "hz", "lazyfree-lazy-user-del")
 START_TIMEOUT_S = 10.0

@@ -9,8 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from bench.memory import padded_ticks, sweep
+from fabric import connect
 from tests.conftest import ROOT, RedisServer
 
 QUICK_RUN_DEADLINE_S = 90.0
@@ -47,3 +50,29 @@ def test_quick_run_loses_nothing(redis_server: RedisServer, tmp_path: Path) -> N
     assert doc["workload"]["encoded_bytes"] > 0 and doc["environment"]["redis"]["version"]
     assert {c["masters"] for c in doc["environment"]["clusters"].values()} == {1, 3}
     assert doc["ratios"]["cluster_3_vs_1_end_to_end"] and doc["ratios"]["cluster_3_vs_1_publish"]
+
+
+async def test_the_memory_sweep_measures_both_settings_and_restores_the_servers(redis_server: RedisServer) -> None:
+    # Given the session's Redis with its own stream node settings
+    client = connect(redis_server.url)
+    before = {**await client.config_get("stream-node-max-bytes"), **await client.config_get("stream-node-max-entries")}
+    try:
+        # When the sweep measures three payload sizes, one of them below the smallest tick fabric can make
+        found = await sweep(redis_server.url, range(229, 232), 300)
+
+        # Then it has a ratio for each tick size it could make, at both settings, and the settings are back
+        assert found.keys() == {"fabric's settings", "Redis defaults"}
+        for ratios in found.values():
+            assert set(ratios) == {size for size in range(229, 232) if padded_ticks(size, 1) is not None}
+            assert ratios and all(r > 1 for r in ratios.values())
+        after = {**await client.config_get("stream-node-max-bytes"),
+                 **await client.config_get("stream-node-max-entries")}
+        assert after == before
+    finally:
+        await client.aclose()
+
+
+def test_padded_ticks_have_exactly_the_size_asked() -> None:
+    made = padded_ticks(260, 5)
+    assert made is not None and {len(msgspec.msgpack.encode(t)) for t in made} == {260}
+    assert padded_ticks(10, 1) is None  # smaller than any tick
