@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -187,6 +188,17 @@ class WorkerProc:
         out = self.output()
         for fault in FAULTS:
             assert fault not in out, f"{fault!r} in the output of worker {self.consumer}:\n{out}"
+
+    def stopped(self) -> bool:
+        """Whether the process is stopped (SIGSTOP took effect: its state in ``/proc`` is ``T``)."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] == "T"
+
+    def stat(self, name: str) -> int:
+        """One figure of the stats the worker logs when it stops (``stopped: WorkerStats(..., refused=N, ...)``)."""
+        found = re.findall(rf"stopped: WorkerStats\(.*\b{name}=(\d+)", self.output())
+        assert found, f"no stopped line with {name}= in the output of worker {self.consumer}:\n{self.output()}"
+        return int(found[-1])
 
     async def joined(self) -> None:
         await until(lambda: _true("joined group" in self.output()), what=f"worker {self.consumer} to join")
@@ -386,6 +398,23 @@ class World:
             with contextlib.suppress(Exception):  # no group on it yet
                 total += len(await self.client.xpending_range(s, GROUP, "-", "+", 100_000, consumername=consumer))
         return total
+
+    async def pending_ids(self, consumer: str) -> set[tuple[str, bytes]]:
+        """The entries (stream, entry id) delivered to ``consumer`` and not acknowledged."""
+        held = set()
+        for s in await self.streams():
+            with contextlib.suppress(Exception):  # no group on it yet
+                for p in await self.client.xpending_range(s, GROUP, "-", "+", 100_000, consumername=consumer):
+                    held.add((s, p["message_id"]))
+        return held
+
+    async def unacked(self, entries: set[tuple[str, bytes]]) -> set[tuple[str, bytes]]:
+        """Which of ``entries`` are still pending in the group (to any consumer)."""
+        left = set()
+        for stream, entry_id in entries:
+            if await self.client.xpending_range(stream, GROUP, entry_id, entry_id, 1):
+                left.add((stream, entry_id))
+        return left
 
     def handled_by(self, pid: int) -> int:
         """Handler calls a process completed."""
