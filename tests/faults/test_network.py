@@ -52,6 +52,12 @@ a period is the interval plus the heartbeat's own round trips: with one stream, 
 under 2 x (500 ms + RTT), so RTTs up to about 200 ms leave the peer nothing to reclaim."""
 SPIKE_S = 0.04
 """Latency added each way during a spike (plus jitter up to a quarter of it): a round trip of 80-100 ms."""
+SOCKET_TIMEOUT_S = 1.0
+"""The socket timeout the blackhole case's worker URL sets."""
+DETECTED_WITHIN_S = 3 * SOCKET_TIMEOUT_S
+"""A blackholed Redis must be noticed within this, counted from the blackhole: the read in flight times out one
+socket timeout (plus its block_ms) after it began; three leave room for a loaded machine and stay well under the
+default socket timeout (``fabric.client.SOCKET_TIMEOUT_S``), the bound a worker ignoring the URL's would show."""
 SETTLE_S = 30.0
 """A deadline for the backlog to drain after a fault: far above what it takes, not a threshold under test."""
 
@@ -211,8 +217,8 @@ async def test_publishes_cut_mid_flight_are_resent_and_written_once(run: Run, pr
 
 async def test_a_blackholed_redis_is_detected_within_the_socket_timeout_and_the_worker_recovers(
         run: Run, proxy: Proxy, caplog: pytest.LogCaptureFixture) -> None:
-    # Given a worker whose URL sets a 1 s socket timeout, through the proxy
-    worker = run.worker(run.client(proxy.url(query="socket_timeout=1")), "w1")
+    # Given a worker whose URL sets a socket timeout, through the proxy
+    worker = run.worker(run.client(proxy.url(query=f"socket_timeout={SOCKET_TIMEOUT_S}")), "w1")
     async with running(worker), Publisher(run.direct, keys=run.keys) as pub:
         assert await run.publish(pub, 40) == 0
         await run.settled()
@@ -220,11 +226,16 @@ async def test_a_blackholed_redis_is_detected_within_the_socket_timeout_and_the_
         # When Redis goes silent (connections kept, nothing answered) while events keep coming
         with caplog.at_level(logging.WARNING, "fabric.worker"):
             proxy.blackhole()
+            deadline = time.monotonic() + DETECTED_WITHIN_S
             assert await run.publish(pub, 100) == 0
 
-            # Then the worker notices within its socket timeout: not ready, and a warning that says why
+            # Then the worker notices within its socket timeout (the read in flight, blocking block_ms at most,
+            # times out one socket timeout later): not ready, and a warning that says why. The deadline, a
+            # multiple of the socket timeout counted from the blackhole, is far below the default socket timeout
+            # a worker would have used without the URL's.
             await eventually(lambda: _now(worker.readiness == "reads from Redis are failing"),
-                             what="the worker to notice the blackhole")
+                             timeout_s=deadline - time.monotonic(),
+                             what=f"the worker to notice the blackhole within {DETECTED_WITHIN_S}s")
         assert "Timeout reading" in caplog.text, caplog.text
 
         # And when Redis answers again, the worker recovers and handles everything
