@@ -11,6 +11,7 @@ starts talk through it while the test switches faults on and off::
         proxy.blackhole()                 # keep every connection, forward nothing (until heal())
         proxy.reset()                     # RST every open connection
         proxy.cut(b"XREADGROUP")          # RST the connection in the middle of the reply to that command
+        proxy.cut(re.compile(rb"..."))    # ... or to the first command whose bytes the pattern finds
         proxy.cut(b"EVALSHA", when="request")   # ... or before the command reaches Redis
 
 ``accepted`` counts the connections clients opened (a retry storm shows there); ``open`` the ones alive now.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import socket
 import struct
 import threading
@@ -50,7 +52,7 @@ class _Cut:
     """A one-shot order: the next connection that carries ``match`` upstream is reset, before forwarding it
     (``request``) or in the middle of the reply that follows (``reply``)."""
 
-    def __init__(self, match: bytes, when: Literal["request", "reply"]) -> None:
+    def __init__(self, match: bytes | re.Pattern[bytes], when: Literal["request", "reply"]) -> None:
         self.match = match
         self.when = when
         self.done = threading.Event()
@@ -131,9 +133,9 @@ class Proxy:
         """Reset every open connection; return how many."""
         return self._call(self._reset_all())
 
-    def cut(self, match: bytes, *, when: Literal["request", "reply"] = "reply") -> threading.Event:
-        """Arm a one-shot cut of the next connection carrying ``match`` to the server; the event returned is
-        set once it happened."""
+    def cut(self, match: bytes | re.Pattern[bytes], *, when: Literal["request", "reply"] = "reply") -> threading.Event:
+        """Arm a one-shot cut of the next connection carrying ``match`` (bytes, or a pattern searched for) to the
+        server; the event returned is set once it happened."""
         order = _Cut(match, when)
         self._loop.call_soon_threadsafe(self._cuts.append, order)
         return order.done
@@ -238,7 +240,7 @@ class Proxy:
 
     def _claim(self, data: bytes) -> _Cut | None:
         for order in self._cuts:
-            if order.match in data:
+            if order.match.search(data) if isinstance(order.match, re.Pattern) else order.match in data:
                 self._cuts.remove(order)
                 return order
         return None
