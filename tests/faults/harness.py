@@ -281,6 +281,8 @@ class World:
         self.redis = RedisNode(tmp / "redis", appendfsync=appendfsync, args=redis_args)
         self.workers: list[WorkerProc] = []
         self.client: Redis = connect(self.redis.url)
+        self.notes: dict[str, Any] = {}
+        """What a case saw beside its score (faults it made...), for its short form to assert."""
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -300,10 +302,12 @@ class World:
 
     def spawn(self, consumer: str, *, handler: str = "record", sleep_ms: int = 0, concurrency: int = 8,
               grace_s: float = 10.0, reclaim_idle_ms: int = RECLAIM_IDLE_MS, handler_timeout_s: float | None = None,
-              max_deliveries: int | None = None, env: dict[str, str] | None = None) -> WorkerProc:
-        """Start a ``fabric worker`` process on the run's topic and group."""
+              max_deliveries: int | None = None, env: dict[str, str] | None = None,
+              redis_url: str | None = None) -> WorkerProc:
+        """Start a ``fabric worker`` process on the run's topic and group (on ``redis_url``, a proxy's, if given)."""
         argv = [sys.executable, "-m", "fabric", "worker", f"tests.faults.handlers:{handler}", "--topic", TOPIC,
-                "--group", GROUP, "--consumer", consumer, "--namespace", self.keys.ns, "--redis-url", self.redis.url,
+                "--group", GROUP, "--consumer", consumer, "--namespace", self.keys.ns, "--redis-url",
+                redis_url or self.redis.url,
                 "--reclaim-idle-ms", str(reclaim_idle_ms), "--block-ms", "100", "--concurrency", str(concurrency),
                 "--grace-s", str(grace_s)]
         if handler_timeout_s is not None:
@@ -401,11 +405,11 @@ class World:
 
     async def pending_ids(self, consumer: str) -> set[tuple[str, bytes]]:
         """The entries (stream, entry id) delivered to ``consumer`` and not acknowledged."""
-        held = set()
+        held: set[tuple[str, bytes]] = set()
         for s in await self.streams():
             with contextlib.suppress(Exception):  # no group on it yet
-                for p in await self.client.xpending_range(s, GROUP, "-", "+", 100_000, consumername=consumer):
-                    held.add((s, p["message_id"]))
+                entries: Any = await self.client.xpending_range(s, GROUP, "-", "+", 100_000, consumername=consumer)
+                held.update((s, p["message_id"]) for p in entries)
         return held
 
     async def unacked(self, entries: set[tuple[str, bytes]]) -> set[tuple[str, bytes]]:
