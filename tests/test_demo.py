@@ -7,6 +7,7 @@ round-trip), never approximate.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 from typing import Any
 
@@ -16,11 +17,14 @@ from typer.testing import CliRunner
 
 from fabric.cli import app
 from fabric.cli.options import Exit
+from fabric.codec import decode_fields
 from fabric.embedded import free_port
-from fabric.events import PortfolioUpdate
+from fabric.events import Fill, PortfolioUpdate
+from fabric.keys import Keys
 from handlers.bars import SAMPLE_BARS, read_bars
 from handlers.feed import feed, symbols
 from handlers.pipeline import PipelineConfig, PipelineResult, contents, run_pipeline
+from tests.cli_runner import with_redis
 from tests.conftest import fabric_cmd
 from tests.fixtures.handlers import subprocess_env
 
@@ -115,6 +119,49 @@ def test_fabric_demo_prints_progress_and_the_summary_and_exits_0(redis_url):
     assert "nothing lost: every topic holds exactly the single-process run's events" in out
     # and its progress went to stderr, a line a second ending with everything fed
     assert "fed 600/600" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def _a_fill(client: Any, keys: Keys) -> Fill:
+    """The first fill of the run, read from its fill streams."""
+    for stream in sorted(await client.smembers(keys.topic_registry("fill"))):
+        for _, fields in await client.xrange(stream, count=1):
+            fill = decode_fields(fields)
+            assert isinstance(fill, Fill)
+            return fill
+    raise AssertionError(f"no fill in namespace {keys.ns}")
+
+
+CHAIN = [("tick", "Tick"), ("bar", "Bar"), ("features", "Features"), ("signal", "Signal"), ("order", "Order"),
+         ("fill", "Fill"), ("portfolio_update", "PortfolioUpdate")]
+HOP = re.compile(r"^(?P<indent>(  )*)(?P<latency>\S+)  (?P<topic>\S+)  (?P<type>\S+)  \S+  (?P<id>[0-9a-f]{32})$")
+"""A line of ``fabric trace``: two spaces per hop of depth, the latency, topic, type, symbol and event_id."""
+LATENCY = re.compile(r"^\+\d+(\.\d+)?(ns|µs|ms|s)$")
+
+
+def test_fabric_trace_shows_a_demo_fills_chain_from_tick_to_portfolio_update_with_each_hops_latency(redis_url):
+    # given a demo run on Redis, and the correlation id of one of its fills (the event_id of the tick that began it)
+    summary = _summary(_demo(redis_url, *SIZE, "--rate", "5000", "--json"))
+    keys = Keys(summary["namespace"])
+    fill = with_redis(redis_url, lambda client: _a_fill(client, keys))
+    # when that correlation id is traced, as a user would after the run
+    done = subprocess.run(fabric_cmd("trace", fill.correlation_id, "--import", "handlers.audit", "--redis-url",
+                                     redis_url, "--namespace", keys.ns),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    hops = [m.groupdict() for m in map(HOP.match, lines) if m]
+    # then the chain is there, one hop deeper each: tick -> bar -> features -> signal -> order -> fill -> portfolio
+    # update, rooted at the traced tick and passing through the fill that was read
+    chain = [next((h for h in hops if (h["topic"], h["type"]) == hop), None) for hop in CHAIN]
+    assert None not in chain, done.stdout
+    assert [len(h["indent"]) // 2 for h in chain] == list(range(len(CHAIN))), done.stdout
+    assert chain[0]["id"] == fill.correlation_id and chain[0]["latency"] == "root", done.stdout
+    assert chain[5]["id"] == fill.event_id, done.stdout
+    # and each hop after the tick shows its latency, and the chain its end-to-end time, every entry decoded
+    assert all(LATENCY.match(h["latency"]) for h in chain[1:]), done.stdout
+    assert lines[-1].startswith("end to end: ") and "unknown" not in lines[-1], done.stdout
+    assert "could not be decoded" not in done.stdout, done.stdout
     assert "Traceback" not in done.stderr
 
 
