@@ -67,6 +67,11 @@ STOP_TIMEOUT_S = 30.0
 PUBLISH_TICKS_PER_S = 100
 """How often the feed publishes a batch: its rate is spread over this many batches a second."""
 DRAIN_POLL_S = 0.1
+DRAIN_FLOOR_S = 60.0
+"""The shortest default drain deadline (``DemoOptions.drain_deadline_s``)."""
+DRAIN_PACE_PER_S = 500
+"""Inputs a second the default drain deadline assumes the pipeline drains: half the pace the default rate is set
+to on 2 cores, for a busy machine."""
 
 
 class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,8 +94,16 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     pipeline_config: str | None = None
     """A TOML file of ``PipelineConfig`` fields; the defaults otherwise."""
     namespace: str | None = None
-    deadline_s: float = 60.0
-    """How long the pipeline may take to drain once the feed is done."""
+    deadline_s: float | None = None
+    """How long the pipeline may take to drain once the feed is done; None: ``drain_deadline_s``'s default."""
+
+    def drain_deadline_s(self, inputs: int) -> float:
+        """``deadline_s``, or by default the time the backlog the feed leaves would take to drain at
+        ``DRAIN_PACE_PER_S`` (``inputs / DRAIN_PACE_PER_S - inputs / rate_per_s``), at least ``DRAIN_FLOOR_S``:
+        a run's deadline grows with its size and rate."""
+        if self.deadline_s is not None:
+            return self.deadline_s
+        return max(DRAIN_FLOOR_S, inputs / DRAIN_PACE_PER_S - inputs / self.rate_per_s)
 
 
 class Progress(NamedTuple):
@@ -114,6 +127,8 @@ class Summary(msgspec.Struct, kw_only=True):
     drained: bool
     waiting_for: str | None = None
     """What the pipeline still waited for at the deadline, if it did not drain."""
+    deadline_s: float | None = None
+    """How long the pipeline was given to drain once the feed was done (None in the single-process mode)."""
     topics: list[TopicCount]
     end_to_end: Latency | None = None
     dead_letters: int = 0
@@ -381,7 +396,7 @@ class _Run:
         return None
 
     async def _drain(self, workers: asyncio.Task[bool]) -> str | None:
-        deadline = time.monotonic() + self.options.deadline_s
+        deadline = time.monotonic() + self._deadline_s()
         settled = 0
         while settled < 2:
             if workers.done():
@@ -392,6 +407,9 @@ class _Run:
                 return waiting_for
             await asyncio.sleep(DRAIN_POLL_S)
         return None
+
+    def _deadline_s(self) -> float:
+        return self.options.drain_deadline_s(self.source.total)
 
     async def _dead_letters(self) -> int:
         dlqs = await self.client.smembers(self.keys.dlq_registry())
@@ -414,6 +432,7 @@ class _Run:
         return Summary(
             mode="backtest" if self.options.bars else "live", namespace=self.keys.ns, symbols=self.source.symbols,
             inputs=self.source.total, elapsed_s=elapsed, drained=waiting_for is None, waiting_for=waiting_for,
+            deadline_s=self._deadline_s(),
             topics=result.topics, end_to_end=result.end_to_end, dead_letters=await self._dead_letters(),
             breaker_trips=await self._trips(), chaos=self.chaos,
             restarts={s.label: s.generation - 1 for s in supervisor.slots if s.generation > 1},

@@ -22,6 +22,7 @@ from fabric.embedded import free_port
 from fabric.events import Fill, PortfolioUpdate
 from fabric.keys import Keys
 from handlers.bars import SAMPLE_BARS, read_bars
+from handlers.demo import DRAIN_FLOOR_S, DRAIN_PACE_PER_S, DemoOptions
 from handlers.feed import feed, symbols
 from handlers.pipeline import PipelineConfig, PipelineResult, contents, run_pipeline
 from tests.cli_runner import with_redis
@@ -163,6 +164,18 @@ def test_fabric_trace_shows_a_demo_fills_chain_from_tick_to_portfolio_update_wit
     assert lines[-1].startswith("end to end: ") and "unknown" not in lines[-1], done.stdout
     assert "could not be decoded" not in done.stdout, done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_the_drain_deadline_grows_with_the_runs_inputs_and_rate_unless_given():
+    # the defaults get the floor; the help's example gets the time its backlog takes at DRAIN_PACE_PER_S
+    assert DemoOptions().drain_deadline_s(8 * 1_500) == DRAIN_FLOOR_S
+    big = DemoOptions(symbols=20, ticks=5_000, rate_per_s=8_000)
+    assert big.drain_deadline_s(100_000) == 100_000 / DRAIN_PACE_PER_S - 100_000 / 8_000 > DRAIN_FLOOR_S
+    # more inputs, or the same fed faster, get longer; --deadline-s is taken as given
+    assert big.drain_deadline_s(200_000) > big.drain_deadline_s(100_000)
+    faster = msgspec.structs.replace(big, rate_per_s=80_000)
+    assert faster.drain_deadline_s(100_000) > big.drain_deadline_s(100_000)
+    assert msgspec.structs.replace(big, deadline_s=5.0).drain_deadline_s(100_000) == 5.0
 
 
 def _invoke(*args: str) -> Any:

@@ -67,7 +67,8 @@ def _verdict(s: Summary) -> str:
     if s.ok:
         return ("nothing lost: every topic holds exactly the single-process run's events, and the final portfolio "
                 "is the single-process run's, to the last bit")
-    problems = [] if s.drained else [f"not drained by the deadline ({s.waiting_for})"]
+    deadline = f"{s.deadline_s:.0f} s of the feed's end (--deadline-s allows more)" if s.deadline_s else "the deadline"
+    problems = [] if s.drained else [f"not drained within {deadline}: {s.waiting_for}"]
     problems += [] if s.complete else ["events differ from the single-process run's: " + ", ".join(
         f"{t.topic} {t.events:,} of {t.expected:,}" for t in s.topics if t.events != t.expected)]
     problems += [] if s.same_portfolio else ["the final portfolio differs from the single-process run's"]
@@ -104,8 +105,11 @@ def demo(
                              "[strategy]).  [default: the built-in values]")] = None,
     single_process: Annotated[bool, typer.Option(
         "--single-process", help="Run every stage in this process, without Redis: the reference result.")] = False,
-    deadline_s: Annotated[float, typer.Option(
-        min=1, help="How long the pipeline may take to drain once the feed is done.")] = 60.0,
+    deadline_s: Annotated[float | None, typer.Option(
+        min=1, metavar="SECONDS",
+        help="How long the pipeline may take to drain once the feed is done.  [default: the time the feed's "
+             "backlog takes at 500 inputs a second, inputs/500 - inputs/rate, and at least 60 s: 60 s for the "
+             "defaults, 188 s for --symbols 20 --ticks 5000 --rate 8000]")] = None,
     redis_url: RedisUrl = None,
     namespace: Namespace = None,
     json: Json = False,
