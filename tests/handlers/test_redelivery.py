@@ -1,8 +1,14 @@
+import asyncio
+from typing import Any
+
 import msgspec
 import pytest
 
+from fabric import Worker
+from fabric.codec import decode_fields
 from fabric.errors import Reject, Retry
-from fabric.events import Event
+from fabric.events import Event, Features
+from fabric.handler import Context, as_handler
 from fabric.testing import run_handler
 from handlers.bars import BarState, make_bar_handler
 from handlers.broker import Costs, make_broker_handler, paper_exchange
@@ -13,6 +19,9 @@ from handlers.portfolio import Allocation, Holding, make_portfolio_handler
 from handlers.risk import Sleeve, make_risk_handler
 from handlers.state import MemoryStore, OutOfOrder
 from handlers.strategy import StrategyState, make_strategy_handler
+from tests.contract.test_worker import GROUP, config, publish
+from tests.waiting import eventually
+from tests.workers import running
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,14 +147,69 @@ async def test_a_stage_runs_under_fabrics_handler_contract(inputs):
     assert outputs and all(o.producer == "handlers.bars" and o.causation_id for o in outputs)
 
 
-@pytest.mark.xfail(strict=True, reason="only the last applied event's outputs are kept: outputs of an earlier one, "
-                                       "lost while a later one was applied, need a worker that commits a stream's "
-                                       "entry before handing it the next (the ordered mode of issue 7)")
-async def test_outputs_of_two_events_applied_before_a_crash_both_come_back(inputs):
-    # given the indicator stage applying two bars whose outputs are both lost (unordered mode: commits lag behind)
-    handler = make_indicator_handler(MemoryStore(IndicatorState), "1s")
-    first, second = inputs["indicators"][:2]
-    lost = _flat(await handler(first)) + _flat(await handler(second))
-    # when both are redelivered, then both outputs come back
-    again = _flat(await handler(first)) + _flat(await handler(second))
-    assert [contents(o) for o in again] == [contents(o) for o in lost]
+async def _committed(redis: Any, stream: str) -> list[bytes]:
+    """The contents of the outputs committed to ``stream``, in order."""
+    return [contents(decode_fields(fields)) for _, fields in await redis.xrange(stream)]
+
+
+async def _holds(redis: Any, stream: str, n: int) -> bool:
+    return len(await redis.xrange(stream)) >= n
+
+
+async def _all_committed(redis: Any, stream: str) -> bool:
+    return int((await redis.xpending(stream, GROUP))["pending"]) == 0
+
+
+@pytest.mark.real_only
+async def test_outputs_of_two_events_applied_before_a_crash_both_come_back(redis, keys, inputs):
+    # given the indicator stage run by an ordered worker (as config/pipeline.toml runs it: one owner per symbol
+    # stream, each entry committed before the next is handed over), and the outputs of its first two bars
+    # alone; a stage keeps only the last applied event's outputs, so this is what lets no output be lost
+    clean = make_indicator_handler(MemoryStore(IndicatorState), "1s")
+    bars = inputs["indicators"][:2]
+    want = [[contents(o) for o in _flat(await clean(b))] for b in bars]
+    assert all(want), "both bars must have outputs"
+    store = MemoryStore(IndicatorState)
+    handler = make_indicator_handler(store, "1s")
+    bar_stream = keys.stream("bar", bars[0].default_priority, "SYM000")
+    out_stream = keys.stream("features", Features.default_priority, "SYM000")
+    applied: list[int] = []
+    handed: list[str] = []
+    at_second: list[list[bytes]] = []
+    dead = asyncio.Event()
+
+    async def dies_after_applying_the_second(event: Event, ctx: Context) -> Event | list[Event] | None:
+        if handed:  # the second bar: what of the first's was committed when it was handed over
+            pending = await redis.xpending_range(bar_stream, GROUP, handed[0], handed[0], 1)
+            at_second.append(await _committed(redis, out_stream) if not pending else [])
+        handed.append(ctx.entry_id)
+        outputs = await handler(event)
+        applied.append(event.seq)
+        if len(applied) == 2:
+            await dead.wait()  # the worker dies here: the second bar is applied, its outputs are never published
+        return outputs
+
+    async def survivor(event: Event, ctx: Context) -> Event | list[Event] | None:
+        return await handler(event)
+
+    ordered = {"topics": ["bar"], "ordered": True, "commit_ahead": 0, "lease_ms": 600, "grace_s": 0.1}
+    await publish(redis, keys, bars)
+    # when the worker applies both bars and dies before committing the second
+    first = Worker(redis, as_handler(dies_after_applying_the_second, "first"), config(**ordered), keys=keys,
+                   handler_name="first")
+    async with running(first):
+        await eventually(lambda: _true(len(applied) == 2), what="both bars applied")
+    # then the first bar was committed, its outputs with it, before the second was handed over
+    assert at_second == [want[0]]
+    assert await _committed(redis, out_stream) == want[0]
+    # and when another worker takes the symbol over, the second's outputs come back: both, once each, in order
+    second = Worker(redis, as_handler(survivor, "second"), config(**ordered), keys=keys, handler_name="second")
+    async with running(second):
+        await eventually(lambda: _holds(redis, out_stream, len(want[0]) + len(want[1])), what="both bars' outputs")
+        await eventually(lambda: _all_committed(redis, bar_stream), what="the second bar committed")
+    assert await _committed(redis, out_stream) == want[0] + want[1]
+    assert applied == [bars[0].seq, bars[1].seq]
+
+
+async def _true(value: bool) -> bool:
+    return value
