@@ -34,12 +34,14 @@ Why the last one suffices, and when it does not. Keeping one event's outputs cov
 symbol's stream, the entry the stage applied last is the only one whose outputs may be unpublished: the worker
 hands a stream's next entry to the handler only after the previous entry's commit has landed. Then a crash
 leaves at most that one entry in doubt, the next delivery on the stream is that entry (it heads the stream's
-pending entries), and it finds ``seq == last``. Fabric's ordered mode (issue 7: one owner per stream, its
-entries handled one after another, the new owner finishing the old one's pending entries in order first) is
-meant to give this; it needs, in addition, that "one after another" waits for the commit, not just for the
-handler's return.
+pending entries), and it finds ``seq == last``. Fabric's ordered mode (one owner per stream, its entries
+handled one after another, the new owner finishing the old one's pending entries in order first) gives this
+with its default ``commit_ahead = 0``: a stream's next entry starts only once the previous one's commit has
+landed (config/pipeline.toml's stateful stages run so; tests/handlers/test_redelivery.py kills a stage between
+the two). With ``commit_ahead > 0`` it does not: up to that many entries are applied before their commits
+land, so a stage that keeps state this way must not set it.
 
-Today's unordered mode does not guarantee it, even with one worker process and ``concurrency = 1``: the
+The unordered mode does not guarantee it, even with one worker process and ``concurrency = 1``: the
 dispatcher hands over the next entry as soon as the handler returns, while commits go out in batches behind
 it (``_commit_loop``), so entries n and n + 1 of a symbol can both be applied with neither committed. If the
 worker then dies, n comes back after n + 1 was applied, is older than the last, and its outputs are lost.
