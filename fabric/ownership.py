@@ -116,10 +116,19 @@ class Leases:
     async def acquire(self, stream: str, member: str) -> int | None:
         """Take a free stream; return its new fencing token (the holder's own, if it holds it already), or
         ``None`` while another member holds it, releasing or not."""
-        token = await scripts.LEASE(
-            self.client, [self.key(stream), self.keys.fence(self.group, stream)], [member, self.ttl_ms]
-        )
-        return None if token is None else int(token)
+        return (await self.acquire_many([stream], member)).get(stream)
+
+    async def acquire_many(self, streams: Iterable[str], member: str,
+                           line: Line | nodes.ClusterLine | None = None) -> dict[str, int]:
+        """Take the free streams among ``streams`` (``acquire`` each), one call per cluster slot (on ``line``, if
+        given, a cluster's slots at once); return the tokens of those taken (or held already)."""
+        groups = by_slot(streams, self.clustered)
+        calls = [([k for s in names for k in (self.key(s), self.keys.fence(self.group, s))], [member, self.ttl_ms])
+                 for names in groups]
+        taken: dict[str, int] = {}
+        for names, tokens in zip(groups, await self._per_slot(scripts.LEASE, calls, line), strict=True):
+            taken.update((s, int(t)) for s, t in zip(names, tokens, strict=True) if int(t))
+        return taken
 
     async def _per_slot(self, script: scripts.Script, calls: list[tuple[list[str], list[Any]]],
                         line: Line | nodes.ClusterLine | None) -> list[Any]:
@@ -168,7 +177,18 @@ class Leases:
     async def hand_over(self, stream: str, member: str, token: int) -> bool:
         """Mark a held stream releasing (its owner was told to give it up and finishes the entry in hand first);
         False if ``member`` no longer held it under ``token``."""
-        return bool(await scripts.LEASE_HANDOVER(self.client, [self.key(stream)], [member, token]))
+        return stream in await self.hand_over_many({stream: token}, member)
+
+    async def hand_over_many(self, tokens: Mapping[str, int], member: str,
+                             line: Line | nodes.ClusterLine | None = None) -> set[str]:
+        """``hand_over`` the streams ``member`` holds (stream → token), one call per cluster slot (on ``line``, if
+        given, a cluster's slots at once); return those marked (the others were no longer held)."""
+        groups = by_slot(tokens, self.clustered)
+        calls = [([self.key(s) for s in names], [member, *(tokens[s] for s in names)]) for names in groups]
+        marked: set[str] = set()
+        for names, done in zip(groups, await self._per_slot(scripts.LEASE_HANDOVER, calls, line), strict=True):
+            marked.update(s for s, ok in zip(names, done, strict=True) if ok)
+        return marked
 
     async def owners(self, streams: Iterable[str]) -> dict[str, Lease]:
         """The live leases of the given streams (free streams are absent)."""

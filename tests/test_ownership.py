@@ -130,6 +130,38 @@ async def renew_across_slots(redis: Any, keys: Keys, line: Line | ClusterLine | 
     assert (await leases.owners([moved]))[moved].owner == "b"
 
 
+async def test_acquire_many_takes_the_free_streams_across_slots(redis, keys: Keys) -> None:
+    await acquire_and_hand_over_across_slots(redis, keys, None)
+
+
+@pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
+async def test_acquire_many_on_a_line_takes_the_free_streams_across_slots(redis, keys: Keys) -> None:
+    line = line_for(redis)  # on a cluster, every slot's call at once, pipelined per node
+    try:
+        await acquire_and_hand_over_across_slots(redis, keys, line)
+    finally:
+        await line.close()
+
+
+async def acquire_and_hand_over_across_slots(redis: Any, keys: Keys, line: Line | ClusterLine | None) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    free, mine, theirs, again = (tick(keys, s) for s in "ABCD")
+    assert len({key_slot(leases.key(s).encode()) for s in (free, mine, theirs, again)}) == 4
+    # Given: "mine" held by "a", "theirs" by "b", "again" released by "a" (its fence has issued 1 token)
+    held = await leases.acquire(mine, "a")
+    await leases.acquire(theirs, "b")
+    await leases.release(again, "a", await leases.acquire(again, "a") or 0)
+    # When "a" acquires all four in one go, it gets the free ones under new tokens and its own under its token
+    assert await leases.acquire_many([free, mine, theirs, again], "a", line) == {free: 1, mine: held, again: 2}
+    owners = await leases.owners([free, mine, theirs, again])
+    assert {s: lease.owner for s, lease in owners.items()} == {free: "a", mine: "a", theirs: "b", again: "a"}
+    # And handing over marks only the streams it holds under the tokens given
+    marked = await leases.hand_over_many({free: 1, mine: held or 0, theirs: 1, again: 1}, "a", line)
+    assert marked == {free, mine}
+    owners = await leases.owners([free, mine, theirs, again])
+    assert {s for s, lease in owners.items() if lease.releasing} == {free, mine}
+
+
 async def test_only_the_holder_under_its_current_token_releases(redis, keys: Keys) -> None:
     leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
     token = await leases.acquire(tick(keys), "a")
