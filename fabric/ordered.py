@@ -4,9 +4,12 @@ with ``commit_ahead``, committed in order while the stream goes on: ``Ordered._c
 A worker whose group is ordered (``WorkerConfig.ordered``) runs these loops instead of the free-for-all reader,
 dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens they rest on):
 
-- ``_balance_loop`` every ``lease_ms / 3``: heartbeat in the group's member registry, renew the leases held (a
-  lost one stops its stream at once), and follow ``balance.balance``: acquire the free streams the plan gives
-  this member, hand over those it gives to others (finish the entry in hand, then release);
+- ``_keep_alive``  every ``lease_ms / 3``: heartbeat in the group's member registry and renew the leases held (a
+  lost one stops its stream at once), one call per cluster slot, on its own schedule: however long a balancing
+  round takes, it never holds a renewal up (a lease runs out only when the worker itself stalls);
+- ``rebalance``    every ``lease_ms / 3`` too: follow ``balance.balance``: acquire the free streams the plan gives
+  this member, hand over those it gives to others (finish the entry in hand, then release), each batched in one
+  call per cluster slot;
 - ``_run_stream``   one task per owned stream: first what former owners left pending (``take_over``, oldest
   first), then the new entries the reader hands it, each handled and committed before the next is started (with
   ``commit_ahead``, up to that many handled while the stream's commit is in flight, their commits staged). A
@@ -130,7 +133,7 @@ class Owned:
         self.leaving = False
         """Handed over (or the worker stops): finish the entry in hand, then release the lease."""
         self.lost = False
-        """Fenced out: the lease expired or moved; write nothing more."""
+        """Fenced out (the lease expired or moved), or given up: write nothing more, renew nothing."""
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.staged: list[_Commit] = []
@@ -166,7 +169,11 @@ class Ordered:
         """A stream finished its take-over: the reader stops waiting on the others and reads it too."""
         self._now = asyncio.get_running_loop().time
         self._renew_line = ClusterLine(cast(RedisCluster, worker.client)) if self.leases.clustered else None
-        """The balancer's connections on a cluster: each renewal round, every slot's call at once."""
+        """The renewer's connections on a cluster: each renewal round, every slot's call at once."""
+        self._balance_line = ClusterLine(cast(RedisCluster, worker.client)) if self.leases.clustered else None
+        """The balancer's connections on a cluster: a round's acquires (or hand-overs), every slot's call at once."""
+        self._left = False
+        """The worker left the member registry (the end of a drain): no more heartbeats or renewals."""
         self._ttl_s = cfg.lease_ms / 1000
         self._ahead = cfg.commit_ahead
         self._ended = False
@@ -179,8 +186,9 @@ class Ordered:
         try:
             await self._run()
         finally:
-            if self._renew_line is not None:
-                await self._renew_line.close()
+            for line in (self._renew_line, self._balance_line):
+                if line is not None:
+                    await line.close()
 
     async def _run(self) -> None:
         w, cfg = self.w, self.w.config
@@ -196,10 +204,11 @@ class Ordered:
         if cfg.retire_idle_ms:
             loops.append(w._every(cfg.retire_interval_ms, w.retire, w._stop))
         background = [asyncio.create_task(c) for c in loops]
+        keeper = asyncio.create_task(w._every(renew_interval_ms(cfg.lease_ms), self._keep_alive, w._halt))
         balancer = asyncio.create_task(w._every(renew_interval_ms(cfg.lease_ms), self.rebalance, w._halt))
         committer = asyncio.create_task(self._commit_loop())
         stopper = asyncio.create_task(w._stop.wait())
-        watched = [*background, balancer, committer]
+        watched = [*background, keeper, balancer, committer]
         try:
             done, _ = await asyncio.wait([stopper, *watched], return_when=asyncio.FIRST_COMPLETED)
             crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
@@ -208,7 +217,7 @@ class Ordered:
             finally:
                 w._halt.set()
                 stopper.cancel()
-                await finish([balancer, stopper], 2.0)
+                await finish([keeper, balancer, stopper], 2.0)
         except asyncio.CancelledError:  # stopped at once: what is unfinished stays pending; leases expire
             w._stop.set()
             w._halt.set()
@@ -221,7 +230,7 @@ class Ordered:
         return [o.task for o in self.owned.values() if o.task is not None]
 
     async def _drain(self, background: list[asyncio.Task[None]], committer: asyncio.Task[None]) -> None:
-        # Leases keep being renewed meanwhile (the balancer runs until _halt), so nobody takes a stream whose
+        # Leases keep being renewed meanwhile (_keep_alive runs until _halt), so nobody takes a stream whose
         # entry in hand is still being finished; then every stream is released for the next owner at once.
         w, cfg = self.w, self.w.config
         w._stop.set()
@@ -238,6 +247,7 @@ class Ordered:
             log.warning("commits did not complete within %.1fs grace: their entries stay pending", cfg.grace_s)
         try:
             async with asyncio.timeout(cfg.grace_s):
+                self._left = True  # (no heartbeat may add it back once it left)
                 for stream, o in list(self.owned.items()):
                     if not o.lost:
                         await self.leases.release(stream, w.consumer, o.token)
@@ -257,47 +267,60 @@ class Ordered:
             await self.rebalance()
 
     async def rebalance(self) -> None:
-        """One round (one at a time): heartbeat, renew, then acquire or hand over what the balance plan says."""
+        """One round (one at a time): acquire or hand over what the balance plan says."""
         async with self._balancing:
             await self._rebalance()
 
     async def _rebalance(self) -> None:
-        w = self.w
-        me = w.consumer
-        live = await self.members.heartbeat(me)
-        await self._renew(me)
         if self._draining:
             return
+        w = self.w
+        me = w.consumer
+        live = await self.members.live()  # (without this worker if its heartbeats failed: then it hands over all)
         streams = w.streams
         current = {s: lease.owner for s, lease in (await self.leases.owners(streams)).items()}
         plan = balance(streams, live, current)
-        for stream, member in plan.assignment.items():
-            o = self.owned.get(stream)
-            if member == me and o is None:
-                sent = self._now()
-                token = await self.leases.acquire(stream, me)
-                if token is not None:
+        wanted = [s for s, member in plan.assignment.items() if member == me and s not in self.owned]
+        given = {s: o.token for s, member in plan.assignment.items()
+                 if member != me and (o := self.owned.get(s)) is not None and not o.leaving and not o.lost}
+        if wanted:
+            sent = self._now()
+            for stream, token in (await self.leases.acquire_many(wanted, me, self._balance_line)).items():
+                if stream not in self.owned:
                     self._own(stream, token, sent + self._ttl_s)
-            elif member != me and o is not None and not o.leaving and not o.lost:
-                if await self.leases.hand_over(stream, me, o.token):
+        if given:
+            marked = await self.leases.hand_over_many(given, me, self._balance_line)
+            for stream, token in given.items():
+                o = self.owned.get(stream)
+                if o is None or o.token != token or o.lost:
+                    continue
+                if stream in marked:
                     o.leaving = True
                     o.wake.set()
-                    log.info("handing %s over to %s", stream, member)
+                    log.info("handing %s over to %s", stream, plan.assignment[stream])
                 else:
                     self._lose(stream, "its lease was gone when it was to be handed over")
 
-    async def _renew(self, me: str) -> None:
-        """Renew every lease held; a lost one stops its stream, a kept one runs until the TTL after this call."""
+    async def _keep_alive(self) -> None:
+        """Heartbeat, then renew every lease held: a lost one stops its stream, a kept one runs until the TTL after
+        this call. Runs on its own schedule, never behind a balancing round."""
+        if self._left:
+            return
+        me = self.w.consumer
+        await self.members.heartbeat(me)
         tokens = {s: o.token for s, o in self.owned.items() if not o.lost}
         if not tokens:
             return
         sent = self._now()
         lost = await self.leases.renew(tokens, me, self._renew_line)
-        for stream in tokens:
+        for stream, token in tokens.items():
+            o = self.owned.get(stream)
+            if o is None or o.token != token:  # released meanwhile (and maybe acquired again, under a new token)
+                continue
             if stream in lost:
                 self._lose(stream, "its lease expired before it was renewed")
-            elif (o := self.owned.get(stream)) is not None and o.token == tokens[stream]:
-                o.valid_until = sent + self._ttl_s
+            else:
+                o.valid_until = max(o.valid_until, sent + self._ttl_s)
 
     def _own(self, stream: str, token: int, valid_until: float) -> None:
         ref = self.w._streams.get(stream) or self.w.keys.parse_stream(stream)
@@ -337,8 +360,9 @@ class Ordered:
                         break
             await self._settle(o)
             if not o.lost and not self._draining:
+                o.lost = True  # (given up: nothing more is renewed or written for it; a renewal that finds it gone
+                # meanwhile does not call it lost)
                 await self.leases.release(stream, self.w.consumer, o.token)
-                self.owned.pop(stream, None)
         except (FabricError, rex.RedisError, OSError) as exc:
             raise_if_cancelled(exc)
             log.warning("stopped handling %s (its lease expires, then it moves): %s", stream, exc)
