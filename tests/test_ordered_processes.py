@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import subprocess
 from collections import Counter
@@ -23,7 +24,7 @@ from fabric import Publisher
 from fabric.codec import decode_fields
 from fabric.events import Tick
 from fabric.keys import Keys, Priority
-from fabric.ownership import Leases
+from fabric.ownership import Lease, Leases
 from tests.conftest import ROOT, fabric_cmd
 from tests.fixtures.handlers import subprocess_env
 from tests.fixtures.ordered import OUTPUT_TOPIC, output_stream, violations_key
@@ -108,15 +109,12 @@ async def producing(redis: Any, keys: Keys, symbols: list[str]) -> AsyncIterator
         await task
 
 
-async def owners(redis: Any, keys: Keys, streams: list[str]) -> dict[str, str]:
-    return {s: lease.owner for s, lease in (await Leases(redis, keys, GROUP).owners(streams)).items()}
-
-
 def balanced_over(members: list[str], streams: list[str], redis: Any, keys: Keys) -> Any:
-    """A check: every stream owned, by the given members only, evenly (counts differ by at most one)."""
-    async def check() -> dict[str, str] | None:
-        now = await owners(redis, keys, streams)
-        counts = Counter(now.values())
+    """A check: every stream owned, by the given members only, evenly (counts differ by at most one); its value,
+    the leases (owner and fencing token by stream)."""
+    async def check() -> dict[str, Lease] | None:
+        now = await Leases(redis, keys, GROUP).owners(streams)
+        counts = Counter(lease.owner for lease in now.values())
         if len(now) == len(streams) and set(counts) == set(members) and max(counts.values()) - min(
                 counts.values()) <= 1:
             return now
@@ -139,6 +137,9 @@ async def all_handled(redis: Any, keys: Keys, symbols: list[str], rounds: int) -
     return sum(lengths) >= len(symbols) * rounds
 
 
+HANDED_TO_D = re.compile(r"handing (\S+) over to d$", re.MULTILINE)
+
+
 async def _true(value: bool) -> bool:
     return value
 
@@ -155,9 +156,16 @@ async def test_order_holds_while_a_worker_joins_and_one_is_killed_and_the_join_m
         workers["d"] = spawn("d")
         after = await eventually(balanced_over(["a", "b", "c", "d"], streams, redis, keys), timeout_s=60,
                                  what="200 streams spread over a, b, c, d")
-        # Then only the streams the new quota needs moved: 200 / 4 = 50, all of them to d
-        moved = [s for s in streams if before[s] != after[s]]
-        assert len(moved) == 50 and {after[s] for s in moved} == {"d"}
+        # Then only the streams the new quota needs moved: 200 / 4 = 50, all of them to d, each once: a stream's
+        # token grows by one per acquisition, so a kept stream still has its token (none lapsed and was taken
+        # again, none moved and came back) and a moved one has the next (d took it straight from its owner)
+        moved = [s for s in streams if before[s].owner != after[s].owner]
+        assert len(moved) == 50 and {after[s].owner for s in moved} == {"d"}
+        assert {s: after[s].token - before[s].token for s in streams if after[s].token != before[s].token} == {
+            s: 1 for s in moved}
+        # and their owners handed exactly these over to d
+        handed = [m for name in ("a", "b", "c") for m in HANDED_TO_D.findall(workers[name].output())]
+        assert sorted(handed) == sorted(moved)
         # When one is SIGKILLed mid-run, its streams move to the others after its lease expires
         workers["b"].send(signal.SIGKILL)
         await eventually(balanced_over(["a", "c", "d"], streams, redis, keys), timeout_s=60,
