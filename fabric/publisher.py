@@ -99,7 +99,7 @@ class _Request:
 class _Batch:
     """Requests sent together; ``packed`` keeps its numbering so that a resend is recognised."""
 
-    __slots__ = ("requests", "size", "packed", "attempts", "streams", "lasts", "session", "parts", "ids")
+    __slots__ = ("requests", "size", "packed", "attempts", "streams", "lasts", "session", "order", "parts", "ids")
 
     def __init__(self, requests: list[_Request]) -> None:
         self.requests = requests
@@ -111,6 +111,8 @@ class _Batch:
         self.lasts: list[int] = []
         """The number of the batch's last event on each of ``streams``, in ``session``."""
         self.session = ""
+        self.order: list[int] = []
+        """The event behind each of the script's replies (``Publisher._command``)."""
         self.parts: list[_Part] | None = None
         """On a cluster: the batch split by slot, one publish.lua call each (``Publisher._split``)."""
         self.ids: list[bytes | None] | None = None
@@ -120,6 +122,13 @@ class _Batch:
         for req in self.requests:
             if not req.future.done():
                 req.future.set_exception(error)
+
+    def in_order(self, replies: list[bytes | None]) -> list[bytes | None]:
+        """The script's replies (grouped by stream) in the batch's order of events."""
+        ids: list[bytes | None] = [None] * len(replies)
+        for i, reply in zip(self.order, replies, strict=True):
+            ids[i] = reply
+        return ids
 
     def complete(self, ids: list[bytes | None]) -> None:
         start = 0
@@ -443,6 +452,7 @@ class Publisher:
                 if self.config.wait_replicas:
                     self._replicated(await read_reply(conn, self._reply_timeout_s + self._wait_s), len(ids))
                 batch = self._inflight.popleft()
+                ids = batch.in_order(ids)
                 batch.complete(ids)
                 self._count(batch, ids)
                 self._done(batch)
@@ -526,41 +536,50 @@ class Publisher:
     def _pack(self, batch: _Batch) -> bytes:
         """One EVALSHA of publish.lua for the batch, numbering its events per stream in this session."""
         items = [item for req in batch.requests for item in req.items]
-        args, batch.streams, batch.lasts = self._command(items)
+        args, batch.streams, batch.lasts, batch.order = self._command(items)
         batch.session = self._session
         packed: bytes = hiredis.pack_command(args)
         if self.config.wait_replicas:
             packed += _packed("WAIT", self.config.wait_replicas, self.config.wait_timeout_ms)
         return packed
 
-    def _command(self, items: list[_Item]) -> tuple[tuple[Any, ...], list[tuple[str, int]], list[int]]:
+    def _command(self, items: list[_Item]) -> tuple[tuple[Any, ...], list[tuple[str, int]], list[int], list[int]]:
         """The EVALSHA of publish.lua for ``items``, numbered per stream in this session; with the events per
-        stream and the number of each stream's last event."""
-        index: dict[str, int] = {}
+        stream, the number of each stream's last event, and the order of the script's replies (publish.lua takes
+        and answers the events grouped by stream: reply k is that of ``items[order[k]]``)."""
+        by_stream: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            positions = by_stream.get(item[0])
+            if positions is None:
+                by_stream[item[0]] = [i]
+            else:
+                positions.append(i)
         keys: list[str] = []
-        counts: list[int] = []
+        counts: list[Any] = []
         body: list[Any] = []
         dedup: list[str] = []
+        order: list[int] = []
+        streams: list[tuple[str, int]] = []
+        lasts: list[int] = []
         window = self.config.dedup_window_ms
-        for stream, tag, data, event_id in items:
-            i = index.get(stream)
-            if i is None:
-                i = index[stream] = len(index) + 1
-                keys += (stream, self.keys.producers(stream))
-                counts.append(0)
-            counts[i - 1] += 1
-            body += (i, tag, data)
-            if window:
-                dedup.append(self.keys.dedup(stream, event_id))
         seq = self._seq
-        firsts = []
-        for stream, n in zip(index, counts, strict=True):
+        for stream, positions in by_stream.items():
+            keys += (stream, self.keys.producers(stream))
+            n = len(positions)
             first = seq.get(stream, 0) + 1
-            firsts.append(first)
             seq[stream] = first + n - 1
-        head = (self._session, FORMAT_VERSION, window, SESSION_TTL_MS, self.config.encoding, len(index), *firsts)
+            counts += (first, n)
+            streams.append((stream, n))
+            lasts.append(first + n - 1)
+            order += positions
+            for i in positions:
+                item = items[i]
+                body += (item[1], item[2])
+                if window:
+                    dedup.append(self.keys.dedup(stream, item[3]))
+        head = (self._session, FORMAT_VERSION, window, SESSION_TTL_MS, self.config.encoding, len(by_stream), *counts)
         args = ("EVALSHA", scripts.PUBLISH.sha, len(keys) + len(dedup), *keys, *dedup, *head, *body)
-        return args, list(zip(index, counts, strict=True)), [seq[stream] for stream in index]
+        return args, streams, lasts, order
 
     # ---- on a Redis Cluster ------------------------------------------------------------------------
 
@@ -614,8 +633,8 @@ class Publisher:
             positions[slot_of(item[0])].append(i)
         parts = []
         for where in positions.values():
-            args, streams, lasts = self._command([items[i] for i in where])
-            parts.append(_Part(args, where, streams, lasts, self._session))
+            args, streams, lasts, order = self._command([items[i] for i in where])
+            parts.append(_Part(args, [where[k] for k in order], streams, lasts, self._session))
         batch.ids = [None] * len(items)
         return parts
 
@@ -665,7 +684,8 @@ class Publisher:
         self._seq.clear()
         self._confirmed.clear()
         for part in gaps:
-            part.args, part.streams, part.lasts = self._command([items[i] for i in part.positions])
+            part.args, part.streams, part.lasts, order = self._command([items[i] for i in part.positions])
+            part.positions = [part.positions[k] for k in order]  # (already grouped: the same order)
             part.session = self._session
         log.info("publisher renewed its session after a sequence gap; resending %d parts", len(gaps))
 

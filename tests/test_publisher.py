@@ -87,6 +87,26 @@ async def test_publish_many_preserves_order_and_returns_ids(redis, keys):
     assert [decode_fields(f).event_id for _, f in stored] == [e.event_id for e in events]
 
 
+async def test_ids_of_events_interleaved_over_streams_are_each_events_own(redis, keys):
+    # given a batch whose events alternate between three symbols' streams, with one duplicate among them
+    # (publish.lua takes and answers them grouped by stream: the publisher puts the answers back in order)
+    events = [tick(symbol=f"S{i % 3}") for i in range(9)]
+    events.insert(5, events[1])
+    async with Publisher(redis, PublisherConfig(dedup_window_ms=60_000), keys=keys) as pub:
+        ids = await pub.publish_many(events)
+    # then each id is in its own event's stream and holds that event, and the duplicate's is None
+    assert ids[5] is None and None not in ids[:5] + ids[6:]
+    for event, entry_id in zip(events, ids, strict=True):
+        if entry_id is None:
+            continue
+        [(found, fields)] = await redis.xrange(keys.stream("tick", Priority.NORMAL, event.symbol), entry_id, entry_id)
+        assert decode_fields(fields).event_id == event.event_id
+    for s in range(3):
+        stored = await entries(redis, keys.stream("tick", Priority.NORMAL, f"S{s}"))
+        assert [decode_fields(f).event_id for _, f in stored] == [e.event_id for e in events[:5] + events[6:]
+                                                                if e.symbol == f"S{s}"]
+
+
 async def test_publish_many_of_nothing_returns_nothing(redis, keys):
     async with Publisher(redis, keys=keys) as pub:
         assert await pub.publish_many([]) == []
@@ -431,9 +451,9 @@ async def test_a_batch_costs_one_script_call_and_a_new_stream_one_registration(r
 
 
 def _script_args(session: str, first_seq: int, n: int) -> list[object]:
-    args: list[object] = [session, 1, 0, 60_000, "msgpack", 1, first_seq]
+    args: list[object] = [session, 1, 0, 60_000, "msgpack", 1, first_seq, n]  # one stream: its first number, count
     for i in range(n):
-        args += (1, "Tick", msgspec.msgpack.encode(tick(bid_size=float(i))))
+        args += ("Tick", msgspec.msgpack.encode(tick(bid_size=float(i))))
     return args
 
 
