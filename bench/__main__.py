@@ -55,6 +55,8 @@ def cases(settings: Settings) -> list[Case]:
                    partial(baselines.redis_benchmark, pipeline=64, same_shape=False)),
               Case("plain_publish", "plain", "plain redis-py, publish only", baselines.plain_publish),
               Case("plain_end_to_end", "plain", "plain redis-py, producer and consumer", baselines.plain_end_to_end)]
+    found += [Case(f"plain_latency_{rate}", "plain", f"plain redis-py, open loop at {rate:,} events/s",
+                   partial(baselines.plain_latency, rate=rate)) for rate in settings.latency_rates]
     found += [Case(f"cluster_{m}_{name}", "cluster", f"{title}, on a Redis Cluster of {m} master{'s' * (m > 1)}",
                    measure, masters=m)
               for m in CLUSTER_MASTERS

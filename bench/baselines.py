@@ -16,7 +16,7 @@ from bench.suite import NotAvailable, Run
 from bench.workload import encoded_size, same_shape_fields
 from fabric.client import redact
 
-__all__ = ["plain_end_to_end", "plain_publish", "redis_benchmark"]
+__all__ = ["plain_end_to_end", "plain_latency", "plain_publish", "redis_benchmark"]
 
 BENCHMARK_TIMEOUT_S = 600.0
 
@@ -83,3 +83,19 @@ async def plain_end_to_end(run: Run) -> dict[str, Any]:
             "worker_cpu_us_per_event": handled["cpu_s"] / n * 1e6, "handled": handled["unique"],
             "lost": n - handled["unique"], "unacked": await pending(run.client, streams, GROUP),
             "failed": produced["failed"]}
+
+
+async def plain_latency(run: Run, rate: int) -> dict[str, Any]:
+    """Plain redis-py at ``rate`` events/s, open loop as fabric's latency cases: each tick's time since it was due,
+    taken when the consumer decodes it."""
+    total = round(rate * run.settings.latency_s)
+    consumer = await run.spawn("plain-consumer", expect=total, mode="latency")
+    await consumer.expect("ready", READY_S)
+    sender = await run.spawn("plain-sender", rate=rate, duration=run.settings.latency_s)
+    sent = await sender.result(run.settings.latency_s + deadline(total))
+    handled = await consumer.finish(deadline(total))
+    streams = stream_keys(run.keys.ns, run.settings.symbols).values()
+    lat, lag = handled["latency_ms"] or {}, sent["lag_ms"] or {}
+    return {**{f"{k}_ms": v for k, v in lat.items()}, **{f"sender_lag_{k}_ms": v for k, v in lag.items()},
+            "sent": sent["sent"], "handled": handled["unique"], "lost": sent["sent"] - handled["unique"],
+            "unacked": await pending(run.client, streams, GROUP), "failed": sent["failed"]}

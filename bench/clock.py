@@ -21,11 +21,12 @@ import ctypes
 import functools
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
-from fabric import Priority, Publisher
+from fabric import Priority
 from fabric.events import Event
 
-__all__ = ["OpenLoop"]
+__all__ = ["OpenLoop", "precise_sleeps"]
 
 MIN_STEP_NS = 200_000
 """The sender wakes at most every 200 µs (several events per wake-up above 5,000/s)."""
@@ -36,10 +37,16 @@ PR_SET_TIMERSLACK = 29
 """prctl(2): a thread's timer slack, by which Linux may defer its timed sleeps (50 µs by default)."""
 
 
+class Sends(Protocol):
+    """What the open loop publishes with: fabric's ``Publisher``, or the plain baseline's pipeline."""
+
+    async def publish_many(self, events: list[Any], priority: Any = None) -> Any: ...
+
+
 class OpenLoop:
     """Publishes ``total`` events at ``rate`` a second on the clock; ``make(i, scheduled_ns)`` builds event i."""
 
-    def __init__(self, pub: Publisher, rate: float, total: int, make: Callable[[int, int], Event],
+    def __init__(self, pub: Sends, rate: float, total: int, make: Callable[[int, int], Event],
                  priority: Priority | None = None) -> None:
         self.pub = pub
         self.rate = rate
@@ -58,9 +65,8 @@ class OpenLoop:
 
     async def run(self) -> None:
         """Send everything on schedule, then wait for every publish and count the failed events."""
-        _precise_sleeps()
+        precise_sleeps()
         self.t0_ns = time.time_ns() + START_DELAY_NS
-        step = max(int(1e9 / self.rate), MIN_STEP_NS)
         wake = self.t0_ns
         while self.sent < self.total:
             delay = (wake - time.time_ns()) / 1e9
@@ -69,7 +75,9 @@ class OpenLoop:
             self._fire()
             for _ in range(FLUSH_YIELDS):
                 await asyncio.sleep(0)
-            wake = max(wake + step, time.time_ns())  # behind: the next wake-up sends everything overdue
+            # The next unsent event's due time (at most one wake-up per MIN_STEP_NS, on the same grid): a late
+            # wake-up never shifts the ones after it, and one past due sends everything overdue at once.
+            wake = max(self.scheduled_ns(self.sent), wake + MIN_STEP_NS)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -94,7 +102,7 @@ class OpenLoop:
             self.failed += n
 
 
-def _precise_sleeps() -> None:
+def precise_sleeps() -> None:
     """Ask Linux to wake this thread's sleeps within a microsecond of their time, not within the default 50 µs of
     timer slack (a no-op where prctl is missing: the sender's own lag, reported, then shows it)."""
     with contextlib.suppress(OSError, AttributeError):

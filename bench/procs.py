@@ -4,7 +4,8 @@ Roles: ``producer`` (N ticks, created before timing, ``publish_many`` in chunks 
 ``flooder`` (keeps a backlog of low-priority ticks), ``sender`` (open loop at a fixed rate, ``bench.clock``),
 ``worker`` (a fabric ``Worker`` with a recording handler, ``bench.recorder``), ``fleet`` (``fabric worker
 --config`` with several processes under a supervisor, ``bench.fleet``), and the plain redis-py baseline's
-``plain-producer`` and ``plain-consumer`` (``bench.plain``). The Redis URL comes from ``$FABRIC_REDIS_URL``.
+``plain-producer``, ``plain-consumer`` and ``plain-sender`` (``bench.plain``). The Redis URL comes from
+``$FABRIC_REDIS_URL``.
 Each prints JSON lines (``bench.launcher``): ``ready`` when it may be measured against, ``result`` at the end.
 SIGTERM ends a worker or flooder gracefully, with its report.
 """
@@ -179,7 +180,7 @@ async def fleet(args: argparse.Namespace) -> dict[str, Any]:
 
 ROLES: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "producer": producer, "flooder": flooder, "sender": sender, "worker": worker, "fleet": fleet,
-    "plain-producer": plain.produce, "plain-consumer": plain.consume,
+    "plain-producer": plain.produce, "plain-consumer": plain.consume, "plain-sender": plain.send,
 }
 
 

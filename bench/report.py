@@ -28,7 +28,8 @@ SHOWN: dict[str, list[tuple[str, str]]] = {
                ("ratio_to_payload", "ratio to payload"), ("dedup_bytes_per_event", "dedup bytes/event (0: off)")],
     "redis_benchmark": [("requests_per_s", "XADD/s")],
     "plain": [("events_per_s", "events/s"), ("cpu_us_per_event", "producer CPU µs/event"),
-              ("worker_cpu_us_per_event", "consumer CPU µs/event")],
+              ("worker_cpu_us_per_event", "consumer CPU µs/event"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
+              ("p99_9_ms", "p99.9 ms"), ("max_ms", "max ms"), ("sender_lag_p99_ms", "sender's own lag p99 ms")],
     "cluster": [("events_per_s", "events/s"), ("cpu_us_per_event", "producer CPU µs/event"),
                 ("worker_cpu_us_per_event", "worker CPU µs/event")],
 }
@@ -55,6 +56,9 @@ def ratios(doc: Doc) -> dict[str, float | None]:
                                                  _median(doc, "redis_benchmark_p64", "requests_per_s")),
         "publish_vs_plain": _ratio(_median(doc, "publish", "events_per_s"),
                                    _median(doc, "plain_publish", "events_per_s")),
+        **{f"latency_{rate}_{p}_vs_plain": _ratio(_median(doc, f"latency_{rate}", f"{p}_ms"),
+                                                  _median(doc, f"plain_latency_{rate}", f"{p}_ms"))
+           for rate in (5_000, 20_000) for p in ("p50", "p99")},
         "metrics_on_vs_off": _ratio(_median(doc, "variant_metrics", "events_per_s"),
                                     _median(doc, "end_to_end", "events_per_s")),
         "ordered_vs_unordered": _ratio(_median(doc, "variant_ordered", "events_per_s"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from bench.latency import ping, stages
 from bench.memory import padded_ticks, sweep
 from fabric import connect
 from tests.conftest import ROOT, RedisServer
@@ -42,7 +43,8 @@ def test_quick_run_loses_nothing(redis_server: RedisServer, tmp_path: Path) -> N
     assert proc.returncode == 0, f"python -m bench --quick failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
     doc = json.loads(results.read_text())
     ran = {name: case for name, case in doc["cases"].items() if case["status"] != "not available"}
-    assert {"publish", "end_to_end", "priority", "memory", "plain_end_to_end", "variant_processes_2",
+    assert {"publish", "end_to_end", "priority", "memory", "plain_end_to_end", "plain_latency_5000",
+            "variant_processes_2",
             "cluster_1_publish", "cluster_1_end_to_end", "cluster_3_publish", "cluster_3_end_to_end"} <= ran.keys()
     for name, case in ran.items():
         assert case["status"] == "ok", f"{name}: {case}"
@@ -76,3 +78,16 @@ def test_padded_ticks_have_exactly_the_size_asked() -> None:
     made = padded_ticks(260, 5)
     assert made is not None and {len(msgspec.msgpack.encode(t)) for t in made} == {260}
     assert padded_ticks(10, 1) is None  # smaller than any tick
+
+
+def test_the_latency_breakdown_accounts_for_every_event(redis_server: RedisServer) -> None:
+    # When the breakdown runs briefly at a low rate on the session's Redis
+    found = stages(redis_server.url, 500, 0.2)
+
+    # Then every event sent has each stage, and the stages add up to its total
+    assert set(found) == {"harness", "publisher", "redis", "worker", "total"}
+    assert {len(v) for v in found.values()} == {100}
+    for parts in zip(found["harness"], found["publisher"], found["redis"], found["worker"], found["total"],
+                     strict=True):
+        assert sum(parts[:4]) == parts[4]
+    assert len(ping(redis_server.url, 500, 0.1)) == 50
