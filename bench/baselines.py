@@ -10,7 +10,7 @@ import shutil
 from typing import Any
 
 from bench.plain import GROUP, stream_keys
-from bench.scenarios import READY_S, deadline
+from bench.scenarios import READY_S, deadline, per_event_us, redis_cpu_s
 from bench.streams import pending, stored
 from bench.suite import NotAvailable, Run
 from bench.workload import encoded_size, same_shape_fields
@@ -62,10 +62,12 @@ async def redis_benchmark(run: Run, pipeline: int, same_shape: bool = True) -> d
 async def plain_publish(run: Run) -> dict[str, Any]:
     """The plain redis-py producer alone: N ticks in pipelined XADD batches; every one must be stored."""
     n = run.settings.events
+    before = await redis_cpu_s(run)
     producer = await run.spawn("plain-producer", events=n, chunk=run.settings.plain_batch)
     produced = await producer.result(deadline(n))
+    cpu = per_event_us(before, await redis_cpu_s(run), n)
     got = await stored(run.client, stream_keys(run.keys.ns, run.settings.symbols).values())
-    return {"events_per_s": n / produced["wall_s"], "cpu_us_per_event": produced["cpu_s"] / n * 1e6,
+    return {"events_per_s": n / produced["wall_s"], "cpu_us_per_event": produced["cpu_s"] / n * 1e6, **cpu,
             "stored": got, "lost": max(0, n - got), "failed": produced["failed"]}
 
 
@@ -74,11 +76,13 @@ async def plain_end_to_end(run: Run) -> dict[str, Any]:
     n = run.settings.events
     consumer = await run.spawn("plain-consumer", expect=n)
     await consumer.expect("ready", READY_S)
+    before = await redis_cpu_s(run)
     producer = await run.spawn("plain-producer", events=n, chunk=run.settings.plain_batch)
     produced = await producer.result(deadline(n))
     handled = await consumer.finish(deadline(n))
+    cpu = per_event_us(before, await redis_cpu_s(run), n)
     streams = stream_keys(run.keys.ns, run.settings.symbols).values()
-    return {"events_per_s": n / (handled["t_done"] - produced["t_start"]),
+    return {"events_per_s": n / (handled["t_done"] - produced["t_start"]), **cpu,
             "worker_events_per_s": n / (handled["t_done"] - (handled["t_first"] or produced["t_start"])),
             "worker_cpu_us_per_event": handled["cpu_s"] / n * 1e6, "handled": handled["unique"],
             "lost": n - handled["unique"], "unacked": await pending(run.client, streams, GROUP),

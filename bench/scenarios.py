@@ -20,6 +20,7 @@ from bench.streams import pending, registered, stored, undelivered
 from bench.suite import Run
 from bench.workload import TOPIC
 from fabric import Priority
+from fabric.nodes import is_cluster
 
 __all__ = ["VARIANTS", "end_to_end", "latency", "memory", "priority", "publish"]
 
@@ -33,6 +34,21 @@ def deadline(events: int) -> float:
     return 60.0 + events / 2_000
 
 
+async def redis_cpu_s(run: Run) -> float | None:
+    """The server's CPU time so far (``INFO cpu``, user + system, its main thread and the rest), in seconds; None
+    on a cluster (the figure is one server's). A difference over a case, divided by its events, is what Redis
+    spent per event, with whatever else that server did meanwhile."""
+    if is_cluster(run.client):
+        return None
+    info = await run.client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def per_event_us(before: float | None, after: float | None, n: int) -> dict[str, float]:
+    """``redis_cpu_us_per_event`` from two ``redis_cpu_s`` readings, when there are both."""
+    return {} if before is None or after is None else {"redis_cpu_us_per_event": (after - before) / n * 1e6}
+
+
 async def _worker(run: Run, **options: object) -> Child:
     """A fabric worker process (with the run's extra WorkerConfig fields), once it has joined and is ready."""
     worker = await run.spawn("worker", config=run.settings.worker_config, **options)
@@ -43,9 +59,11 @@ async def _worker(run: Run, **options: object) -> Child:
 async def publish(run: Run) -> dict[str, Any]:
     """One producer process publishes N ticks; every one must be stored."""
     n = run.settings.events
+    before = await redis_cpu_s(run)
     produced = await (await run.spawn("producer", events=n, chunk=run.settings.chunk)).result(deadline(n))
+    cpu = per_event_us(before, await redis_cpu_s(run), n)
     got = await stored(run.client, await registered(run.client, run.keys, TOPIC))
-    return {"events_per_s": n / produced["wall_s"], "cpu_us_per_event": produced["cpu_s"] / n * 1e6,
+    return {"events_per_s": n / produced["wall_s"], "cpu_us_per_event": produced["cpu_s"] / n * 1e6, **cpu,
             "stored": got, "lost": max(0, n - got), "failed": produced["failed"]}
 
 
@@ -55,12 +73,14 @@ async def _through_worker(run: Run, mode: str, metrics: bool = False, **config: 
     extra = json.dumps({**json.loads(run.settings.worker_config), **config})
     worker = await run.spawn("worker", config=extra, mode=mode, expect=n, metrics=int(metrics))
     await worker.expect("ready", READY_S)
+    before = await redis_cpu_s(run)
     produced = await (await run.spawn("producer", events=n, chunk=run.settings.chunk)).result(deadline(n))
     handled = await worker.finish(deadline(n))
+    cpu = per_event_us(before, await redis_cpu_s(run), n)
     streams = await registered(run.client, run.keys, TOPIC)
     return {"events_per_s": n / (handled["t_done"] - produced["t_start"]),
             "worker_events_per_s": n / (handled["t_done"] - (handled["t_first"] or produced["t_start"])),
-            "worker_cpu_us_per_event": handled["cpu_s"] / n * 1e6, "handled": handled["unique"],
+            "worker_cpu_us_per_event": handled["cpu_s"] / n * 1e6, **cpu, "handled": handled["unique"],
             "duplicates": handled["duplicates"], "lost": n - handled["unique"],
             "unacked": await pending(run.client, streams, GROUP), "failed": produced["failed"]}
 
