@@ -213,7 +213,7 @@ class Ordered:
             done, _ = await asyncio.wait([stopper, *watched], return_when=asyncio.FIRST_COMPLETED)
             crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
             try:
-                await self._drain(background, committer)
+                await self._drain(background, committer, keeper)
             finally:
                 w._halt.set()
                 stopper.cancel()
@@ -229,7 +229,8 @@ class Ordered:
     def _runners(self) -> list[asyncio.Task[None]]:
         return [o.task for o in self.owned.values() if o.task is not None]
 
-    async def _drain(self, background: list[asyncio.Task[None]], committer: asyncio.Task[None]) -> None:
+    async def _drain(self, background: list[asyncio.Task[None]], committer: asyncio.Task[None],
+                     keeper: asyncio.Task[None]) -> None:
         # Leases keep being renewed meanwhile (_keep_alive runs until _halt), so nobody takes a stream whose
         # entry in hand is still being finished; then every stream is released for the next owner at once.
         w, cfg = self.w, self.w.config
@@ -245,9 +246,14 @@ class Ordered:
         self._commit_ready.set()
         if await finish([committer], cfg.grace_s):
             log.warning("commits did not complete within %.1fs grace: their entries stay pending", cfg.grace_s)
+        # No renewal or heartbeat from here on: one in flight lands before the releases and the leave, none after
+        # (a renewal landing after a release would report the stream lost; a heartbeat after the leave would put
+        # this worker back among the live members, and streams would be planned for it, for a member TTL).
+        self._left = True
+        w._halt.set()
+        await finish([keeper], cfg.block_ms / 1000 + 1)
         try:
             async with asyncio.timeout(cfg.grace_s):
-                self._left = True  # (no heartbeat may add it back once it left)
                 for stream, o in list(self.owned.items()):
                     if not o.lost:
                         await self.leases.release(stream, w.consumer, o.token)
@@ -302,12 +308,16 @@ class Ordered:
                     self._lose(stream, "its lease was gone when it was to be handed over")
 
     async def _keep_alive(self) -> None:
-        """Heartbeat, then renew every lease held: a lost one stops its stream, a kept one runs until the TTL after
-        this call. Runs on its own schedule, never behind a balancing round."""
+        """Heartbeat, then renew every lease held (even when the heartbeat failed): a lost one stops its stream, a
+        kept one runs until the TTL after this call. Runs on its own schedule, never behind a balancing round."""
         if self._left:
             return
         me = self.w.consumer
-        await self.members.heartbeat(me)
+        try:
+            await self.members.heartbeat(me)
+        except (FabricError, rex.RedisError, OSError) as exc:  # the leases are renewed all the same
+            raise_if_cancelled(exc)
+            log.warning("heartbeat failed (renewing the leases all the same): %s", exc)
         tokens = {s: o.token for s, o in self.owned.items() if not o.lost}
         if not tokens:
             return
