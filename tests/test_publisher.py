@@ -107,6 +107,21 @@ async def test_ids_of_events_interleaved_over_streams_are_each_events_own(redis,
                                                                 if e.symbol == f"S{s}"]
 
 
+async def test_ids_of_one_slots_streams_interleaved_are_each_events_own(redis, keys):
+    # given concurrent publishes of one symbol at two priorities, interleaved: two streams in one batch, and one
+    # slot (on a cluster: one publish.lua call, which takes and answers them grouped by stream)
+    high, low = (keys.stream("tick", p, "X") for p in (Priority.HIGH, Priority.LOW))
+    assert slot_of(high) == slot_of(low)
+    events = [tick(symbol="X", bid_size=float(i)) for i in range(8)]
+    priorities = [Priority.HIGH, Priority.LOW] * 4
+    async with Publisher(redis, keys=keys) as pub:
+        ids = await asyncio.gather(*(pub.publish(e, priority=p) for e, p in zip(events, priorities, strict=True)))
+    # then each id is in its own event's stream and holds that event
+    for event, p, entry_id in zip(events, priorities, ids, strict=True):
+        [(_, fields)] = await redis.xrange(high if p is Priority.HIGH else low, entry_id, entry_id)
+        assert decode_fields(fields).event_id == event.event_id
+
+
 async def test_publish_many_of_nothing_returns_nothing(redis, keys):
     async with Publisher(redis, keys=keys) as pub:
         assert await pub.publish_many([]) == []
