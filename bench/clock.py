@@ -1,7 +1,7 @@
 """An open-loop sender: event i is due at ``t0 + i/rate`` (wall clock), whatever Redis or the worker do.
 
-The event loop's timers tick in whole milliseconds, too coarse for 5,000 events a second, so the sender sleeps
-in its own thread with ``time.sleep`` (precise to a few microseconds once Linux's timer slack is set to 1 µs)
+The event loop's timers tick in whole milliseconds, too coarse for 5,000 events a second, so the sender blocks
+the event loop's own thread with ``time.sleep`` (precise to a few microseconds once Linux's timer slack is set to 1 µs)
 until the next due time, publishes every event that is due by then in one ``publish_many`` task, never awaited
 inline (a slow reply never delays the next send), and yields to the event loop a few times so the publisher
 writes it, then sleeps again. Nothing else of the process needs the loop meanwhile: replies are read between

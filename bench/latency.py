@@ -142,6 +142,8 @@ def stages(url: str, rate: float, seconds: float) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {name: [] for name in STAGES}
     for event_id, due, taken, handled in seen:
         m, p = made[event_id], packed[event_id]
+        if not taken:
+            raise SystemExit(f"bench.latency: event {event_id} was handled without its read being stamped")
         for name, value in zip(STAGES, (m - due, p - m, taken - p, handled - taken, handled - due), strict=True):
             found[name].append(value)
     return found

@@ -84,10 +84,9 @@ def test_the_latency_breakdown_accounts_for_every_event(redis_server: RedisServe
     # When the breakdown runs briefly at a low rate on the session's Redis
     found = stages(redis_server.url, 500, 0.2)
 
-    # Then every event sent has each stage, and the stages add up to its total
+    # Then every event sent was stamped at every step, in causal order (one machine, one clock): each stage takes
+    # a time of at least zero (an event its worker never stamped would show as a huge negative one)
     assert set(found) == {"harness", "publisher", "redis", "worker", "total"}
     assert {len(v) for v in found.values()} == {100}
-    for parts in zip(found["harness"], found["publisher"], found["redis"], found["worker"], found["total"],
-                     strict=True):
-        assert sum(parts[:4]) == parts[4]
+    assert all(d >= 0 for stage in found.values() for d in stage), found
     assert len(ping(redis_server.url, 500, 0.1)) == 50
