@@ -4,7 +4,8 @@ Settings come from the environment the harness gives each process:
 
 - ``FAULTS_JOURNAL_DIR``  where ``handled.PID.log`` goes (see ``checker.Journal``);
 - ``FAULTS_SLEEP_MS``     how long each call works first (default 0), so that signals land mid-batch;
-- ``FAULTS_HANG_EVERY``   ``hang_some``: the first delivery of every tick whose ``seq`` is a multiple of this hangs.
+- ``FAULTS_HANG_EVERY``   ``hang_some``: the first delivery of every tick whose ``seq`` is a multiple of this hangs;
+- ``FAULTS_GATE``         ``gated``: each call waits until this file exists (the test creates it to let them go).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.faults.checker import Journal
 
 _journal: Journal | None = None
 HANG_S = 3600.0
+GATE_POLL_S = 0.02
 
 
 def _record(event: Event, ctx: Context) -> None:
@@ -38,6 +40,14 @@ async def record(event: Event, ctx: Context) -> None:
     """Work ``FAULTS_SLEEP_MS``, then journal the call."""
     await _work()
     _record(event, ctx)
+
+
+async def gated(event: Event, ctx: Context) -> None:
+    """Like ``record``, once the file ``FAULTS_GATE`` exists: until then the call holds its entry."""
+    gate = Path(os.environ["FAULTS_GATE"])
+    while not gate.exists():
+        await asyncio.sleep(GATE_POLL_S)
+    await record(event, ctx)
 
 
 async def hang_some(event: Event, ctx: Context) -> None:

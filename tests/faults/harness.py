@@ -315,8 +315,8 @@ class World:
         if max_deliveries is not None:
             argv += ["--max-deliveries", str(max_deliveries)]
         base = {k: v for k, v in os.environ.items() if not k.startswith(("FABRIC_", "FAULTS_"))}
-        base.update(PYTHONPATH=str(ROOT), FAULTS_JOURNAL_DIR=str(self.journal_dir), FAULTS_SLEEP_MS=str(sleep_ms),
-                    **(env or {}))
+        base.update(PYTHONPATH=str(ROOT), FAULTS_JOURNAL_DIR=str(self.journal_dir), FAULTS_SLEEP_MS=str(sleep_ms))
+        base.update(env or {})  # may override the above (a PYTHONPATH with a directory of its own first)
         p = WorkerProc(argv, base, consumer, self.tmp / f"worker-{consumer}.log")
         self.workers.append(p)
         return p

@@ -7,7 +7,8 @@ and every handler call goes to journals, and ``checker.score`` says what was los
 
 Cases: a connection cut in the middle of an XREADGROUP reply; cut in the middle of a publish's reply, or before
 the publish reaches Redis (retried idempotently: no duplicate entries); a blackholed Redis detected within the
-URL's socket timeout, then recovery; latency spikes that must not make a live worker's entries look abandoned.
+URL's socket timeout, then recovery. Latency spikes (a live worker's entries must not look abandoned) are scored
+cases of the suite, in ``test_network_cases.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,12 +48,6 @@ TOPIC = "tick"
 GROUP = "g"
 RECLAIM_IDLE_MS = 600
 """Reclaims come quickly after a cut read (heartbeats every 200 ms)."""
-SPIKE_RECLAIM_IDLE_MS = 1500
-"""Heartbeats every 500 ms. A held entry is touched again at most two heartbeat periods after its last touch, and
-a period is the interval plus the heartbeat's own round trips: with one stream, its idle time on the server stays
-under 2 x (500 ms + RTT), so RTTs up to about 200 ms leave the peer nothing to reclaim."""
-SPIKE_S = 0.04
-"""Latency added each way during a spike (plus jitter up to a quarter of it): a round trip of 80-100 ms."""
 SOCKET_TIMEOUT_S = 1.0
 """The socket timeout the blackhole case's worker URL sets."""
 DETECT_DEADLINE_S = 30.0
@@ -276,48 +271,3 @@ async def test_a_publisher_detects_a_blackholed_redis_within_the_socket_timeout(
         finally:
             proxy.heal()
     assert "no reply within 0.3s" in str(failed.value), failed.value  # the URL's socket timeout fired
-
-
-# ---- latency ---------------------------------------------------------------------------------------------
-
-
-async def _gate(event: asyncio.Event, run: Run) -> Callable[..., Any]:
-    async def held(ev: Event, ctx: Context) -> None:
-        await event.wait()
-        await run.record(ev, ctx)
-
-    return held
-
-
-async def _spikes(proxy: Proxy, delays_s: Sequence[float], each_s: float) -> None:
-    """Add latency for ``each_s``, then none for half as long, once per delay."""
-    for d in delays_s:
-        proxy.delay_s, proxy.jitter_s = d, d / 4
-        await asyncio.sleep(each_s)
-        proxy.delay_s = proxy.jitter_s = 0.0
-        await asyncio.sleep(each_s / 2)
-
-
-@pytest.mark.parametrize("symbols", [1, 12])  # 12: a worker holding entries of many streams (a regression case:
-# the heartbeat once touched them a round trip each, and the last ones looked abandoned during a spike)
-async def test_latency_spikes_do_not_make_a_live_workers_entries_look_abandoned(run: Run, proxy: Proxy,
-                                                                                symbols: int) -> None:
-    # Given a worker through the proxy holding entries its handler has not finished, and a peer beside it
-    # (on a direct connection) whose reclaim loop takes over whatever looks abandoned
-    gate = asyncio.Event()
-    slow = run.worker(run.client(proxy.url()), "slow", await _gate(gate, run), reclaim_idle_ms=SPIKE_RECLAIM_IDLE_MS)
-    peer = run.worker(run.direct, "peer", await _gate(gate, run), reclaim_idle_ms=SPIKE_RECLAIM_IDLE_MS)
-    async with Publisher(run.direct, keys=run.keys) as pub:
-        assert await run.publish(pub, 60, symbols=symbols) == 0
-    async with running(slow):
-        await eventually(lambda: _now(slow.stats.delivered == 60), what="the slow worker to hold the backlog")
-        async with running(peer):
-            # When the link to Redis slows down several times, each for longer than reclaim_idle_ms
-            await _spikes(proxy, [SPIKE_S] * 2, each_s=SPIKE_RECLAIM_IDLE_MS / 1000 + 0.2)
-            gate.set()
-            s = await run.settled(fault_end=time.time())
-
-    # Then the peer reclaimed nothing from the live worker: everything handled once
-    _report(f"latency spikes, {symbols} streams", s)
-    assert peer.stats.reclaimed == 0, f"{peer.stats.reclaimed} entries of a live worker reclaimed"
-    assert s.lost == 0 and s.duplicated == 0, s.describe()

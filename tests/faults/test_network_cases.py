@@ -2,8 +2,9 @@
 ``python -m bench.faults``): ``fabric worker`` processes and producers whose connections go through the fault
 proxy (``proxy.py``) in front of the run's redis-server, scored by the checker like every other case.
 
-``test_network.py`` covers the same faults with in-process workers (their stats at hand) and the cases the
-checker cannot score (latency spikes judged by what a peer reclaimed, a line that must never read a late reply).
+Latency spikes are judged here by what a peer reclaimed (its logged stats) as well as by the checker.
+``test_network.py`` covers the cut and blackhole faults with in-process workers (their stats at hand) and what the
+checker cannot score (a line that must never read a late reply, a publisher's error naming its timeout).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from fabric import scripts
 from fabric.client import connect
 from tests.faults.checker import Score
-from tests.faults.harness import World, case, joined, rate, until
+from tests.faults.harness import WorkerProc, World, case, joined, rate, until
 from tests.faults.proxy import Proxy
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
@@ -142,6 +143,67 @@ async def case_blackhole(w: World, events: int) -> Score:
     return await w.score(fault_end=fault_end)
 
 
+SPIKE_RECLAIM_IDLE_MS = 1500
+"""Heartbeats every 500 ms (a third of it). A held entry is touched again at most two heartbeat periods after its
+last touch, and a period is the interval plus the heartbeat's own round trips: its idle time on the server stays
+under 2 x (500 ms + RTT), so RTTs up to about 200 ms leave the peer nothing to reclaim."""
+SPIKE_S = 0.04
+"""Latency added each way during a spike (plus jitter up to a quarter of it): a round trip of 80-100 ms."""
+SPIKES = 2
+"""Spikes in a run, each longer than ``SPIKE_RECLAIM_IDLE_MS``, with half as long without latency after each."""
+
+
+async def _latency_spikes(w: World, events: int, symbols: int) -> Score:
+    # Given a worker through the proxy holding the whole backlog in handler calls that wait (for a gate file), and
+    # a peer beside it on a direct connection, as slow, whose reclaim loop takes over whatever looks abandoned
+    await w.create_streams(symbols)
+    await w.publish(events, symbols=symbols)
+    gate = w.tmp / "gate"
+
+    def holding(consumer: str, redis_url: str | None = None) -> WorkerProc:
+        return w.spawn(consumer, handler="gated", env={"FAULTS_GATE": str(gate)}, concurrency=events,
+                       reclaim_idle_ms=SPIKE_RECLAIM_IDLE_MS, redis_url=redis_url)
+
+    with Proxy("127.0.0.1", w.redis.port) as proxy:
+        slow = holding("slow", proxy.url())
+        await until(lambda: _held(w, "slow", events), what="the slow worker to hold the backlog")
+        (peer,) = await joined(holding("peer"))
+
+        # When the link to Redis slows down several times, each time for longer than reclaim_idle_ms
+        each_s = SPIKE_RECLAIM_IDLE_MS / 1000 + 0.2
+        for _ in range(SPIKES):
+            proxy.delay_s, proxy.jitter_s = SPIKE_S, SPIKE_S / 4
+            await asyncio.sleep(each_s)  # the fault's schedule, not a wait for a condition
+            proxy.delay_s = proxy.jitter_s = 0.0
+            await asyncio.sleep(each_s / 2)
+        fault_end = time.time()
+        w.notes["peer held"] = await w.pending("peer")
+        gate.touch()
+
+        # Then the peer reclaimed nothing from the live worker: everything handled once, by it
+        await w.settle()
+        await asyncio.gather(slow.stopped_cleanly(), peer.stopped_cleanly())
+    w.notes["reclaimed"] = peer.stat("reclaimed")
+    w.notes["handled by the peer"] = w.handled_by(peer.pid)
+    return await w.score(fault_end=fault_end)
+
+
+async def _held(w: World, consumer: str, n: int) -> bool:
+    return await w.pending(consumer) == n
+
+
+@case("latency spikes (RTT 80-100 ms), 1 stream", "no loss, no duplicates")
+async def case_latency_spikes_one_stream(w: World, events: int) -> Score:
+    return await _latency_spikes(w, events, 1)
+
+
+# 12 streams: a worker holding entries of many streams (a regression case: the heartbeat once touched them a
+# round trip each, and the last ones looked abandoned during a spike)
+@case("latency spikes (RTT 80-100 ms), 12 streams", "no loss, no duplicates")
+async def case_latency_spikes_twelve_streams(w: World, events: int) -> Score:
+    return await _latency_spikes(w, events, 12)
+
+
 # ---- the short form ------------------------------------------------------------------------------------
 
 
@@ -168,4 +230,13 @@ async def test_a_blackholed_redis_is_noticed_within_the_socket_timeout_and_nothi
         s = await case_blackhole(w, EVENTS)
     assert w.notes["detected"]
     assert (s.lost, s.unexpected) == (0, 0), s.describe()
+    assert s.handled == s.acknowledged == EVENTS, s.describe()
+
+
+@pytest.mark.parametrize("symbols", [1, 12])
+async def test_latency_spikes_do_not_make_a_live_workers_entries_look_abandoned(tmp_path: Path, symbols: int) -> None:
+    async with World.open(tmp_path) as w:
+        s = await _latency_spikes(w, EVENTS, symbols)
+    assert w.notes == {"peer held": 0, "reclaimed": 0, "handled by the peer": 0}, w.notes
+    assert (s.lost, s.duplicated, s.unexpected) == (0, 0, 0), s.describe()
     assert s.handled == s.acknowledged == EVENTS, s.describe()
