@@ -27,7 +27,7 @@ from bench.environment import machine, revision, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODULES = ("test_worker_faults", "test_redis_faults", "test_bad_input", "test_reclaim_race", "test_network_cases",
-           "test_clock_cases")
+           "test_clock_cases", "test_tls_cases")
 """The modules of tests/faults whose ``@case`` functions make up the suite, in the order they run."""
 FIGURES = ("acknowledged", "indeterminate", "refused", "handled", "dead_lettered", "lost", "reported_lost",
            "duplicated", "unexpected")
