@@ -19,6 +19,7 @@ import uuid
 
 import msgspec
 import uvloop
+from redis.asyncio import Redis
 
 from bench.server import redis_target
 from bench.streams import registered
@@ -50,16 +51,16 @@ def _sized(t: Tick, pad: int) -> Tick:
     return msgspec.structs.replace(t, producer="", exchange="x" * pad)
 
 
-async def _ratio(client: object, ticks: list[Tick], size: int) -> float:
+async def _ratio(client: Redis, ticks: list[Tick], size: int) -> float:
     keys = Keys(f"mem{uuid.uuid4().hex[:8]}")
-    async with Publisher(client, keys=keys) as pub:  # type: ignore[arg-type]
+    async with Publisher(client, keys=keys) as pub:
         for at in range(0, len(ticks), CHUNK):
             await pub.publish_many(ticks[at:at + CHUNK])
     [stream] = await registered(client, keys, TOPIC)
-    usage = await client.memory_usage(stream, samples=0)  # type: ignore[attr-defined]
-    entries = await client.xlen(stream)  # type: ignore[attr-defined]
-    async for key in client.scan_iter(match=f"{keys.ns}:*"):  # type: ignore[attr-defined]
-        await client.unlink(key)  # type: ignore[attr-defined]
+    usage = await client.memory_usage(stream, samples=0)
+    entries = await client.xlen(stream)
+    async for key in client.scan_iter(match=f"{keys.ns}:*"):
+        await client.unlink(key)
     if entries != len(ticks):
         raise SystemExit(f"stored {entries} of {len(ticks)} ticks of {size} bytes")
     return float(usage) / entries / size

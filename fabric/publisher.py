@@ -555,7 +555,8 @@ class Publisher:
             else:
                 positions.append(i)
         keys: list[str] = []
-        counts: list[Any] = []
+        runs: list[int] = []
+        """Per stream: the number of its first event here, and how many (publish.lua's ARGV after the head)."""
         body: list[Any] = []
         dedup: list[str] = []
         order: list[int] = []
@@ -568,7 +569,7 @@ class Publisher:
             n = len(positions)
             first = seq.get(stream, 0) + 1
             seq[stream] = first + n - 1
-            counts += (first, n)
+            runs += (first, n)
             streams.append((stream, n))
             lasts.append(first + n - 1)
             order += positions
@@ -577,7 +578,7 @@ class Publisher:
                 body += (item[1], item[2])
                 if window:
                     dedup.append(self.keys.dedup(stream, item[3]))
-        head = (self._session, FORMAT_VERSION, window, SESSION_TTL_MS, self.config.encoding, len(by_stream), *counts)
+        head = (self._session, FORMAT_VERSION, window, SESSION_TTL_MS, self.config.encoding, len(by_stream), *runs)
         args = ("EVALSHA", scripts.PUBLISH.sha, len(keys) + len(dedup), *keys, *dedup, *head, *body)
         return args, streams, lasts, order
 
