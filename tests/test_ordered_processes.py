@@ -190,6 +190,10 @@ async def test_a_paused_owner_resumed_after_its_lease_expired_gets_its_late_writ
     async with producing(redis, keys, symbols) as producer:
         await eventually(balanced_over(["a", "b"], streams, redis, keys), timeout_s=60, what="streams spread")
         await eventually(lambda: _true(producer.rounds >= 3), what="a few rounds")
+        # (once every stream has a committed entry, each owner is in a handler call nearly all the time: its
+        # streams' backlogs grow, and a call lasts 200 ms against a commit's few. Stopped earlier, on a busy
+        # machine, "a" could have read entries but started no call, and would have nothing to write late.)
+        await eventually(lambda: all_handled(redis, keys, symbols, 1), timeout_s=60, what="every stream handling")
         # When "a" is SIGSTOPped past its lease, "b" takes all its streams over and goes on
         a.send(signal.SIGSTOP)
         try:
