@@ -2,10 +2,11 @@
 
     python -m bench.drain [--events 200000] [--symbols 50] [--profile] [--redis-url URL] [--config JSON]
 
-Publishes the backlog first, then times one in-process worker (no-op handler, acks, tuned GC as
-``fabric worker`` runs) from start until every event is acknowledged (``--config '{"ordered": true}'``: more
-``WorkerConfig`` fields, for instance the ordered mode). ``--profile`` prints cProfile's top
-functions by own time (profiling slows everything down: read the shares, not the speed).
+Publishes the backlog first, then times one in-process worker (no-op handler, acks, tuned GC as ``fabric worker``
+runs) from start until every event is acknowledged, and reads the Redis server's CPU time before and after
+(``INFO cpu``: what it spent per event, with whatever else it did meanwhile: use the server this command starts).
+``--config '{"ordered": true}'``: more ``WorkerConfig`` fields, for instance the ordered mode. ``--profile`` prints
+cProfile's top functions by own time (profiling slows everything down: read the shares, not the speed).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import uuid
 
 import msgspec
 import uvloop
+from redis.asyncio import Redis
 
 from bench.workload import ticks
 from fabric import Keys, Publisher, Worker, WorkerConfig, connect
@@ -42,11 +44,13 @@ async def drain(url: str, events: int, symbols: int, profile: cProfile.Profile |
     worker = Worker(client, as_handler(noop), msgspec.convert(fields, WorkerConfig), keys=keys)
     if profile:
         profile.enable()
+    server = await _server_cpu_s(client)
     wall, cpu = time.perf_counter(), time.process_time()
     run = asyncio.create_task(worker.run())
     while worker.stats.handled < events:
         await asyncio.sleep(0.002)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    server = await _server_cpu_s(client) - server
     if profile:
         profile.disable()
     worker.stop()
@@ -54,7 +58,13 @@ async def drain(url: str, events: int, symbols: int, profile: cProfile.Profile |
     for key in [k async for k in client.scan_iter(f"{keys.ns}:*")]:
         await client.unlink(key)
     await client.aclose()
-    print(f"drained {events:,} events: {events / wall:,.0f} events/s, worker CPU {cpu / events * 1e6:.2f} µs/event")
+    print(f"drained {events:,} events: {events / wall:,.0f} events/s, worker CPU {cpu / events * 1e6:.2f} µs/event, "
+          f"Redis CPU {server / events * 1e6:.2f} µs/event")
+
+
+async def _server_cpu_s(client: Redis) -> float:
+    info = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def main() -> None:
