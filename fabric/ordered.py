@@ -722,7 +722,7 @@ class Ordered:
     def _commit_call(self, part: list[_Commit]) -> tuple[list[str], list[Any]]:
         ix = scripts.KeyIndex()
         w = self.w
-        args: list[Any] = [w.group, w.consumer, FORMAT_VERSION]
+        args: list[Any] = [w.group, FORMAT_VERSION]
         for o, d, outputs, _ in part:
             failures = ix(o.failures) if d.deliveries > 1 else 0
             args += (ix(o.ref.key), ix(o.lease), o.token, failures, d.entry_id, len(outputs))

@@ -25,12 +25,12 @@ def tick(keys: Keys, symbol: str = "A") -> str:
     return keys.stream("tick", Priority.NORMAL, symbol)
 
 
-async def fenced_ack(redis: Any, leases: Leases, stream: str, consumer: str, token: int,
-                     entry_id: bytes, output: str | None = None) -> list[int]:
-    """Commit one entry through fenced_commit.lua, with one output to ``output`` if given."""
+async def fenced_ack(redis: Any, leases: Leases, stream: str, token: int, entry_id: bytes,
+                     output: str | None = None) -> list[int]:
+    """Commit one entry through fenced_commit.lua under ``token``, with one output to ``output`` if given."""
     keys = [stream, leases.key(stream)] + ([output] if output else [])
     outs = [1, 3, "Tick", "json", b"{}"] if output else [0]
-    return list(await scripts.FENCED_COMMIT(redis, keys, [GROUP, consumer, 1, 1, 2, token, 0, entry_id, *outs]))
+    return list(await scripts.FENCED_COMMIT(redis, keys, [GROUP, 1, 1, 2, token, 0, entry_id, *outs]))
 
 
 async def backlog(redis: Any, stream: str, n: int) -> list[bytes]:
@@ -198,10 +198,10 @@ async def test_a_fenced_write_is_refused_after_the_lease_moved(redis, keys: Keys
     new = await eventually(lambda: leases.acquire(stream, "b"), what="b acquiring")
     assert old is not None and await leases.take_over(stream, "b", new) is not None
     # When "a" resumes and commits its entry with an output under its old token
-    assert await fenced_ack(redis, leases, stream, "a", old, entry, output) == [FENCED]
+    assert await fenced_ack(redis, leases, stream, old, entry, output) == [FENCED]
     # Then nothing was written; "b" commits it under the current token
     assert await redis.xlen(output) == 0
-    assert await fenced_ack(redis, leases, stream, "b", new, entry, output) == [1]
+    assert await fenced_ack(redis, leases, stream, new, entry, output) == [1]
     assert await redis.xlen(output) == 1 and await pending_of(redis, stream) == {}
 
 
@@ -213,19 +213,39 @@ async def test_an_expired_lease_fences_its_former_owner_even_before_anyone_takes
     await read(redis, stream, "a", 1)
     await eventually(lambda: _free(leases, stream), what="the lease expiring")
     assert token is not None
-    assert await fenced_ack(redis, leases, stream, "a", token, entry) == [FENCED]
+    assert await fenced_ack(redis, leases, stream, token, entry) == [FENCED]
     assert await pending_of(redis, stream) == {entry: "a"}
 
 
-async def test_a_fenced_write_of_an_entry_not_pending_for_the_writer_is_refused(redis, keys: Keys) -> None:
+async def test_a_fenced_commit_sent_again_is_refused_and_writes_its_outputs_once(redis, keys: Keys) -> None:
     leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
-    stream = tick(keys)
+    stream, output = tick(keys), keys.stream("bar", Priority.NORMAL, "A")
     entry = (await backlog(redis, stream, 1))[0]
     token = await leases.acquire(stream, "a")
-    await read(redis, stream, "other", 1)
+    await read(redis, stream, "a", 1)
     assert token is not None
-    assert await fenced_ack(redis, leases, stream, "a", token, entry) == [0]
-    assert await pending_of(redis, stream) == {entry: "other"}
+    assert await fenced_ack(redis, leases, stream, token, entry, output) == [1]
+    # When the commit is sent again (its reply was lost)
+    assert await fenced_ack(redis, leases, stream, token, entry, output) == [0]
+    # Then its outputs are in the output stream once
+    assert await redis.xlen(output) == 1 and await pending_of(redis, stream) == {}
+
+
+async def test_an_entry_an_unordered_consumer_took_is_committed_once(redis, keys: Keys) -> None:
+    # A group wrongly run in both modes: an unordered consumer claims an entry the owner read and handles
+    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    stream, output = tick(keys), keys.stream("bar", Priority.NORMAL, "A")
+    entry = (await backlog(redis, stream, 1))[0]
+    token = await leases.acquire(stream, "a")
+    await read(redis, stream, "a", 1)
+    await redis.xclaim(stream, GROUP, "other", 0, [entry], justid=True)
+    assert token is not None
+    # When the owner commits first, then the other consumer (commit.lua, as an unordered worker does)
+    assert await fenced_ack(redis, leases, stream, token, entry, output) == [1]
+    other = await scripts.COMMIT(redis, [stream, output], [GROUP, "other", 1, 1, 0, entry, 1, 2, "Tick", "json", b"{}"])
+    # Then the second commit is refused: the entry's outputs are written once
+    assert list(other) == [0]
+    assert await redis.xlen(output) == 1 and await pending_of(redis, stream) == {}
 
 
 async def _free(leases: Leases, stream: str) -> bool:
@@ -295,7 +315,7 @@ async def test_a_releasing_stream_waits_for_its_owner_to_release_it(redis, keys:
     # Then nobody else takes it, while "a" still renews and commits the entry in hand
     assert await leases.acquire(stream, "b") is None
     assert await leases.renew({stream: old}, "a") == set()
-    assert await fenced_ack(redis, leases, stream, "a", old, entry) == [1]
+    assert await fenced_ack(redis, leases, stream, old, entry) == [1]
     # and once "a" releases it, "b" takes it under a newer token
     assert await leases.release(stream, "a", old)
     new = await leases.acquire(stream, "b")
@@ -336,7 +356,7 @@ async def test_the_new_owner_claims_the_former_owners_pending_entries_oldest_fir
     await read(redis, stream, "a", 4)
     assert old is not None
     for entry in ids[2:4]:
-        assert await fenced_ack(redis, leases, stream, "a", old, entry) == [1]
+        assert await fenced_ack(redis, leases, stream, old, entry) == [1]
     await leases.hand_over(stream, "a", old)
     await leases.release(stream, "a", old)
     new = await leases.acquire(stream, "b")
@@ -355,7 +375,7 @@ async def test_the_new_owner_claims_the_former_owners_pending_entries_oldest_fir
     assert set((await pending_of(redis, stream)).values()) == {"b"}
     assert await read(redis, stream, "b", 10) == ids[6:]
     # and the former owner's late commit of one of them is refused
-    assert await fenced_ack(redis, leases, stream, "a", old, ids[4]) == [FENCED]
+    assert await fenced_ack(redis, leases, stream, old, ids[4]) == [FENCED]
 
 
 async def test_a_takeover_under_a_stale_token_claims_nothing(redis, keys: Keys) -> None:

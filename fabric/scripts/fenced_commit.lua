@@ -4,25 +4,31 @@
 -- duplicate and no reordered output.
 -- KEYS        every stream, lease hash, failure hash and output stream involved, referenced by index from ARGV
 --             (one cluster slot per call)
--- ARGV[1]     group   ARGV[2] consumer   ARGV[3] wire format version
+-- ARGV[1]     group   ARGV[2] wire format version
 -- then, per entry:  stream index, lease index, token, failure hash index (0: none), entry id, number of outputs n,
 --                   then n times: output stream index, type, enc, data
--- Returns, per entry in order: 1 committed, 0 refused (no longer pending for this consumer: a
--- commit sent again after its reply was lost), -1 fenced out.
+-- Returns, per entry in order: 1 committed, 0 refused (no longer pending in the group: a commit sent again after
+-- its reply was lost), -1 fenced out.
+--
+-- The ack goes first and its reply decides: XACK acks an entry once, so its outputs are written once, whoever
+-- commits it (this script, or commit.lua for an unordered consumer of a group wrongly mixing both modes, which
+-- checks the same way). Under a current token nobody else can hold the entry: leases move pending entries with
+-- their stream (takeover.lua), and nothing XAUTOCLAIMs an ordered group. (An XPENDING per entry, to check the
+-- consumer as well, was the costliest command of the script.)
 --
 -- The fence, for every script that writes for an owned stream (this one, fail, claim, deadletter), before any
 -- write:   if redis.call('HGET', LEASE, 'token') ~= TOKEN then <refuse: write nothing> end
 -- An expired or released lease has no token (HGET gives false), and a newer owner has a higher one.
-local group, consumer, version = ARGV[1], ARGV[2], ARGV[3]
+local group, version = ARGV[1], ARGV[2]
 local out = {}
-local a = 4
+local a = 3
 while a <= #ARGV do
   local stream, lease, token = KEYS[tonumber(ARGV[a])], KEYS[tonumber(ARGV[a + 1])], ARGV[a + 2]
   local failures, id, n = tonumber(ARGV[a + 3]), ARGV[a + 4], tonumber(ARGV[a + 5])
   a = a + 6
   local status = -1
   if redis.call('HGET', lease, 'token') == token then
-    status = #redis.call('XPENDING', stream, group, id, id, 1, consumer) > 0 and 1 or 0
+    status = redis.call('XACK', stream, group, id)
   end
   if status == 1 then
     for j = 0, n - 1 do
@@ -30,7 +36,6 @@ while a <= #ARGV do
       redis.call('XADD', KEYS[tonumber(ARGV[b])], '*',
         'type', ARGV[b + 1], 'v', version, 'enc', ARGV[b + 2], 'data', ARGV[b + 3])
     end
-    redis.call('XACK', stream, group, id)
     if failures > 0 then
       redis.call('HDEL', KEYS[failures], group .. '/' .. id)
     end
