@@ -618,8 +618,8 @@ class Ordered:
                         "entry again)", o.ref.key, d.entry_id.decode())
             self._lose(o.ref.key, "fenced out of a commit")
             return False
-        log.warning("commit of %s %s refused: it was no longer pending to this consumer", o.ref.key,
-                    d.entry_id.decode())
+        log.warning("commit of %s %s refused: it was no longer pending (committed already, by a commit sent again "
+                    "or by another consumer of the group)", o.ref.key, d.entry_id.decode())
         return True
 
     async def _commit_loop(self) -> None:
