@@ -217,13 +217,19 @@ async def test_an_expired_lease_fences_its_former_owner_even_before_anyone_takes
     assert await pending_of(redis, stream) == {entry: "a"}
 
 
-async def test_a_fenced_commit_sent_again_is_refused_and_writes_its_outputs_once(redis, keys: Keys) -> None:
+async def owner_reading_one(redis: Any, keys: Keys) -> tuple[Leases, str, str, bytes, int]:
+    """Stream A's one entry, read by "a" under its lease: leases, stream, an output stream, entry id, token."""
     leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
     stream, output = tick(keys), keys.stream("bar", Priority.NORMAL, "A")
     entry = (await backlog(redis, stream, 1))[0]
     token = await leases.acquire(stream, "a")
     await read(redis, stream, "a", 1)
     assert token is not None
+    return leases, stream, output, entry, token
+
+
+async def test_a_fenced_commit_sent_again_is_refused_and_writes_its_outputs_once(redis, keys: Keys) -> None:
+    leases, stream, output, entry, token = await owner_reading_one(redis, keys)
     assert await fenced_ack(redis, leases, stream, token, entry, output) == [1]
     # When the commit is sent again (its reply was lost)
     assert await fenced_ack(redis, leases, stream, token, entry, output) == [0]
@@ -233,13 +239,8 @@ async def test_a_fenced_commit_sent_again_is_refused_and_writes_its_outputs_once
 
 async def test_an_entry_an_unordered_consumer_took_is_committed_once(redis, keys: Keys) -> None:
     # A group wrongly run in both modes: an unordered consumer claims an entry the owner read and handles
-    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
-    stream, output = tick(keys), keys.stream("bar", Priority.NORMAL, "A")
-    entry = (await backlog(redis, stream, 1))[0]
-    token = await leases.acquire(stream, "a")
-    await read(redis, stream, "a", 1)
+    leases, stream, output, entry, token = await owner_reading_one(redis, keys)
     await redis.xclaim(stream, GROUP, "other", 0, [entry], justid=True)
-    assert token is not None
     # When the owner commits first, then the other consumer (commit.lua, as an unordered worker does)
     assert await fenced_ack(redis, leases, stream, token, entry, output) == [1]
     other = await scripts.COMMIT(redis, [stream, output], [GROUP, "other", 1, 1, 0, entry, 1, 2, "Tick", "json", b"{}"])
