@@ -383,6 +383,30 @@ class Line:
             await conn.disconnect(nowait=True)
             raise
 
+    async def send(self, *args: Any) -> None:
+        """Send one command without reading its reply (``receive`` reads the replies, in order). A failed send
+        closes the connection, and with it every reply still to read."""
+        conn = self._conn
+        try:
+            async with _deadline(conn, self._timeout_s):
+                await conn.send_packed_command(hiredis.pack_command(args), check_health=False)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+
+    async def receive(self, blocking_s: float = 0.0) -> Any:
+        """The raw reply to the oldest command sent and not yet answered (``blocking_s``: how long that command may
+        wait on the server); error replies raise as for ``call``, anything else closes the connection."""
+        conn = self._conn
+        try:
+            async with _deadline(conn, self._timeout_s + blocking_s):
+                return await conn.read_response()
+        except rex.ResponseError:
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+
     async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send commands together and return their raw replies in order, an error reply as its exception in
         its place (a pipeline: one write, one round trip). A lost connection raises, as for ``call``."""

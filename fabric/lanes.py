@@ -51,6 +51,10 @@ class Lanes(Generic[T]):
         """How many more entries the lane of ``priority`` takes."""
         return self.capacity - len(self._queues[priority])
 
+    def busy_below(self, priority: Priority) -> bool:
+        """True while a lane of lower priority holds entries (the worker has more than this lane to work on)."""
+        return any(self._queues[p] for p in range(int(priority)))
+
     def put(self, priority: Priority, item: T) -> None:
         """Queue an item (the reader checks ``room`` first; a reclaim may overfill by one batch)."""
         self._queues[priority].append(item)

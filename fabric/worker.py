@@ -63,8 +63,9 @@ log = logging.getLogger("fabric.worker")
 
 RELEASE_IDLE_MS = 86_400_000
 FEW = 64
-"""A read of fewer entries is a trickle: its reader yields so that a dispatcher starts on them at once (under
-load, reads are larger and the reader goes straight on)."""
+"""A read of fewer entries is a trickle: its reader yields so that a dispatcher starts on them at once, and, while a
+lower lane keeps the worker busy, keeps a read sent ahead (``_Reads``); under load, reads are larger and the reader
+goes straight on, one read at a time."""
 MIN_READ = 16
 """Fewest entries a read asks each stream for."""
 _LABELS = tuple(p.label for p in Priority)
@@ -83,7 +84,8 @@ OUTPUT_MARK_TTL_MS = 86_400_000
 the input's ack (once the input is acked, the mark is deleted)."""
 GONE = frozenset({"NOGROUP", "UNBLOCKED"})
 _Read = Callable[[list[str], int, bool], Awaitable[int]]
-"""A lane's read: (its streams, how many entries to ask each for, primed) → how many entries were taken."""
+"""A lane's read: (its streams, how many entries to ask each for, primed) → how many entries were taken. A count
+of 0 sends nothing and only takes the reply of a read sent ahead (``_Reads``)."""
 """Replies that mean the group or stream no longer exists."""
 TRANSIENT = frozenset({"BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"})
 """Replies that mean: the same write will work later."""
@@ -131,6 +133,52 @@ class WorkerStats(msgspec.Struct, kw_only=True):
 
 _Commit = tuple[Delivery, list[tuple[str, Encoded]]]
 
+
+class _Reads:
+    """A lane's blocking reads on one connection, with the next one sent ahead while the lane trickles and a lower
+    lane keeps the worker busy.
+
+    After a read that took fewer than ``FEW`` entries while a lower lane holds entries, the next read is sent before
+    the reply to the current one is read, so one read always waits in Redis, which runs a client's next command as
+    soon as its blocked one is answered: an entry that arrives while the worker takes the last one's is handed over
+    at once, not when the worker's event loop gets round to sending the next read. (A busy worker's loop pass takes
+    a millisecond or more; with critical entries at 1,000/s and the low lane flooded, most arrived in that gap:
+    see ``python -m bench.latency --flood``.) Otherwise reads go out one at a time: an idle worker sends its next
+    read at once anyway. A read sent ahead asks for what the lane had room for before the current one's entries
+    were queued, so a lane can overfill by one read."""
+
+    def __init__(self, line: Line, block_ms: int) -> None:
+        self.line = line
+        self.waiting = 0
+        """Reads sent and not answered yet (at most two)."""
+        self.trickle = False
+        """The last read took fewer than ``FEW`` entries while a lower lane held entries: send the next one ahead."""
+        self._block_s = block_ms / 1000
+
+    async def next(self, command: tuple[Any, ...] | None) -> Any:
+        """Send ``command`` unless a read waits already (and once more ahead of it while the lane trickles), then
+        return the reply to the oldest read waiting. None sends nothing (the lane has no room, or the worker
+        stops): only a read already waiting is answered."""
+        line = self.line
+        if command is not None and not self.waiting and not self.trickle:
+            return await line.call(*command)  # one at a time: the plain round trip
+        try:
+            if command is not None:
+                if not self.waiting:
+                    await line.send(*command)
+                    self.waiting = 1
+                if self.trickle and self.waiting == 1:
+                    await line.send(*command)
+                    self.waiting = 2
+            reply = await line.receive(self._block_s)
+        except rex.ResponseError:
+            self.waiting -= 1  # that reply was read; a read sent after it still waits for its own
+            raise
+        except BaseException:
+            self.waiting = 0  # the connection was closed, and the replies still to read with it
+            raise
+        self.waiting -= 1
+        return reply
 
 
 async def finish(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> set[asyncio.Task[Any]]:
@@ -310,11 +358,12 @@ class Worker:
         self, readers: list[asyncio.Task[None]], background: list[asyncio.Task[None]],
         dispatchers: list[asyncio.Task[None]], committer: asyncio.Task[None], heartbeat: asyncio.Task[None],
     ) -> None:
-        # The reader and the loops end by themselves on _stop (the reader after its current read returns, so
-        # entries Redis handed over are seen and released below); they are cancelled only if they hang.
+        # The reader and the loops end by themselves on _stop (the reader after its current read returns, and the
+        # one it sent ahead if any, so entries Redis handed over are seen and released below); they are cancelled
+        # only if they hang.
         self._stop.set()
         self._retries.close()  # parked after a failure: their next delivery is a real retry, by anyone
-        await finish([*readers, *background], self.config.block_ms / 1000 + 1)
+        await finish([*readers, *background], 2 * self.config.block_ms / 1000 + 1)  # a read may wait behind another
         unstarted = self._lanes.close()
         if await finish(dispatchers, self.config.grace_s):
             log.warning("handlers still running after %.1fs grace: their entries stay pending", self.config.grace_s)
@@ -412,14 +461,15 @@ class Worker:
     # ---- reading and handling --------------------------------------------------------------------
 
     async def _read_loop(self, priority: Priority) -> None:
-        line, read = self._cluster_reader(priority) if is_cluster(self.client) else self._reader(priority)
+        line, read, waiting = self._cluster_reader(priority) if is_cluster(self.client) else self._reader(priority)
         primed = False
         try:
             delay = ERROR_BACKOFF_S[0]
             while not self._stop.is_set():
                 streams = self._lane_streams(priority)
-                count = await self._read_room(priority, len(streams))
-                if not count or not streams:
+                ahead = bool(waiting())  # a read sent ahead is answered before the reader waits for anything
+                count = await self._read_room(priority, len(streams), ahead)
+                if not ahead and (not count or not streams):
                     if not streams and not primed:
                         primed = self._prime()
                     if count and not streams:
@@ -438,26 +488,38 @@ class Worker:
                 if taken and taken < FEW:
                     await asyncio.sleep(0)  # a trickle: let a dispatcher start on it before reading again
                 primed = primed or self._prime()
+            while waiting():  # sent ahead before the stop: its entries are this worker's, to hand back
+                try:
+                    await read([], 0, True)
+                except (rex.RedisError, OSError) as exc:
+                    raise_if_cancelled(exc)
+                    break  # what it delivered stays pending to this consumer: reclaimed after reclaim_idle_ms
         finally:
             if not primed:
                 self._prime()
             await line.close()
 
-    def _reader(self, priority: Priority) -> tuple[Line, _Read]:
+    def _reader(self, priority: Priority) -> tuple[Line, _Read, Callable[[], int]]:
         """A lane's reads on one Redis: one XREADGROUP over all its streams, blocking once primed (the first read
         does not block: what already waits in every lane is read before any is handled, so a worker starting on
-        backlogs serves the critical one first)."""
+        backlogs serves the critical one first), the next one sent ahead while the lane trickles (``_Reads``).
+        Returns the connection, the read, and how many reads wait for their reply."""
         line = Line(self.client)
+        reads = _Reads(line, self.config.block_ms)
 
         async def read(streams: list[str], count: int, primed: bool) -> int:
-            block = ("BLOCK", self.config.block_ms) if primed else ()
-            reply = await line.call("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, *block,
-                                    "STREAMS", *streams, *(">",) * len(streams))
-            return self._take(priority, reply) if reply else 0
+            if not primed:
+                reply = await line.call(*self._read_command(streams, count))
+                return self._take(priority, reply) if reply else 0
+            command = self._read_command(streams, count, self.config.block_ms) if count and streams else None
+            reply = await reads.next(command)
+            taken = self._take(priority, reply) if reply else 0
+            reads.trickle = taken < FEW and self._lanes.busy_below(priority)
+            return taken
 
-        return line, read
+        return line, read, lambda: reads.waiting
 
-    def _cluster_reader(self, priority: Priority) -> tuple[ClusterLine, _Read]:
+    def _cluster_reader(self, priority: Priority) -> tuple[ClusterLine, _Read, Callable[[], int]]:
         """A lane's reads on a Redis Cluster, which has no read across slots and so no blocking read across them.
 
         Each round reads every slot of the lane without blocking: one XREADGROUP per slot's streams, the slots of
@@ -476,7 +538,7 @@ class Worker:
                 taken = await self._wait_slots(line, priority, streams, count, hot)
             return taken
 
-        return line, read
+        return line, read, lambda: 0
 
     async def _read_failed(self, exc: BaseException, delay: float) -> float:
         """After a failed read: a group found gone is rejoined at once; otherwise wait ``delay`` and return the
@@ -558,12 +620,14 @@ class Worker:
             self._primed.set()
         return True
 
-    async def _read_room(self, priority: Priority, streams: int) -> int:
+    async def _read_room(self, priority: Priority, streams: int, ahead: bool = False) -> int:
         """How many entries to ask each stream for: the lane's room shared by its streams (at least
         ``MIN_READ``, so a lone busy stream among many idle ones still moves); 0 (after a wait) when the lane
-        or the worker is full. Sharing keeps one worker from taking a whole backlog its peers could share."""
+        or the worker is full. Sharing keeps one worker from taking a whole backlog its peers could share.
+        ``ahead``: a read sent ahead waits for its reply, which comes first: 0 at once instead of a wait."""
         if not self._reading_allowed():
-            await self._breaker_changed()
+            if not ahead:
+                await self._breaker_changed()
             return 0
         lanes = self._lanes
         room = lanes.room(priority)
@@ -571,12 +635,14 @@ class Worker:
         # a worker whose commits stall cannot hoard more than that, and a flood of low entries waiting to be
         # committed never keeps a critical one unread.
         if self._held_total() >= self._max_held and room < lanes.capacity:
-            self._released.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._released.wait(), self.config.block_ms / 1000)
+            if not ahead:
+                self._released.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), self.config.block_ms / 1000)
             return 0
         if room <= 0:
-            await lanes.wait_room((priority,))
+            if not ahead:
+                await lanes.wait_room((priority,))
             return 0
         return max(MIN_READ, room // max(1, streams))
 

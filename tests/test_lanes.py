@@ -174,3 +174,16 @@ async def test_close_wakes_a_waiting_get_with_none():
     lanes.close()
     # then it gets None
     assert await asyncio.wait_for(getter, 10) is None
+
+
+def test_a_lane_is_busy_below_only_while_a_lower_lane_holds_items():
+    lanes: Lanes[int] = Lanes(capacity=4)
+    lanes.put(Priority.HIGH, 1)
+    # a higher or equal lane holding items does not count
+    assert not lanes.busy_below(Priority.HIGH) and not lanes.busy_below(Priority.LOW)
+    assert lanes.busy_below(Priority.CRITICAL)
+    lanes.put(Priority.LOW, 2)
+    assert lanes.busy_below(Priority.NORMAL)
+    # once the lower lanes are emptied, no longer
+    assert lanes.get_nowait() == 1 and lanes.get_nowait() == 2
+    assert not lanes.busy_below(Priority.CRITICAL)
