@@ -11,6 +11,22 @@ from tests.waiting import eventually
 from tests.workers import running
 
 
+async def taken_over(redis, keys, n: int) -> dict[str, int]:
+    """Run a second worker, whose reclaim time is long (it takes over only what was handed back), until it has
+    handled ``n`` events; their delivery counts by event id."""
+    counts: dict[str, int] = {}
+
+    async def record(event: Tick, ctx) -> None:
+        counts[event.event_id] = ctx.delivery_count
+
+    second = Worker(redis, as_handler(record), WorkerConfig(group="g", topics=["tick"], block_ms=50,
+                                                            reclaim_idle_ms=600_000, reclaim_interval_ms=50,
+                                                            consumer="second"), keys=keys)
+    async with running(second):
+        await eventually(lambda: asyncio.sleep(0, result=len(counts) == n), what=f"all {n} taken over")
+    return counts
+
+
 @pytest.mark.real_only
 async def test_entries_read_ahead_but_never_started_go_back_with_their_delivery_count(redis, keys):
     # given a worker holding one entry in its handler and 19 read ahead, never started
@@ -34,16 +50,7 @@ async def test_entries_read_ahead_but_never_started_go_back_with_their_delivery_
     await run
 
     # then a second worker with a long reclaim time takes all 20 over at once, the 19 unstarted at delivery 1
-    counts: dict[str, int] = {}
-
-    async def record(event: Tick, ctx) -> None:
-        counts[event.event_id] = ctx.delivery_count
-
-    second = Worker(redis, as_handler(record), WorkerConfig(group="g", topics=["tick"], block_ms=50,
-                                                            reclaim_idle_ms=600_000, reclaim_interval_ms=50,
-                                                            consumer="second"), keys=keys)
-    async with running(second):
-        await eventually(lambda: asyncio.sleep(0, result=len(counts) == 20), what="all 20 taken over")
+    counts = await taken_over(redis, keys, 20)
     assert counts[started[0]] == 2
     assert all(counts[i] == 1 for i in ids if i != started[0])
 
@@ -82,14 +89,5 @@ async def test_a_read_sent_ahead_hands_its_entries_back_at_the_stop(redis, keys)
     # delivered to "first", none was left unread, and they went back to the group, their delivery undone
     pending = await redis.xpending_range(crit, "g", "-", "+", 10)
     assert [(p["consumer"], p["times_delivered"]) for p in pending] == [(b"first", 0)] * 3
-    counts: dict[str, int] = {}
-
-    async def record(event: Tick, ctx) -> None:
-        counts[event.event_id] = ctx.delivery_count
-
-    second = Worker(redis, as_handler(record), WorkerConfig(group="g", topics=["tick"], block_ms=50,
-                                                            reclaim_idle_ms=600_000, reclaim_interval_ms=50,
-                                                            consumer="second"), keys=keys)
-    async with running(second):
-        await eventually(lambda: asyncio.sleep(0, result=len(counts) == 23), what="all 23 taken over")
+    counts = await taken_over(redis, keys, 23)
     assert all(counts[e.event_id] == 1 for e in criticals)
