@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import redis.exceptions as rex
 from redis.crc import key_slot
 
 from fabric import scripts
@@ -235,6 +236,16 @@ async def test_a_fenced_commit_sent_again_is_refused_and_writes_its_outputs_once
     assert await fenced_ack(redis, leases, stream, token, entry, output) == [0]
     # Then its outputs are in the output stream once
     assert await redis.xlen(output) == 1 and await pending_of(redis, stream) == {}
+
+
+async def test_a_fenced_commit_whose_output_is_refused_leaves_its_entry_pending(redis, keys: Keys) -> None:
+    leases, stream, output, entry, token = await owner_reading_one(redis, keys)
+    await redis.set(output, "not a stream")
+    # When the commit's output cannot be written (here a key of the wrong type; under maxmemory, OOM)
+    with pytest.raises(rex.ResponseError):
+        await fenced_ack(redis, leases, stream, token, entry, output)
+    # Then the entry was not acked: it stays pending to its owner, to be handled again
+    assert await pending_of(redis, stream) == {entry: "a"}
 
 
 async def test_an_entry_an_unordered_consumer_took_is_committed_once(redis, keys: Keys) -> None:
