@@ -170,6 +170,10 @@ class _Reads:
                 if self.trickle and self.waiting == 1:
                     await line.send(*command)
                     self.waiting = 2
+        except BaseException:
+            self.waiting = 0  # a failed send closed the connection, and the replies still to read with it
+            raise
+        try:
             reply = await line.receive(self._block_s)
         except rex.ResponseError:
             self.waiting -= 1  # that reply was read; a read sent after it still waits for its own
@@ -363,7 +367,7 @@ class Worker:
         # only if they hang.
         self._stop.set()
         self._retries.close()  # parked after a failure: their next delivery is a real retry, by anyone
-        await finish([*readers, *background], 2 * self.config.block_ms / 1000 + 1)  # a read may wait behind another
+        await finish([*readers, *background], self.config.block_ms / 1000 + 1)  # (two reads sent ahead: each half)
         unstarted = self._lanes.close()
         if await finish(dispatchers, self.config.grace_s):
             log.warning("handlers still running after %.1fs grace: their entries stay pending", self.config.grace_s)
@@ -511,7 +515,10 @@ class Worker:
             if not primed:
                 reply = await line.call(*self._read_command(streams, count))
                 return self._take(priority, reply) if reply else 0
-            command = self._read_command(streams, count, self.config.block_ms) if count and streams else None
+            # sent ahead, a read blocks half as long: the two that may wait end within block_ms (a breaker that
+            # opens stops the reading that soon, as with one read)
+            block_ms = max(1, self.config.block_ms // 2) if reads.trickle else self.config.block_ms
+            command = self._read_command(streams, count, block_ms) if count and streams else None
             reply = await reads.next(command)
             taken = self._take(priority, reply) if reply else 0
             reads.trickle = taken < FEW and self._lanes.busy_below(priority)
