@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -104,17 +106,24 @@ async def test_a_renewal_restarts_the_ttl(redis, keys: Keys) -> None:
     assert (await leases.owners([tick(keys)]))[tick(keys)].ttl_ms > before
 
 
+@contextlib.asynccontextmanager
+async def own_line(redis: Any) -> AsyncIterator[Line | ClusterLine]:
+    """A connection of fabric's own (on a cluster, every slot's call at once, pipelined per node), closed after."""
+    line = line_for(redis)
+    try:
+        yield line
+    finally:
+        await line.close()
+
+
 async def test_renew_reports_the_leases_lost_across_slots(redis, keys: Keys) -> None:
     await renew_across_slots(redis, keys, None)
 
 
 @pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
 async def test_renew_on_a_line_reports_the_leases_lost_across_slots(redis, keys: Keys) -> None:
-    line = line_for(redis)  # on a cluster, every slot's call at once, pipelined per node
-    try:
+    async with own_line(redis) as line:
         await renew_across_slots(redis, keys, line)
-    finally:
-        await line.close()
 
 
 async def renew_across_slots(redis: Any, keys: Keys, line: Line | ClusterLine | None) -> None:
@@ -137,11 +146,8 @@ async def test_acquire_many_takes_the_free_streams_across_slots(redis, keys: Key
 
 @pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
 async def test_acquire_many_on_a_line_takes_the_free_streams_across_slots(redis, keys: Keys) -> None:
-    line = line_for(redis)  # on a cluster, every slot's call at once, pipelined per node
-    try:
+    async with own_line(redis) as line:
         await acquire_and_hand_over_across_slots(redis, keys, line)
-    finally:
-        await line.close()
 
 
 async def acquire_and_hand_over_across_slots(redis: Any, keys: Keys, line: Line | ClusterLine | None) -> None:
