@@ -71,6 +71,11 @@ MIN_READ = 16
 _LABELS = tuple(p.label for p in Priority)
 COMMIT_LINGER_S = 0.0005
 """A commit smaller than ``commit_batch`` waits this long for more (acks are not on the latency path)."""
+ACK_LINGER_S = 0.005
+"""A commit of acks alone (no outputs) smaller than ``commit_batch`` waits up to this long in all for more: at a low
+rate one ack call per few events instead of one per event, so Redis and the worker spend their CPU on the events
+themselves (on two cores the saved wake-ups showed in the latency at 5,000/s). An entry with outputs, a full batch
+or the stop sends at once. An ack held back is only later, never lost: a crash meanwhile redelivers the entry."""
 SLICE_S = 0.0002
 """How long the dispatcher holding the turn runs handlers that never wait before the loop polls I/O."""
 TOUCH_CHUNK = 1_000
@@ -253,6 +258,8 @@ class Worker:
         self._changed = asyncio.Event()  # the joined streams changed
         self._commits: list[_Commit] = []
         self._commit_ready = asyncio.Event()
+        self._commit_now = asyncio.Event()
+        """A commit with outputs, a full batch or the stop: the committer lingers no longer."""
         self._commits_closed = False
         self._retries: RetryTimer[Delivery] = RetryTimer()
         self._registered: set[str] = set()
@@ -373,6 +380,7 @@ class Worker:
             log.warning("handlers still running after %.1fs grace: their entries stay pending", self.config.grace_s)
         self._commits_closed = True
         self._commit_ready.set()
+        self._commit_now.set()
         if await finish([committer], self.config.grace_s):  # Redis unreachable: redelivered later
             log.warning("commits did not complete within %.1fs grace: their entries stay pending", self.config.grace_s)
         self._halt.set()  # a heartbeat after the hand-back would undo it
@@ -737,8 +745,7 @@ class Worker:
             # the handler itself raised CancelledError (it awaited something another party cancelled)
             await self._failed(d, "CancelledError", str(exc) or "the handler raised CancelledError", None, event)
         else:
-            self._commits.append((d, outputs))
-            self._commit_ready.set()
+            self._committed(d, outputs)
 
     def _admit(self, d: Delivery) -> Event | tuple[str, ...]:
         """The event to handle, or why not: ("skip",) for a replay meant for another group, or the error type
@@ -762,8 +769,11 @@ class Worker:
             await self._dead_letter(d, why[0], why[1])
 
     def _committed(self, d: Delivery, outputs: list[tuple[str, Encoded]]) -> None:
-        self._commits.append((d, outputs))
+        commits = self._commits
+        commits.append((d, outputs))
         self._commit_ready.set()
+        if outputs or len(commits) >= self.config.commit_batch:
+            self._commit_now.set()
 
     def _outputs(self, event: Event, results: list[Event]) -> list[tuple[str, Encoded]]:
         out = []
@@ -836,7 +846,8 @@ class Worker:
                     await self._commit_ready.wait()
                     continue
                 if len(self._commits) < self.config.commit_batch and not self._commits_closed:
-                    await asyncio.sleep(COMMIT_LINGER_S)  # one script call for many entries: far less work
+                    await self._linger()
+                self._commit_now.clear()
                 batch, self._commits = self._commits, []
                 plain = [d for d, outs in batch if not outs and d.deliveries == 1]
                 if len(plain) < len(batch):
@@ -848,6 +859,14 @@ class Worker:
                 self._released.set()
         finally:
             await line.close()
+
+    async def _linger(self) -> None:
+        """Let a small commit gather more, one script call for many entries being far less work:
+        ``COMMIT_LINGER_S``, and while it holds acks alone, up to ``ACK_LINGER_S`` in all."""
+        await asyncio.sleep(COMMIT_LINGER_S)
+        if not self._commit_now.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._commit_now.wait(), ACK_LINGER_S - COMMIT_LINGER_S)
 
     async def _ack(self, line: Line | ClusterLine, batch: list[Delivery]) -> None:
         """Ack entries handled with nothing else to write: one script call (on a cluster, one per slot), one XACK

@@ -17,6 +17,7 @@ import pytest
 import redis.exceptions as rex
 
 from fabric import Priority, Publisher, Reject, Retry, Worker, WorkerConfig
+from fabric import worker as worker_module
 from fabric.codec import decode_fields
 from fabric.deadletter import list_dead_letters, replay
 from fabric.events import Bar, Event, Tick
@@ -605,6 +606,66 @@ async def lambda_none(event: Event) -> None:
 
 async def _is_set(event: asyncio.Event) -> bool:
     return event.is_set()
+
+
+# ---- acks held back at a low rate (ACK_LINGER_S), never entries with outputs ---------------------------
+
+
+@pytest.fixture
+def long_ack_linger(monkeypatch):
+    """Acks alone wait a minute for company: long past any deadline of these tests."""
+    monkeypatch.setattr(worker_module, "ACK_LINGER_S", 60.0)
+
+
+async def test_lone_acks_are_held_back_and_the_stop_sends_them(redis, keys, long_ack_linger):
+    # given a worker whose acks alone linger, handling one tick, then another published after it
+    seen: list[str] = []
+
+    async def handle(event: Event) -> None:
+        seen.append(event.event_id)
+
+    worker = make_worker(redis, keys, handle)
+    task = asyncio.create_task(worker.run())
+    await publish(redis, keys, ticks(1))
+    await eventually(at_least(1, lambda: len(seen)), what="the first handled")
+    await publish(redis, keys, ticks(1))
+    await eventually(at_least(2, lambda: len(seen)), what="the second handled")
+    # when both handlers have run, both entries are still pending: their acks wait for more
+    assert await pending(redis, stream_of(keys)) == 2 and worker.stats.handled == 0
+    # then the stop sends the acks at once: acked, not left for a redelivery
+    worker.stop()
+    await stopped([task])
+    assert worker.stats.handled == 2
+    assert await pending(redis, stream_of(keys)) == 0
+
+
+async def test_an_entry_with_outputs_is_committed_without_the_ack_linger(redis, keys, long_ack_linger):
+    # given a tick, a handler that turns it into a bar, and acks alone lingering a minute
+    await publish(redis, keys, ticks(1))
+
+    async def handle(event: Tick) -> Bar:
+        return bar_from(event)
+
+    worker = make_worker(redis, keys, handle, name="bars")
+    async with running(worker):
+        # then the commit goes without waiting: the bar is written and the tick acked within the test's deadline
+        await eventually(at_least(1, lambda: worker.stats.handled), what="the commit")
+        assert await pending(redis, stream_of(keys)) == 0
+        assert len(await redis.xrange(stream_of(keys, topic="bar"))) == 1
+
+
+async def test_a_full_batch_of_acks_goes_without_the_ack_linger(redis, keys, long_ack_linger):
+    # given acks alone lingering a minute, and as many ticks as a commit batch holds
+    await publish(redis, keys, ticks(8))
+
+    async def handle(event: Event) -> None:
+        return None
+
+    worker = make_worker(redis, keys, handle, commit_batch=8)
+    async with running(worker):
+        # then the full batch is acked without waiting
+        await eventually(at_least(8, lambda: worker.stats.handled), what="8 acks")
+        assert await pending(redis, stream_of(keys)) == 0
 
 
 # ---- the group's world changing under a running worker -------------------------------------------------
