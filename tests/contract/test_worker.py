@@ -654,16 +654,21 @@ async def test_an_entry_with_outputs_is_committed_without_the_ack_linger(redis, 
         assert len(await redis.xrange(stream_of(keys, topic="bar"))) == 1
 
 
-async def test_a_full_batch_of_acks_goes_without_the_ack_linger(redis, keys, long_ack_linger):
-    # given acks alone lingering a minute, and as many ticks as a commit batch holds
-    await publish(redis, keys, ticks(8))
+async def test_a_batch_filled_while_lingering_goes_without_the_rest_of_the_linger(redis, keys, long_ack_linger):
+    # given acks alone lingering a minute, a commit batch of 8, and 4 ticks handled, their acks held back
+    seen: list[str] = []
 
     async def handle(event: Event) -> None:
-        return None
+        seen.append(event.event_id)
 
     worker = make_worker(redis, keys, handle, commit_batch=8)
     async with running(worker):
-        # then the full batch is acked without waiting
+        await publish(redis, keys, ticks(4))
+        await eventually(at_least(4, lambda: len(seen)), what="the first 4 handled")
+        assert await pending(redis, stream_of(keys)) == 4
+        # when 4 more fill the batch
+        await publish(redis, keys, ticks(4))
+        # then all 8 are acked without waiting out the linger
         await eventually(at_least(8, lambda: worker.stats.handled), what="8 acks")
         assert await pending(redis, stream_of(keys)) == 0
 
