@@ -72,10 +72,11 @@ _LABELS = tuple(p.label for p in Priority)
 COMMIT_LINGER_S = 0.0005
 """A commit smaller than ``commit_batch`` waits this long for more (acks are not on the latency path)."""
 ACK_LINGER_S = 0.005
-"""A commit of acks alone (no outputs) smaller than ``commit_batch`` waits up to this long in all for more: at a low
+"""A commit of acks alone (no outputs) smaller than a full batch waits up to this long in all for more: at a low
 rate one ack call per few events instead of one per event, so Redis and the worker spend their CPU on the events
-themselves (on two cores the saved wake-ups showed in the latency at 5,000/s). An entry with outputs, a full batch
-or the stop sends at once. An ack held back is only later, never lost: a crash meanwhile redelivers the entry."""
+themselves (on two cores the saved wake-ups showed in the latency at 5,000/s). An entry with outputs, a full batch,
+a reader held back by the cap on held entries, or the stop ends the wait (an entry with outputs still waits
+``COMMIT_LINGER_S``, as before). An ack held back is only later, never lost: a crash meanwhile redelivers the entry."""
 SLICE_S = 0.0002
 """How long the dispatcher holding the turn runs handlers that never wait before the loop polls I/O."""
 TOUCH_CHUNK = 1_000
@@ -267,6 +268,9 @@ class Worker:
         self._skipped: set[str] = set()
         self._dlqs: set[str] = set()
         self._max_held = config.prefetch * len(Priority) + config.concurrency
+        self._full_batch = min(config.commit_batch, max(1, self._max_held // 2))
+        """Commits that go without lingering: ``commit_batch``, or half of what the worker may hold if that is less
+        (a small ``prefetch``), so acks held back never keep the reader waiting at the cap."""
         """Past this many held entries (read ahead, in flight, parked, committing) the reader pauses."""
         self._halt = asyncio.Event()  # set last, at the end of a drain: stops the heartbeat
         self._joined = asyncio.Event()
@@ -650,6 +654,7 @@ class Worker:
         # a worker whose commits stall cannot hoard more than that, and a flood of low entries waiting to be
         # committed never keeps a critical one unread.
         if self._held_total() >= self._max_held and room < lanes.capacity:
+            self._commit_now.set()  # the reading waits for commits: the next one does not linger
             if not ahead:
                 self._released.clear()
                 with contextlib.suppress(TimeoutError):
@@ -772,7 +777,7 @@ class Worker:
         commits = self._commits
         commits.append((d, outputs))
         self._commit_ready.set()
-        if outputs or len(commits) >= self.config.commit_batch:
+        if outputs or len(commits) >= self._full_batch:
             self._commit_now.set()
 
     def _outputs(self, event: Event, results: list[Event]) -> list[tuple[str, Encoded]]:
@@ -845,7 +850,7 @@ class Worker:
                     self._commit_ready.clear()
                     await self._commit_ready.wait()
                     continue
-                if len(self._commits) < self.config.commit_batch and not self._commits_closed:
+                if len(self._commits) < self._full_batch and not self._commits_closed:
                     await self._linger()
                 self._commit_now.clear()
                 batch, self._commits = self._commits, []
@@ -866,7 +871,8 @@ class Worker:
         await asyncio.sleep(COMMIT_LINGER_S)
         if not self._commit_now.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._commit_now.wait(), ACK_LINGER_S - COMMIT_LINGER_S)
+                async with asyncio.timeout(ACK_LINGER_S - COMMIT_LINGER_S):
+                    await self._commit_now.wait()
 
     async def _ack(self, line: Line | ClusterLine, batch: list[Delivery]) -> None:
         """Ack entries handled with nothing else to write: one script call (on a cluster, one per slot), one XACK

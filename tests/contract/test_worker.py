@@ -617,7 +617,7 @@ def long_ack_linger(monkeypatch):
     monkeypatch.setattr(worker_module, "ACK_LINGER_S", 60.0)
 
 
-async def test_lone_acks_are_held_back_and_the_stop_sends_them(redis, keys, long_ack_linger):
+async def test_lone_acks_linger_and_the_stop_sends_them(redis, keys, long_ack_linger):
     # given a worker whose acks alone linger, handling one tick, then another published after it
     seen: list[str] = []
 
@@ -626,15 +626,17 @@ async def test_lone_acks_are_held_back_and_the_stop_sends_them(redis, keys, long
 
     worker = make_worker(redis, keys, handle)
     task = asyncio.create_task(worker.run())
-    await publish(redis, keys, ticks(1))
-    await eventually(at_least(1, lambda: len(seen)), what="the first handled")
-    await publish(redis, keys, ticks(1))
-    await eventually(at_least(2, lambda: len(seen)), what="the second handled")
-    # when both handlers have run, both entries are still pending: their acks wait for more
-    assert await pending(redis, stream_of(keys)) == 2 and worker.stats.handled == 0
-    # then the stop sends the acks at once: acked, not left for a redelivery
-    worker.stop()
-    await stopped([task])
+    try:
+        await publish(redis, keys, ticks(1))
+        await eventually(at_least(1, lambda: len(seen)), what="the first handled")
+        await publish(redis, keys, ticks(1))
+        await eventually(at_least(2, lambda: len(seen)), what="the second handled")
+        # when both handlers have run, both entries are still pending: their acks wait for more
+        assert await pending(redis, stream_of(keys)) == 2 and worker.stats.handled == 0
+    finally:
+        # then the stop sends the acks at once: acked, not left for a redelivery
+        worker.stop()
+        await stopped([task])
     assert worker.stats.handled == 2
     assert await pending(redis, stream_of(keys)) == 0
 
@@ -671,6 +673,21 @@ async def test_a_batch_filled_while_lingering_goes_without_the_rest_of_the_linge
         # then all 8 are acked without waiting out the linger
         await eventually(at_least(8, lambda: worker.stats.handled), what="8 acks")
         assert await pending(redis, stream_of(keys)) == 0
+
+
+async def test_with_a_small_prefetch_a_batch_is_full_at_half_the_held_entries(redis, keys, long_ack_linger):
+    # given acks alone lingering a minute, and a cap on held entries (4 lanes x prefetch 4 + 2 handler slots = 18)
+    # far below commit_batch (512): a batch of 512 acks would never fill while the reader waits at the cap
+    await publish(redis, keys, ticks(200))
+
+    async def handle(event: Event) -> None:
+        return None
+
+    worker = make_worker(redis, keys, handle, prefetch=4, concurrency=2)
+    async with running(worker):
+        # then every 9 acks (half the cap) go without lingering: all but the last few are acked
+        await eventually(at_least(200 - 9, lambda: worker.stats.handled), what="all but the last 9 acked")
+    assert worker.stats.handled == 200  # and the stop sends the rest
 
 
 # ---- the group's world changing under a running worker -------------------------------------------------
