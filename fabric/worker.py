@@ -70,7 +70,7 @@ MIN_READ = 16
 """Fewest entries a read asks each stream for."""
 _LABELS = tuple(p.label for p in Priority)
 COMMIT_LINGER_S = 0.0005
-"""A commit smaller than ``commit_batch`` waits this long for more (acks are not on the latency path)."""
+"""A commit smaller than a full batch waits this long for more (acks are not on the latency path)."""
 ACK_LINGER_S = 0.005
 """A commit of acks alone (no outputs) smaller than a full batch waits up to this long in all for more: at a low
 rate one ack call per few events instead of one per event, so Redis and the worker spend their CPU on the events
@@ -260,7 +260,7 @@ class Worker:
         self._commits: list[_Commit] = []
         self._commit_ready = asyncio.Event()
         self._commit_now = asyncio.Event()
-        """A commit with outputs, a full batch or the stop: the committer lingers no longer."""
+        """A commit with outputs, a full batch, a reader waiting at the cap, or the stop: no more lingering."""
         self._commits_closed = False
         self._retries: RetryTimer[Delivery] = RetryTimer()
         self._registered: set[str] = set()
@@ -268,10 +268,10 @@ class Worker:
         self._skipped: set[str] = set()
         self._dlqs: set[str] = set()
         self._max_held = config.prefetch * len(Priority) + config.concurrency
+        """Past this many held entries (read ahead, in flight, parked, committing) the reader pauses."""
         self._full_batch = min(config.commit_batch, max(1, self._max_held // 2))
         """Commits that go without lingering: ``commit_batch``, or half of what the worker may hold if that is less
         (a small ``prefetch``), so acks held back never keep the reader waiting at the cap."""
-        """Past this many held entries (read ahead, in flight, parked, committing) the reader pauses."""
         self._halt = asyncio.Event()  # set last, at the end of a drain: stops the heartbeat
         self._joined = asyncio.Event()
         self._reads_failing = False
