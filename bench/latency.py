@@ -1,6 +1,6 @@
 """Where an event's latency goes, stage by stage, at a fixed open-loop rate; and the machine's own floor.
 
-    python -m bench.latency [--rate 5000] [--seconds 5] [--redis-url URL]
+    python -m bench.latency [--rate 5000] [--seconds 5] [--bystander] [--redis-url URL]
     python -m bench.latency --flood 2500000 [--rate 1000] [--seconds 10]   # the critical lane under a low flood
 
 A sender process (``bench.clock.OpenLoop``, as in the ``latency_*`` cases) publishes ticks over 50 symbols to a
@@ -15,13 +15,17 @@ publisher packed its batch; the worker when its read's reply was taken and when 
 - ``worker``     handled - taken: from the read to the handler (lanes, dispatch, decode);
 - ``total``      handled - due, what the ``latency_*`` cases report;
 
-and the ``redis`` stage split in two by a bystander process, a second reader of the same streams (in a group of
-its own, with nothing else to do), stamping when it got each entry:
+and, with ``--flood`` or ``--bystander``, the ``redis`` stage split in two by a bystander process, a second reader
+of the same streams (in a group of its own, with nothing else to do), stamping when it got each entry:
 
 - ``redis-seen`` seen by the bystander - packed: the write, Redis getting round to it (behind the other clients'
                  commands) and answering a blocked read, and the bystander's wake-up;
 - ``wake``       taken - seen by the bystander: the worker's part, its event loop getting round to the reply (or,
                  if no read of its own was waiting in Redis when the entry came, to sending one).
+
+The bystander is off by default without a flood: it makes Redis answer a second blocked reader for every event,
+which at a low rate costs about as much CPU as the worker's own read, so the other stages come out larger than
+in the suite's ``latency_*`` cases. Under a flood that extra read is small beside the flood's.
 
 With ``--flood N`` it splits the ``priority`` case instead: a flooder process first publishes N low ticks (more
 than the worker handles while the sender runs, so it stays saturated; the run says so if the flood ran dry),
@@ -66,6 +70,8 @@ from fabric.runner import tune_gc
 __all__ = ["ping", "stages"]
 
 STAGES = ("harness", "publisher", "redis", "worker", "total", "redis-seen", "wake")
+SPLIT = ("redis-seen", "wake")
+"""The stages only the bystander gives."""
 START_S = 10.0
 GROUP = "latency"
 FLOOD_STEP = 50_000
@@ -206,12 +212,13 @@ async def _until(done: Callable[[], bool], timeout_s: float = START_S) -> None:
 
 
 def stages(url: str, rate: float, seconds: float, flood: int = 0, cpu: dict[str, float] | None = None,
-           config: dict[str, Any] | None = None) -> dict[str, list[int]]:
+           config: dict[str, Any] | None = None, bystander: bool | None = None) -> dict[str, list[int]]:
     """Each stage's durations (ns), one per event, from a run at ``rate`` for ``seconds``; with ``flood``, of
     critical events while the worker works through that many low ones published first. ``cpu``, if given,
     receives each process's share of a core during the sender's run (``redis``, ``worker``, ``sender``) and
     ``flood_left``, the low ticks still unhandled at the end (0: the flood ran dry, the run was not saturated).
-    ``config``: more ``WorkerConfig`` fields for the worker."""
+    ``config``: more ``WorkerConfig`` fields for the worker. ``bystander`` (default: with a flood only) adds the
+    ``SPLIT`` stages; without it they are empty."""
     ns, total = f"latency{uuid.uuid4().hex[:8]}", round(rate * seconds)
     priority = Priority.CRITICAL if flood else Priority.NORMAL
     ctx = mp.get_context("spawn")
@@ -226,17 +233,20 @@ def stages(url: str, rate: float, seconds: float, flood: int = 0, cpu: dict[str,
     if from_worker.get(timeout=60) != "ready":
         raise SystemExit("bench.latency: the worker did not start")
     from_bystander = ctx.Queue()
-    bystander = ctx.Process(target=_bystander, args=(url, ns, priority, total, from_bystander))
-    bystander.start()
-    from_bystander.get(timeout=60)
+    watcher = ctx.Process(target=_bystander, args=(url, ns, priority, total, from_bystander))
+    if bystander if bystander is not None else bool(flood):
+        watcher.start()
+        from_bystander.get(timeout=60)
     sender = ctx.Process(target=_sender, args=(url, ns, rate, total, priority, from_sender))
     redis_cpu, wall = _redis_cpu_s(url), time.perf_counter()
     sender.start()
     made, packed, sender_cpu = from_sender.get(timeout=120 + seconds)
     redis_cpu, wall = _redis_cpu_s(url) - redis_cpu, time.perf_counter() - wall
     seen, worker_cpu, others = from_worker.get(timeout=120 + seconds)
-    by = from_bystander.get(timeout=120 + seconds)
-    bystander.join()
+    by: dict[tuple[str, bytes], int] = {}
+    if watcher.pid is not None:
+        by = from_bystander.get(timeout=120 + seconds)
+        watcher.join()
     sender.join()
     worker.join()
     if cpu is not None:
@@ -244,11 +254,13 @@ def stages(url: str, rate: float, seconds: float, flood: int = 0, cpu: dict[str,
                    flood_left=max(0, flood - others) if flood else 0)
     found: dict[str, list[int]] = {name: [] for name in STAGES}
     for event_id, due, taken, handled, entry in seen:
-        m, p, b = made[event_id], packed[event_id], by[entry]
+        m, p = made[event_id], packed[event_id]
         if not taken:
             raise SystemExit(f"bench.latency: event {event_id} was handled without its read being stamped")
-        for name, value in zip(STAGES, (m - due, p - m, taken - p, handled - taken, handled - due, b - p, taken - b),
-                               strict=True):
+        values = [m - due, p - m, taken - p, handled - taken, handled - due]
+        if by:
+            values += [by[entry] - p, taken - by[entry]]
+        for name, value in zip(STAGES, values, strict=False):
             found[name].append(value)
     return found
 
@@ -292,18 +304,22 @@ def main() -> None:
                         "(the priority case; 2,500,000 is its backlog)")
     p.add_argument("--worker-config", default="{}", metavar="JSON",
                    help='more WorkerConfig fields for the worker, e.g. \'{"prefetch": 256}\' (default: none)')
+    p.add_argument("--bystander", action=argparse.BooleanOptionalAction,
+                   help="split the redis stage with a second reader of the same streams (default: with --flood only; "
+                        "it adds a blocked read per event to Redis's work)")
     p.add_argument("--redis-url", help="Redis to measure (default $FABRIC_REDIS_URL, else a dedicated redis-server)")
     args = p.parse_args()
     rate = args.rate or (1000 if args.flood else 5000)
     seconds = args.seconds or (10 if args.flood else 5)
     cpu: dict[str, float] = {}
     with redis_target(args.redis_url) as target:
-        found = stages(target.url, rate, seconds, args.flood, cpu, json.loads(args.worker_config))
+        found = stages(target.url, rate, seconds, args.flood, cpu, json.loads(args.worker_config), args.bystander)
         floor = ping(target.url, rate, seconds)
     what = "critical events under a flood of low ones" if args.flood else "events"
     print(f"{len(found['total']):,} {what} at {rate:,.0f}/s; where their latency went:")
     for name in STAGES:
-        print(_row(name, found[name]))
+        if found[name]:
+            print(_row(name, found[name]))
     print(_row("ping", floor) + "   (a PING's round trip at the same rate: two wake-ups, no work)")
     print(f"CPU during the run, share of one core: redis {cpu['redis']:.0%}, worker {cpu['worker']:.0%}, "
           f"sender {cpu['sender']:.0%}")

@@ -81,8 +81,8 @@ def test_padded_ticks_have_exactly_the_size_asked() -> None:
 
 
 def test_the_latency_breakdown_accounts_for_every_event(redis_server: RedisServer) -> None:
-    # When the breakdown runs briefly at a low rate on the session's Redis
-    found = stages(redis_server.url, 500, 0.2)
+    # When the breakdown runs briefly at a low rate on the session's Redis, with its bystander reader
+    found = stages(redis_server.url, 500, 0.2, bystander=True)
 
     # Then every event sent was stamped at every step, in causal order (one machine, one clock): each stage takes
     # a time of at least zero (an event its worker never stamped would show as a huge negative one); the
@@ -93,6 +93,15 @@ def test_the_latency_breakdown_accounts_for_every_event(redis_server: RedisServe
     assert all(d >= 0 for stage in causal for d in found[stage]), found
     assert [a + b for a, b in zip(found["redis-seen"], found["wake"], strict=True)] == found["redis"]
     assert len(ping(redis_server.url, 500, 0.1)) == 50
+
+
+def test_without_a_flood_the_latency_breakdown_runs_no_bystander_unless_asked(redis_server: RedisServer) -> None:
+    # When the breakdown runs briefly at a low rate without a flood, and nothing said about the bystander
+    found = stages(redis_server.url, 500, 0.2)
+
+    # Then every event has the five stages of its own path, and the bystander's split is absent
+    assert {len(found[stage]) for stage in ("harness", "publisher", "redis", "worker", "total")} == {100}
+    assert found["redis-seen"] == [] and found["wake"] == []
 
 
 def test_the_latency_breakdown_under_a_flood_measures_only_the_critical_lane(redis_server: RedisServer) -> None:
