@@ -70,8 +70,6 @@ from fabric.runner import tune_gc
 __all__ = ["ping", "stages"]
 
 STAGES = ("harness", "publisher", "redis", "worker", "total", "redis-seen", "wake")
-SPLIT = ("redis-seen", "wake")
-"""The stages only the bystander gives."""
 START_S = 10.0
 GROUP = "latency"
 FLOOD_STEP = 50_000
@@ -217,8 +215,8 @@ def stages(url: str, rate: float, seconds: float, flood: int = 0, cpu: dict[str,
     critical events while the worker works through that many low ones published first. ``cpu``, if given,
     receives each process's share of a core during the sender's run (``redis``, ``worker``, ``sender``) and
     ``flood_left``, the low ticks still unhandled at the end (0: the flood ran dry, the run was not saturated).
-    ``config``: more ``WorkerConfig`` fields for the worker. ``bystander`` (default: with a flood only) adds the
-    ``SPLIT`` stages; without it they are empty."""
+    ``config``: more ``WorkerConfig`` fields for the worker. ``bystander`` (default: with a flood only) fills the
+    ``redis-seen`` and ``wake`` stages; without it they are empty."""
     ns, total = f"latency{uuid.uuid4().hex[:8]}", round(rate * seconds)
     priority = Priority.CRITICAL if flood else Priority.NORMAL
     ctx = mp.get_context("spawn")
@@ -234,7 +232,7 @@ def stages(url: str, rate: float, seconds: float, flood: int = 0, cpu: dict[str,
         raise SystemExit("bench.latency: the worker did not start")
     from_bystander = ctx.Queue()
     watcher = ctx.Process(target=_bystander, args=(url, ns, priority, total, from_bystander))
-    if bystander if bystander is not None else bool(flood):
+    if bool(flood) if bystander is None else bystander:
         watcher.start()
         from_bystander.get(timeout=60)
     sender = ctx.Process(target=_sender, args=(url, ns, rate, total, priority, from_sender))
