@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
 
 from fabric.events import Event, Tick
-from fabric.handler import Context, HandlerFn, as_handler, timeout
+from fabric.handler import Context, HandlerFn, _current_task, as_handler, timeout
 
 LIMIT_S = 0.05
 DEADLINE_S = 10.0
@@ -181,3 +183,33 @@ async def test_a_cancellation_from_outside_landing_with_the_deadline_stays_a_can
     # then the outer one is kept, as asyncio.timeout keeps it: the task ends cancelled, not with TimeoutError
     assert task.done()
     assert task.cancelled(), f"ended with {task.exception()!r}"
+
+
+async def _own_task_found() -> bool:
+    """True if the timeout's task lookup names the task it runs in."""
+    return _current_task() is asyncio.current_task() is not None
+
+
+def test_the_task_lookup_names_the_running_task_in_each_task_loop_thread_and_fork():
+    # given tasks of one loop, a second loop in the same thread, a loop in another thread
+    async def three() -> list[bool]:
+        return list(await asyncio.gather(*(asyncio.create_task(_own_task_found()) for _ in range(3))))
+
+    assert asyncio.run(three()) == [True] * 3
+    assert asyncio.run(_own_task_found())
+    elsewhere: list[bool] = []
+    thread = threading.Thread(target=lambda: elsewhere.append(asyncio.run(_own_task_found())))
+    thread.start()
+    thread.join(DEADLINE_S)
+    assert elsewhere == [True]
+
+    # and a child forked from inside a task (what this thread's loop was running is copied into the child)
+    async def fork_and_wait() -> int:
+        assert await _own_task_found()
+        pid = os.fork()
+        if pid == 0:  # the child: a new loop of its own
+            os._exit(0 if asyncio.run(_own_task_found()) else 1)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    # then each lookup names its own task, in the child too
+    assert asyncio.run(fork_and_wait()) == 0
