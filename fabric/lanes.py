@@ -37,6 +37,7 @@ class Lanes(Generic[T]):
         self.capacity = capacity
         self._weights = tuple(weights)
         self._queues: tuple[deque[T], ...] = tuple(deque() for _ in Priority)
+        self._top_down = self._queues[::-1]
         self._credit = [0] * len(Priority)
         self._size = 0
         self._closed = False
@@ -107,21 +108,18 @@ class Lanes(Generic[T]):
 
     def get_nowait(self) -> T | None:
         """The next item by the rule, or None when every lane is empty."""
-        if not self._size:
+        size = self._size
+        if not size:
             return None
-        for p in range(len(self._queues) - 1, -1, -1):
-            if len(self._queues[p]) == self._size:  # one lane holds everything: no credit moves (it would pay
-                self._size -= 1                     # back exactly what it gains)
-                item = self._queues[p].popleft()
-                if len(self._queues[p]) < self.capacity:
-                    self._room.set()
-                return item
-            if self._queues[p]:
+        for queue in self._top_down:
+            if queue:
+                if len(queue) == size:  # one lane holds everything: no credit moves (it would pay back exactly
+                    break               # what it gains)
+                queue = self._queues[self._pick()]
                 break
-        p = self._pick()
-        item = self._queues[p].popleft()
-        self._size -= 1
-        if len(self._queues[p]) < self.capacity:
+        self._size = size - 1
+        item = queue.popleft()
+        if len(queue) == self.capacity - 1:  # it had no room, now it has (an overfilled lane: once back under)
             self._room.set()
         return item
 

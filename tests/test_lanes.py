@@ -136,6 +136,35 @@ async def test_wait_room_wakes_when_a_full_lane_is_drained():
     await asyncio.wait_for(waiter, 10)
 
 
+async def test_wait_room_wakes_only_once_an_overfilled_lane_is_back_under_capacity():
+    # given a low lane overfilled by a reclaim (3 of capacity 2), a critical entry beside it, and a waiter
+    lanes: Lanes[int] = Lanes(capacity=2)
+    lanes.extend(Priority.LOW, [1, 2, 3])
+    lanes.put(Priority.CRITICAL, 9)
+    waiter = asyncio.create_task(lanes.wait_room([Priority.LOW]))
+    await asyncio.sleep(0)
+    # when the critical entry, then one low entry are taken: the low lane is full still, and the waiter waits
+    assert [lanes.get_nowait(), lanes.get_nowait()] == [9, 1]
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    # then taking one more gives it room, and the waiter returns
+    assert lanes.get_nowait() == 2
+    await asyncio.wait_for(waiter, 10)
+
+
+async def test_wait_room_wakes_when_a_full_lane_is_served_beside_another():
+    # given a full critical lane, a low entry beside it (so the rule picks between two lanes), and a waiter
+    lanes: Lanes[int] = Lanes(capacity=1)
+    lanes.put(Priority.CRITICAL, 9)
+    lanes.put(Priority.LOW, 1)
+    waiter = asyncio.create_task(lanes.wait_room([Priority.CRITICAL]))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    # when the critical entry is taken, then the waiter returns
+    assert lanes.get_nowait() == 9
+    await asyncio.wait_for(waiter, 10)
+
+
 async def test_get_waits_for_an_item():
     lanes: Lanes[int] = Lanes(capacity=2)
     getter = asyncio.create_task(lanes.get())
