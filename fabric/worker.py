@@ -102,16 +102,15 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
 
 
-class Delivery:
-    """One entry delivered to this worker."""
+class Delivery(msgspec.Struct, gc=False, eq=False):
+    """One entry delivered to this worker. A Struct is made in a third of the time a class with ``__slots__`` takes
+    (one per entry read); it refers to nothing that refers back, so the garbage collector need not track it, and
+    two are equal only if they are the same."""
 
-    __slots__ = ("stream", "entry_id", "fields", "deliveries")
-
-    def __init__(self, stream: StreamRef, entry_id: bytes, fields: list[bytes], deliveries: int) -> None:
-        self.stream = stream
-        self.entry_id = entry_id
-        self.fields = fields
-        self.deliveries = deliveries
+    stream: StreamRef
+    entry_id: bytes
+    fields: list[bytes]
+    deliveries: int
 
 
 class WorkerStats(msgspec.Struct, kw_only=True):
