@@ -42,8 +42,6 @@ Middleware = Callable[[HandlerFn], HandlerFn]
 
 
 def _outputs(result: Any, name: str) -> list[Event]:
-    if result is None:
-        return []
     if isinstance(result, Event):
         return [result]
     if isinstance(result, (list, tuple)) and all(isinstance(e, Event) for e in result):
@@ -69,10 +67,12 @@ def _adapt(fn: Callable[..., Any], name: str) -> HandlerFn:
 
     if len(params) == 1:
         async def handle(event: Event, ctx: Context) -> list[Event]:
-            return _outputs(await fn(event), name)
+            result = await fn(event)
+            return [] if result is None else _outputs(result, name)
     else:
         async def handle(event: Event, ctx: Context) -> list[Event]:
-            return _outputs(await fn(event, ctx), name)
+            result = await fn(event, ctx)
+            return [] if result is None else _outputs(result, name)
 
     handle.__qualname__ = name
     return handle
