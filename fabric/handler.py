@@ -103,20 +103,23 @@ def _task_finder() -> Callable[[], asyncio.Task[Any] | None]:
     system call, to notice a fork): about a tenth of a µs per call. This remembers each thread's loop and looks
     its running task up in asyncio's own table, asking for the loop again only when that finds none (a new loop
     in the thread); a fork forgets what it remembered. It would be wrong only if a loop that one thread ran were
-    then run by another while the first runs a new loop. From 3.12 ``current_task`` is C, and 3.14 has no such
-    table: there it is used as it is."""
+    then run by another while the first runs a new loop: do not move a loop between threads. From 3.12
+    ``current_task`` is C, and 3.14 has no such table: there it is used as it is."""
     table: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = getattr(asyncio.tasks, "_current_tasks", None)
     if sys.version_info >= (3, 12) or table is None:
         return asyncio.current_task
-    loops: dict[int, asyncio.AbstractEventLoop] = {}
-    os.register_at_fork(after_in_child=loops.clear)
-    ident = threading.get_ident
+
+    class Remembered(threading.local):
+        loop: asyncio.AbstractEventLoop | None = None
+
+    remembered = Remembered()  # per thread, and gone with it
+    os.register_at_fork(after_in_child=lambda: setattr(remembered, "loop", None))
 
     def current_task() -> asyncio.Task[Any] | None:
-        loop = loops.get(ident())
+        loop = remembered.loop
         task = table.get(loop) if loop is not None else None
         if task is None:
-            loop = loops[ident()] = asyncio.get_running_loop()
+            loop = remembered.loop = asyncio.get_running_loop()
             task = table.get(loop)
         return task
 

@@ -207,8 +207,12 @@ def test_the_task_lookup_names_the_running_task_in_each_task_loop_thread_and_for
     async def fork_and_wait() -> int:
         assert await _own_task_found()
         pid = os.fork()
-        if pid == 0:  # the child: a new loop of its own
-            os._exit(0 if asyncio.run(_own_task_found()) else 1)
+        if pid == 0:  # the child: a new loop of its own, and never back into pytest
+            found = False
+            try:
+                found = asyncio.run(_own_task_found())
+            finally:
+                os._exit(0 if found else 1)
         return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
     # then each lookup names its own task, in the child too
