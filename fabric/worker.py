@@ -89,12 +89,12 @@ OUTPUT_MARK_TTL_MS = 86_400_000
 """On a cluster, how long the mark of an output written in another slot than its input outlives a crash before
 the input's ack (once the input is acked, the mark is deleted)."""
 GONE = frozenset({"NOGROUP", "UNBLOCKED"})
-_Read = Callable[[list[str], int, bool], Awaitable[int]]
-"""A lane's read: (its streams, how many entries to ask each for, primed) → how many entries were taken. A count
-of 0 sends nothing and only takes the reply of a read sent ahead (``_Reads``)."""
 """Replies that mean the group or stream no longer exists."""
 TRANSIENT = frozenset({"BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"})
 """Replies that mean: the same write will work later."""
+_Read = Callable[[list[str], int, bool], Awaitable[int]]
+"""A lane's read: (its streams, how many entries to ask each for, primed) → how many entries were taken. A count
+of 0 sends nothing and only takes the reply of a read sent ahead (``_Reads``)."""
 
 
 def default_consumer_name() -> str:
