@@ -141,6 +141,9 @@ class Owned:
         self.committing = False
         self.last: asyncio.Future[int] | None = None
         """The latest commit's outcome (settled: every earlier one is too)."""
+        self.last_read: bytes | None = None
+        """The id of the last entry read for it, or of its last entry when a read found nothing new (where XREAD
+        BLOCK waits from); None when not known (a new owner, or after a wake-up): the next read asks."""
 
 
 class Ordered:
@@ -754,7 +757,8 @@ class Ordered:
                         await asyncio.wait_for(self._room.wait(), w.config.block_ms / 1000)
                     continue
                 try:
-                    read = await self.leases.read(want, w.consumer, ahead, line)
+                    last = {s: o.last_read for s, o in active if o.last_read is not None and s in want}
+                    read = await self.leases.read(want, w.consumer, ahead, line, last)
                     if not read.entries and read.idle and not full and not w._stop.is_set():
                         await self._wait_new(line, read.idle)
                     elif not read.entries and full:
@@ -771,6 +775,9 @@ class Ordered:
                     continue
                 for stream in read.lost:
                     self._lose(stream, "fenced out of a read")
+                for stream, last_id in read.idle.items():
+                    if (o := self.owned.get(stream)) is not None:
+                        o.last_read = last_id
                 self._take(read.entries)
         finally:
             await line.close()
@@ -784,6 +791,7 @@ class Ordered:
             if o is None or o.lost:
                 continue
             o.queue.extend(Delivery(o.ref, entry_id, fields, 1) for entry_id, fields in got)
+            o.last_read = got[-1][0]
             o.wake.set()
             taken += len(got)
         if taken:
@@ -810,7 +818,12 @@ class Ordered:
                 read.cancel()  # the line drops the connection: its late reply never answers the next command
                 await asyncio.wait([read])
         if not read.cancelled():
-            read.result()
+            woken = read.result() or ()
+            for name in woken.keys() if isinstance(woken, dict) else (pair[0] for pair in woken):
+                # Asked again at the next read: were the stream's new entries read by someone else (an unordered
+                # consumer wrongly in the group), waiting from the id known here would wake at once, again and again.
+                if (o := self.owned.get(name.decode())) is not None:
+                    o.last_read = None
 
     async def _poll_new(self, line: ClusterLine, idle: dict[str, bytes], slots: list[list[str]], wait_ms: int) -> None:
         """Wait for an entry on idle streams spread over several cluster slots, which no single XREAD BLOCK can

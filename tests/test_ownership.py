@@ -270,12 +270,12 @@ async def _free(leases: Leases, stream: str) -> bool:
     return stream not in await leases.owners([stream])
 
 
-@pytest.mark.real_only  # fakeredis hands XREADGROUP's reply to Lua one level less nested than Redis does
+@pytest.mark.real_only  # a read on a single Redis runs on a line, a connection of fabric's own to a real server
 async def test_a_fenced_read_reads_the_held_streams_and_reports_the_lost(redis, keys: Keys) -> None:
     await fenced_read(redis, keys, None)
 
 
-@pytest.mark.real_only  # fakeredis hands XREADGROUP's reply to Lua one level less nested than Redis does
+@pytest.mark.real_only  # a read on a single Redis runs on a line, a connection of fabric's own to a real server
 async def test_a_fenced_read_on_a_line_reads_the_held_streams_and_reports_the_lost(redis, keys: Keys) -> None:
     line = line_for(redis)  # on a cluster, every slot's call at once, pipelined per node
     try:
@@ -298,7 +298,7 @@ async def fenced_read(redis: Any, keys: Keys, line: Line | ClusterLine | None) -
     assert await pending_of(redis, lost) == {}
 
 
-@pytest.mark.real_only  # fakeredis hands XREADGROUP's reply to Lua one level less nested than Redis does
+@pytest.mark.real_only  # a read on a single Redis runs on a line, a connection of fabric's own to a real server
 async def test_a_former_owner_resumed_reads_nothing_behind_the_new_owners_back(redis, keys: Keys) -> None:
     short, leases = Leases(redis, keys, GROUP, ttl_ms=SHORT_TTL_MS), Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
     stream = tick(keys)
@@ -315,6 +315,80 @@ async def test_a_former_owner_resumed_reads_nothing_behind_the_new_owners_back(r
     entries, _, _ = await leases.read({stream: new}, "b", 10)
     assert [e[0] for e in entries[stream]] == ids[1:]
     assert set((await pending_of(redis, stream)).values()) == {"b"}
+
+
+class Meddling(Line):
+    """A line that runs ``meddle`` just before it sends EXEC: what another client (or a lost connection) does
+    between the fenced read's two round trips."""
+
+    def __init__(self, redis: Any, meddle: Any) -> None:
+        super().__init__(redis)
+        self.meddle = meddle
+
+    async def call(self, *args: Any) -> Any:
+        if args == ("EXEC",):
+            await self.meddle(self)
+        return await super().call(*args)
+
+
+@pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
+@pytest.mark.single_redis  # on a cluster the read is fenced_read.lua, one atomic call
+async def test_a_lease_taken_between_the_token_check_and_the_read_makes_the_read_read_nothing(
+        redis, keys: Keys) -> None:
+    short, leases = Leases(redis, keys, GROUP, ttl_ms=SHORT_TTL_MS), Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    stream = tick(keys)
+    await backlog(redis, stream, 3)
+    old = await short.acquire(stream, "a")
+    assert old is not None
+
+    async def taken(_: Line) -> None:  # the lease runs out and "b" takes the stream after "a"'s tokens were read
+        await eventually(lambda: leases.acquire(stream, "b"), what="b acquiring")
+
+    line = Meddling(redis, taken)
+    try:
+        # When "a" reads under the token it checked, then EXEC reads nothing, and the read again finds it lost
+        assert await leases.read({stream: old}, "a", 10, line) == ({}, {stream}, {})
+    finally:
+        await line.close()
+    assert await pending_of(redis, stream) == {}
+
+
+@pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
+@pytest.mark.single_redis  # on a cluster the read is fenced_read.lua, one atomic call
+async def test_a_connection_lost_between_the_token_check_and_the_read_reads_nothing(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    stream = tick(keys)
+    await backlog(redis, stream, 3)
+    token = await leases.acquire(stream, "a")
+    assert token is not None
+
+    async def cut(line: Line) -> None:  # the connection drops with the WATCH and the queued read
+        await Line.close(line)
+
+    line = Meddling(redis, cut)
+    try:
+        # When the EXEC goes out on a new connection, then it finds no transaction: an error, nothing read unwatched
+        with pytest.raises(rex.ResponseError, match="EXEC without MULTI"):
+            await leases.read({stream: token}, "a", 10, line)
+    finally:
+        await Line.close(line)
+    assert await pending_of(redis, stream) == {}
+
+
+@pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
+@pytest.mark.single_redis  # on a cluster, fenced_read.lua finds every idle stream's last id itself
+async def test_an_idle_stream_whose_last_read_id_is_passed_is_waited_on_from_it(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    known, unknown = tick(keys, "A"), tick(keys, "B")
+    ids = {s: await backlog(redis, s, 2) for s in (known, unknown)}
+    tokens = {s: await leases.acquire(s, "a") for s in (known, unknown)}
+    async with own_line(redis) as line:
+        first = await leases.read(tokens, "a", 10, line)  # type: ignore[arg-type]
+        assert {s: [e[0] for e in es] for s, es in first.entries.items()} == ids
+        # Given both read to their end, and an id passed for "known" (its first, to tell it from its last)
+        again = await leases.read(tokens, "a", 10, line, {known: ids[known][0]})  # type: ignore[arg-type]
+    # Then both are idle: "known" waits from the id passed, unasked; "unknown" from its last entry, asked
+    assert again == ({}, set(), {known: ids[known][0], unknown: ids[unknown][-1]})
 
 
 # ---- hand-over ------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 -- fenced_read.lua: read new entries of owned streams for their owner, each stream only while the reader's token
 -- is still its current one, checked in the same atomic step. A former owner resumed after a pause reads nothing,
 -- so no entry becomes pending to it behind the new owner's back (the new owner would skip it: order broken).
+-- Used on a Redis Cluster; a single Redis reads in a transaction watching the leases instead (``Leases.read``),
+-- which spares Redis the Lua tables each entry read here goes through both ways.
 -- KEYS[2i-1]  stream i   KEYS[2i] its lease hash   (all in one cluster slot)
 -- ARGV[1]     group   ARGV[2] consumer   ARGV[3] count per stream   ARGV[3 + i] the token for stream i
 -- Non-blocking (scripts cannot block): wait for new entries outside, e.g. with XREAD BLOCK (no group, no effect).
