@@ -93,6 +93,10 @@ def worker_needs(keys: Keys, config: WorkerConfig, consumer: str) -> list[Probe]
             _p("XADD", d, "*", "type", "x", keys=(d,)), _p("SADD", keys.dlq_registry(), d, keys=(keys.dlq_registry(),)),
             _p("HINCRBY", keys.counters(), "x", "1", keys=(keys.counters(),)), _p("TIME"),
         ]
+        if config.ordered:  # a single Redis's fenced read (``Leases.read``): a transaction watching the leases
+            lease = keys.lease(g, s)
+            probes += [_p("WATCH", lease, keys=(lease,)), _p("HGET", lease, "token", keys=(lease,)), _p("EXEC"),
+                       _p("XREVRANGE", s, "+", "-", "COUNT", "1", keys=(s,))]
         if topic in config.retention:
             probes += [_p("XTRIM", s, "MAXLEN", "0", keys=(s,)), _p("XINFO", "GROUPS", s, keys=(s,)),
                        _p("XLEN", s, keys=(s,))]
@@ -131,23 +135,31 @@ async def refused(client: Redis, probes: Sequence[Probe]) -> list[str] | None:
 
 
 async def _refused_on(line: Line, probes: Sequence[Probe]) -> list[str] | None:
+    missing: dict[str, None] = {}  # ordered, without repeats
+    for probe in probes:
+        if probe.args == ("EXEC",):  # (inside the check's MULTI it would run the probes: asked outside, it runs
+            await _ask(line, probe, missing)  # nothing and answers "EXEC without MULTI", or NOPERM)
     try:
         await line.call("MULTI")
     except rex.ResponseError as exc:
         if _denied(exc):
             return None
         raise
-    missing: dict[str, None] = {}  # ordered, without repeats
     for probe in probes:
-        try:
-            await line.call(*probe.args)
-        except rex.ResponseError as exc:
-            # Redis checks ACLs before anything else that refuses a queued command (at maxmemory every one
-            # is refused OOM): only NOPERM is a missing permission
-            if _denied(exc):
-                missing[_phrase(probe, exc)] = None
+        if probe.args != ("EXEC",):
+            await _ask(line, probe, missing)
     await line.call("DISCARD")
     return list(missing)
+
+
+async def _ask(line: Line, probe: Probe, missing: dict[str, None]) -> None:
+    try:
+        await line.call(*probe.args)
+    except rex.ResponseError as exc:
+        # Redis checks ACLs before anything else that refuses a queued command (at maxmemory every one is refused
+        # OOM; WATCH is refused inside MULTI): only NOPERM is a missing permission
+        if _denied(exc):
+            missing[_phrase(probe, exc)] = None
 
 
 async def _lines(client: Redis) -> list[Line]:

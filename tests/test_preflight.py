@@ -76,6 +76,8 @@ async def test_nothing_is_refused_to_a_user_who_may_do_everything_and_nothing_is
 
     # when the probes of a worker and a producer are checked, then none is refused, and nothing was written
     assert await preflight.refused(redis, preflight.worker_needs(keys, config(), "c1")) == []
+    ordered = WorkerConfig(group="g", topics=["tick"], ordered=True)
+    assert await preflight.refused(redis, preflight.worker_needs(keys, ordered, "c1")) == []
     assert await preflight.refused(redis, preflight.publisher_needs(keys, ("tick",), dedup=True)) == []
     assert await key_count(redis) == before
 
@@ -93,6 +95,18 @@ async def test_a_missing_command_is_named(redis, keys, user) -> None:
     # when a worker's check runs as that user, then it is refused, naming the command
     with pytest.raises(PermissionDenied, match=r"commands \+xadd"):
         await preflight.check_worker(client, keys, config(), "c1")
+
+
+@pytest.mark.real_only
+async def test_an_ordered_worker_needs_its_fenced_reads_transaction(redis, keys, user) -> None:
+    # given a user who may do everything but WATCH and EXEC
+    client = await user("+@all", "-watch", "-exec")
+    ordered = WorkerConfig(group="g", topics=["tick"], ordered=True)
+
+    # when an ordered worker's check runs as that user, then it is refused, naming both; an unordered one is not
+    with pytest.raises(PermissionDenied, match=r"commands \+exec \+watch"):
+        await preflight.check_worker(client, keys, ordered, "c1")
+    await preflight.check_worker(client, keys, config(), "c1")
 
 
 @pytest.mark.real_only
