@@ -121,12 +121,14 @@ class Owned:
         self.ref = ref
         self.token = token
         self.lease = lease
+        """The lease's key (what fenced scripts check the token against)."""
         self.valid_until = valid_until
         """When the lease runs out on this worker's clock (the loop's monotonic time): the send time of the last
         acquire or renew that succeeded, plus the TTL, so never later than on Redis's clock. A worker paused past
         it (SIGSTOP, a long GC) starts nothing more on the stream; its writes would be refused anyway."""
-        """The lease's key (what fenced scripts check the token against)."""
         self.failures = failures
+        self.keys = (ref.key, lease)
+        """A commit's first keys (``fenced_commit.lua``)."""
         self.queue: deque[Delivery] = deque()
         self.ready = False
         """The former owners' pending entries are queued: the reader may add new ones behind them."""
@@ -723,15 +725,18 @@ class Ordered:
                         self._counted(o, d, outputs, int(status))
 
     def _commit_call(self, part: list[_Commit]) -> tuple[list[str], list[Any]]:
-        ix = scripts.KeyIndex()
-        w = self.w
-        args: list[Any] = [w.group, FORMAT_VERSION]
+        keys: list[str] = []
+        args: list[Any] = [self.w.group, FORMAT_VERSION]
         for o, d, outputs, _ in part:
-            failures = ix(o.failures) if d.deliveries > 1 else 0
-            args += (ix(o.ref.key), ix(o.lease), o.token, failures, d.entry_id, len(outputs))
+            keys += o.keys
+            failed = d.deliveries > 1
+            if failed:
+                keys.append(o.failures)
+            args += (o.token, d.entry_id, 1 if failed else 0, len(outputs))
             for out_stream, enc in outputs:
-                args += (ix(out_stream), enc.type, enc.enc, enc.data)
-        return ix.keys, args
+                keys.append(out_stream)
+                args += (enc.type, enc.enc, enc.data)
+        return keys, args
 
     # ---- reading ---------------------------------------------------------------------------------
 

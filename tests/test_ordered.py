@@ -1,6 +1,7 @@
 """The ordered mode in-process: one owner per stream, entries one after another, each committed before the next.
 
-Real Redis only: the fenced read runs XREADGROUP inside a script, whose reply fakeredis nests differently.
+Real Redis only: the fenced read runs on a connection of fabric's own (on a cluster, XREADGROUP inside a script,
+whose reply fakeredis nests differently).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 
 from fabric import Worker
 from fabric.codec import decode_fields
-from fabric.events import Action, Event, Signal, Tick
+from fabric.events import Action, Event, Indicator, Signal, Tick
 from fabric.handler import Context, as_handler
 from fabric.keys import Keys
 from fabric.nodes import is_cluster
@@ -120,10 +121,11 @@ async def test_with_commit_ahead_entries_and_their_outputs_are_still_committed_o
     symbols = ["A", "B"]
     seen: dict[str, list[int]] = {s: [] for s in symbols}
 
-    async def handle(tick: Tick, ctx: Context) -> Signal:
+    async def handle(tick: Tick, ctx: Context) -> list[Event]:
         seen[tick.symbol].append(tick.seq)
         await asyncio.sleep(0)  # (lets the committer send while the stream goes on)
-        return Signal(symbol=tick.symbol, strategy=str(tick.seq), action=Action.BUY, strength=0.5)
+        return [Signal(symbol=tick.symbol, strategy=str(tick.seq), action=Action.BUY, strength=0.5),
+                Indicator(symbol=tick.symbol, name="seq", value=tick.seq)]
 
     await publish(redis, keys, [t for s in symbols for t in seq_ticks(s, 1, 40)])
     # when it handles them
@@ -131,11 +133,13 @@ async def test_with_commit_ahead_entries_and_their_outputs_are_still_committed_o
         for s in symbols:
             await eventually(lambda s=s: _len(seen[s], 40), what=f"{s}'s 40 ticks handled")
             await eventually(lambda s=s: _pending_is(redis, stream_of(keys, s), 0), what=f"{s} all committed")
-    # then each was handled once in order, and its output was committed once, in the same order
+    # then each was handled once in order, and its two outputs (two streams) committed once, in the same order
     for s in symbols:
         assert seen[s] == list(range(1, 41))
-        outputs = await redis.xrange(keys.stream("signal", Signal.default_priority, s))
-        assert [decode_fields(f).strategy for _, f in outputs] == [str(i) for i in range(1, 41)]
+        signals = await redis.xrange(keys.stream("signal", Signal.default_priority, s))
+        assert [decode_fields(f).strategy for _, f in signals] == [str(i) for i in range(1, 41)]
+        indicators = await redis.xrange(keys.stream("indicator", Indicator.default_priority, s))
+        assert [decode_fields(f).value for _, f in indicators] == list(range(1, 41))
 
 
 async def test_a_failing_entry_blocks_its_stream_but_not_the_others(redis, keys: Keys) -> None:
@@ -148,9 +152,13 @@ async def test_a_failing_entry_blocks_its_stream_but_not_the_others(redis, keys:
         await eventually(lambda: handled(log, ["B"], 10), what="B's ticks, while A's third fails")
         await eventually(lambda: _at_least(lambda: worker.stats.failed, 2), what="A's third failing twice")
         assert log.seqs["A"] == [1, 2]
+        failures = keys.failures(stream_of(keys, "A"))
+        assert await redis.hlen(failures) == 1  # its failure recorded
         release.set()
         await eventually(lambda: handled(log, ["A"], 10), what="A's ticks after the failure clears")
+        await eventually(lambda: _pending_is(redis, stream_of(keys, "A"), 0), what="A all committed")
     assert log.seqs["A"] == list(range(1, 11))
+    assert await redis.hlen(failures) == 0  # and dropped with its commit
 
 
 async def test_a_dead_lettered_entry_unblocks_its_stream(redis, keys: Keys) -> None:

@@ -32,8 +32,8 @@ async def fenced_ack(redis: Any, leases: Leases, stream: str, token: int, entry_
                      output: str | None = None) -> list[int]:
     """Commit one entry through fenced_commit.lua under ``token``, with one output to ``output`` if given."""
     keys = [stream, leases.key(stream)] + ([output] if output else [])
-    outs = [1, 3, "Tick", "json", b"{}"] if output else [0]
-    return list(await scripts.FENCED_COMMIT(redis, keys, [GROUP, 1, 1, 2, token, 0, entry_id, *outs]))
+    outs = [1, "Tick", "json", b"{}"] if output else [0]
+    return list(await scripts.FENCED_COMMIT(redis, keys, [GROUP, 1, token, entry_id, 0, *outs]))
 
 
 async def backlog(redis: Any, stream: str, n: int) -> list[bytes]:

@@ -2,11 +2,12 @@
 -- drop their failure records) only while the writer's fencing token is its stream's current one, checked in the
 -- same atomic step. A paused or partitioned former owner, resumed after its lease moved on, writes nothing: no
 -- duplicate and no reordered output.
--- KEYS        every stream, lease hash, failure hash and output stream involved, referenced by index from ARGV
---             (one cluster slot per call)
+-- KEYS        per entry, in order: its stream, its lease hash, its failure hash (only if it has one to drop), then
+--             its n output streams (one cluster slot per call; a key may repeat)
 -- ARGV[1]     group   ARGV[2] wire format version
--- then, per entry:  stream index, lease index, token, failure hash index (0: none), entry id, number of outputs n,
---                   then n times: output stream index, type, enc, data
+-- then, per entry:  token, entry id, whether it has a failure hash (1 or 0), number of outputs n,
+--                   then n times: type, enc, data
+-- (Keys repeat rather than being indexed: the common entry is 2 keys and 4 arguments, cheaper to pack and parse.)
 -- Returns, per entry in order: 1 committed, 0 refused (no longer pending in the group: a commit sent again after
 -- its reply was lost), -1 fenced out.
 --
@@ -22,32 +23,32 @@
 -- An expired or released lease has no token (HGET gives false), and a newer owner has a higher one.
 local group, version = ARGV[1], ARGV[2]
 local out = {}
-local a = 3
+local a, k = 3, 1
 while a <= #ARGV do
-  local stream, lease, token = KEYS[tonumber(ARGV[a])], KEYS[tonumber(ARGV[a + 1])], ARGV[a + 2]
-  local failures, id, n = tonumber(ARGV[a + 3]), ARGV[a + 4], tonumber(ARGV[a + 5])
-  a = a + 6
+  local stream, lease, token, id = KEYS[k], KEYS[k + 1], ARGV[a], ARGV[a + 1]
+  local failures = ARGV[a + 2] == '1' and KEYS[k + 2]
+  local n = tonumber(ARGV[a + 3])
+  k = k + (failures and 3 or 2)  -- the first output stream's key
+  a = a + 4
   local status = -1  -- fenced out: nothing written
   if redis.call('HGET', lease, 'token') == token then
     if n == 0 then
       status = redis.call('XACK', stream, group, id)
     elseif #redis.call('XPENDING', stream, group, id, id, 1) > 0 then
       for j = 0, n - 1 do
-        local b = a + 4 * j
-        redis.call('XADD', KEYS[tonumber(ARGV[b])], '*',
-          'type', ARGV[b + 1], 'v', version, 'enc', ARGV[b + 2], 'data', ARGV[b + 3])
+        local b = a + 3 * j
+        redis.call('XADD', KEYS[k + j], '*', 'type', ARGV[b], 'v', version, 'enc', ARGV[b + 1], 'data', ARGV[b + 2])
       end
       status = redis.call('XACK', stream, group, id)
     else
       status = 0
     end
   end
-  if status == 1 then
-    if failures > 0 then
-      redis.call('HDEL', KEYS[failures], group .. '/' .. id)
-    end
+  if status == 1 and failures then
+    redis.call('HDEL', failures, group .. '/' .. id)
   end
   out[#out + 1] = status
-  a = a + 4 * n
+  k = k + n
+  a = a + 3 * n
 end
 return out
