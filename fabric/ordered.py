@@ -90,10 +90,16 @@ class Slots:
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
 
-    async def acquire(self, priority: Priority) -> None:
-        """Wait for a slot."""
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody waits for one (no coroutine: the usual case, on the hot path)."""
         if self._free > 0 and not self._waiting:
             self._free -= 1
+            return True
+        return False
+
+    async def acquire(self, priority: Priority) -> None:
+        """Wait for a slot."""
+        if self.try_acquire():
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (-int(priority), next(self._order), fut))
@@ -172,7 +178,8 @@ class Ordered:
         self._balancing = asyncio.Lock()
         self._new_ready = asyncio.Event()
         """A stream finished its take-over: the reader stops waiting on the others and reads it too."""
-        self._now = asyncio.get_running_loop().time
+        self._loop = asyncio.get_running_loop()
+        self._now = self._loop.time
         self._renew_line = ClusterLine(cast(RedisCluster, worker.client)) if self.leases.clustered else None
         """The renewer's connections on a cluster: each renewal round, every slot's call at once."""
         self._balance_line = ClusterLine(cast(RedisCluster, worker.client)) if self.leases.clustered else None
@@ -422,7 +429,7 @@ class Ordered:
             if outcome is None:  # withheld by a breaker as the worker stops: it stays pending
                 return False
             if isinstance(outcome, list):
-                return await self._commit_or_refuse(o, d, outcome, event)
+                return await self._commit(o, d, outcome, event)
             error_type, message, after_s = outcome
             if error_type != "Reject":
                 w.stats.failed += 1
@@ -431,17 +438,10 @@ class Ordered:
             if not await self._retry(o, d, error_type, message, after_s, event):
                 return False
 
-    async def _commit_or_refuse(self, o: Owned, d: Delivery, outputs: _Outputs, event: Event) -> bool:
-        """Commit the handler's outputs with the entry, or dead-letter the entry when they cannot be committed
-        together (an output outside the entry's cluster slot)."""
-        if (stray := self._other_slot(o, outputs)) is not None:
-            return await self._dead_letter(o, d, "CrossSlotOutput", stray, event)
-        return await self._commit(o, d, outputs)
-
     def _other_slot(self, o: Owned, outputs: _Outputs) -> str | None:
         """On a cluster, why the outputs cannot be committed with the entry's ack (one stream outside the input
-        stream's slot), else None."""
-        if not outputs or not self.leases.clustered:  # (the usual case, first: no call to slot_of)
+        stream's slot: the entry is dead-lettered as ``CrossSlotOutput``), else None."""
+        if not self.leases.clustered:
             return None
         slot = slot_of(o.ref.key)
         for out_stream, _ in outputs:
@@ -459,8 +459,10 @@ class Ordered:
             stream=ref.key, topic=ref.topic, priority=_LABELS[ref.priority], symbol=ref.symbol,
             entry_id=d.entry_id.decode(), delivery_count=d.deliveries, group=w.group, consumer=w.consumer,
         )
+        slots = self.slots
         while True:
-            await self.slots.acquire(ref.priority)
+            if not slots.try_acquire():
+                await slots.acquire(ref.priority)
             try:
                 results = await w._handler(event, ctx)
                 return w._outputs(event, results) if results else []
@@ -481,7 +483,7 @@ class Ordered:
                     raise
                 return ("CancelledError", str(exc) or "the handler raised CancelledError", None)
             finally:
-                self.slots.release()
+                slots.release()
 
     async def _retry(self, o: Owned, d: Delivery, error_type: str, message: str, after_s: float | None,
                      event: Event) -> bool:
@@ -554,18 +556,28 @@ class Ordered:
 
     # ---- committing ------------------------------------------------------------------------------
 
-    async def _commit(self, o: Owned, d: Delivery, outputs: _Outputs) -> bool:
-        """Commit one entry (its outputs and its ack, fenced); False if the stream is lost.
+    async def _commit(self, o: Owned, d: Delivery, outputs: _Outputs, event: Event | None = None) -> bool:
+        """Commit one entry (its outputs and its ack, fenced); False if the stream is lost. On a cluster, an entry
+        whose outputs cannot be committed with it (``_other_slot``) is dead-lettered instead.
 
         With ``commit_ahead`` 0 it waits until the commit is back. Otherwise the stream goes on to its next
         entries while it is in flight (at most ``commit_ahead`` of them): their commits wait, staged, and go as one
         once it is back, so a stream's commits reach Redis one after another, in order. A commit refused as fenced
         loses the stream; the staged ones behind it are refused too."""
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if outputs and (stray := self._other_slot(o, outputs)) is not None:
+            return await self._dead_letter(o, d, "CrossSlotOutput", stray, event)
+        fut: asyncio.Future[int] = self._loop.create_future()
         if not self._ahead:
-            self._commits.append((o, d, outputs, fut))
-            self._queued()
-            return self._counted(o, d, outputs, await fut)
+            commits = self._commits
+            commits.append((o, d, outputs, fut))
+            if len(commits) >= COMMIT_CHUNK and self._lines:  # (``_queued``, inline: once per entry)
+                self._flush()
+            else:
+                self._commit_ready.set()
+            if (status := await fut) == 1 and not outputs:
+                self.w.stats.handled += 1
+                return True
+            return self._counted(o, d, outputs, status)
         o.staged.append((o, d, outputs, fut))  # (``_send`` counts it: nobody awaits it but at the limit)
         o.last = fut
         if not o.committing:
@@ -703,11 +715,7 @@ class Ordered:
         new = {s for _, _, outs, _ in batch for s, _ in outs} - w._registered
         if new:
             await w._retrying(lambda: w._register(new))
-        by_stream: dict[str, list[int]] = {}
-        for i, (o, *_rest) in enumerate(batch):
-            by_stream.setdefault(o.ref.key, []).append(i)
-        parts = [[batch[i] for s in streams for i in by_stream[s]]
-                 for streams in by_slot(by_stream, self.leases.clustered)]
+        parts = self._by_slot(batch) if self.leases.clustered else [batch]
         if isinstance(line, ClusterLine):
             calls = [self._commit_call(part) for part in parts]
             replies = await w._retrying(partial(eval_many, line, scripts.FENCED_COMMIT, calls)) or [None] * len(parts)
@@ -723,6 +731,14 @@ class Ordered:
                     fut.set_result(int(status))
                     if ahead:
                         self._counted(o, d, outputs, int(status))
+
+    @staticmethod
+    def _by_slot(batch: list[_Commit]) -> list[list[_Commit]]:
+        """A cluster's batch split by slot, each stream's commits in their order."""
+        by_stream: dict[str, list[int]] = {}
+        for i, (o, *_rest) in enumerate(batch):
+            by_stream.setdefault(o.ref.key, []).append(i)
+        return [[batch[i] for s in streams for i in by_stream[s]] for streams in by_slot(by_stream, True)]
 
     def _commit_call(self, part: list[_Commit]) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
