@@ -780,6 +780,9 @@ class Ordered:
                 try:
                     last = {s: o.last_read for s, o in active if o.last_read is not None and s in want}
                     read = await self.leases.read(want, w.consumer, ahead, line, last)
+                    for stream, last_id in read.idle.items():  # (before the wait: a wake-up forgets them again)
+                        if (o := self.owned.get(stream)) is not None and o.token == want[stream]:
+                            o.last_read = last_id
                     if not read.entries and read.idle and not full and not w._stop.is_set():
                         await self._wait_new(line, read.idle)
                     elif not read.entries and full:
@@ -796,20 +799,17 @@ class Ordered:
                     continue
                 for stream in read.lost:
                     self._lose(stream, "fenced out of a read")
-                for stream, last_id in read.idle.items():
-                    if (o := self.owned.get(stream)) is not None:
-                        o.last_read = last_id
-                self._take(read.entries)
+                self._take(read.entries, want)
         finally:
             await line.close()
 
-    def _take(self, entries: dict[str, list[Any]]) -> None:
-        """Queue what a read returned on its streams (a stream lost meanwhile leaves them pending for the next
-        owner's take-over)."""
+    def _take(self, entries: dict[str, list[Any]], tokens: dict[str, int]) -> None:
+        """Queue what a read under ``tokens`` returned on its streams (a stream lost meanwhile, or owned again
+        under a new token, leaves them pending for that owner's take-over)."""
         taken = 0
         for stream, got in entries.items():
             o = self.owned.get(stream)
-            if o is None or o.lost:
+            if o is None or o.lost or o.token != tokens[stream]:
                 continue
             o.queue.extend(Delivery(o.ref, entry_id, fields, 1) for entry_id, fields in got)
             o.last_read = got[-1][0]

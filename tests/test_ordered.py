@@ -225,6 +225,37 @@ async def test_a_writer_whose_lease_moved_is_fenced_out(redis, keys: Keys) -> No
     assert a.stats.handled == 0
 
 
+@pytest.mark.single_redis  # (the rogue consumer's XADD and read in one MULTI)
+async def test_an_owner_woken_for_an_entry_someone_else_read_asks_where_to_wait_from(
+        redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[dict[str, bytes]] = []
+    real_read = Leases.read
+
+    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None) -> Any:
+        reads.append(dict(last or {}))
+        return await real_read(self, tokens, member, count, line, last)
+
+    monkeypatch.setattr(Leases, "read", spied)
+    log = Log()
+    stream = stream_of(keys, "A")
+    await publish(redis, keys, seq_ticks("A", 1, 1))
+    async with running(ordered_worker(redis, keys, log.handler())):
+        await eventually(lambda: handled(log, ["A"], 1), what="A's tick")
+        # Given a consumer wrongly in the ordered group taking a new entry the moment it is added
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, {"n": "rogue"}).xreadgroup("g", "rogue", {stream: ">"}, count=1)
+            rogue, _ = await pipe.execute()
+        # Then the owner, woken for it and reading nothing, learns the stream's last id and waits from there
+        # (waiting from the id it knew would wake it at once, again and again)
+        await eventually(lambda: _true(any(last.get(stream) == rogue for last in reads)),
+                         what="a read passing the rogue entry's id as the stream's last")
+    assert log.seqs["A"] == [1]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def test_an_output_of_another_symbol_is_committed_with_its_entry_only_where_one_script_can_take_both(
         redis, keys: Keys) -> None:
     async def other_symbol(tick: Tick) -> Signal:
