@@ -73,9 +73,10 @@ def publisher_needs(keys: Keys, topics: Sequence[str] = (PROBE_TOPIC,), *, dedup
     return probes
 
 
-def worker_needs(keys: Keys, config: WorkerConfig, consumer: str) -> list[Probe]:
+def worker_needs(keys: Keys, config: WorkerConfig, consumer: str, *, cluster: bool = False) -> list[Probe]:
     """What a worker of ``config`` sends for each of its topics: discovery, reads, its scripts (and what they
-    run), dead letters, and the extras its retention, retirement and breakers turn on."""
+    run), dead letters, and the extras its retention, retirement and breakers turn on (``cluster``: on a Redis
+    Cluster, where the ordered mode reads with a script, not a watched transaction)."""
     g, c = config.group, consumer
     probes = [_p("PING"), _p("SCRIPT", "LOAD", scripts.ACK.source)]
     for topic in config.topics:
@@ -93,7 +94,7 @@ def worker_needs(keys: Keys, config: WorkerConfig, consumer: str) -> list[Probe]
             _p("XADD", d, "*", "type", "x", keys=(d,)), _p("SADD", keys.dlq_registry(), d, keys=(keys.dlq_registry(),)),
             _p("HINCRBY", keys.counters(), "x", "1", keys=(keys.counters(),)), _p("TIME"),
         ]
-        if config.ordered:  # a single Redis's fenced read (``Leases.read``): a transaction watching the leases
+        if config.ordered and not cluster:  # a single Redis's fenced read (``Leases.read``): a watched transaction
             lease = keys.lease(g, s)
             probes += [_p("WATCH", lease, keys=(lease,)), _p("HGET", lease, "token", keys=(lease,)), _p("EXEC"),
                        _p("XREVRANGE", s, "+", "-", "COUNT", "1", keys=(s,))]
@@ -228,7 +229,8 @@ async def check_worker(client: Redis, keys: Keys, config: WorkerConfig, consumer
                        url: str | None = None) -> None:
     """Raise ``PermissionDenied`` naming everything the worker may not do, or ``RedisMisconfigured`` if Redis
     evicts keys."""
-    await _check(client, worker_needs(keys, config, consumer), f"worker of group {config.group!r}", url)
+    await _check(client, worker_needs(keys, config, consumer, cluster=is_cluster(client)),
+                 f"worker of group {config.group!r}", url)
     await check_eviction(client, url=url)
 
 
