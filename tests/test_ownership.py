@@ -270,6 +270,28 @@ async def _free(leases: Leases, stream: str) -> bool:
     return stream not in await leases.owners([stream])
 
 
+async def test_a_fenced_commit_takes_entries_with_and_without_a_failure_record_and_outputs(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    stream, output = tick(keys), keys.stream("signal", Priority.NORMAL, "A")
+    failures = keys.failures(stream)
+    first, second, third = await backlog(redis, stream, 3)
+    token = await leases.acquire(stream, "a")
+    assert token is not None
+    await read(redis, stream, "a", 3)
+    await redis.hset(failures, mapping={f"{GROUP}/{first.decode()}": "x", f"{GROUP}/{third.decode()}": "y"})
+    # When one call commits: the first with its failure record and two outputs, the second plain, the third with
+    # its failure record only
+    lease = leases.key(stream)
+    keys_ = [stream, lease, failures, output, output, stream, lease, stream, lease, failures]
+    args = [GROUP, 1, token, first, 1, 2, "Signal", "json", b"1", "Signal", "json", b"2",
+            token, second, 0, 0, token, third, 1, 0]
+    assert list(await scripts.FENCED_COMMIT(redis, keys_, args)) == [1, 1, 1]
+    # Then all three are acked, both outputs written in order, both failure records dropped
+    assert await pending_of(redis, stream) == {}
+    assert [f[b"data"] for _, f in await redis.xrange(output)] == [b"1", b"2"]
+    assert await redis.hlen(failures) == 0
+
+
 @pytest.mark.real_only  # a read on a single Redis runs on a line, a connection of fabric's own to a real server
 async def test_a_fenced_read_reads_the_held_streams_and_reports_the_lost(redis, keys: Keys) -> None:
     await fenced_read(redis, keys, None)
@@ -351,6 +373,30 @@ async def test_a_lease_taken_between_the_token_check_and_the_read_makes_the_read
     finally:
         await line.close()
     assert await pending_of(redis, stream) == {}
+
+
+@pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
+@pytest.mark.single_redis  # on a cluster the read is fenced_read.lua, one atomic call
+async def test_a_lease_renewed_between_the_token_check_and_the_read_is_read_again(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    stream = tick(keys)
+    ids = await backlog(redis, stream, 3)
+    token = await leases.acquire(stream, "a")
+    assert token is not None
+    renewals: list[set[str]] = []
+
+    async def renewed(_: Line) -> None:  # the owner's own renewal lands once, between the two round trips
+        if not renewals:
+            renewals.append(await leases.renew({stream: token}, "a"))
+
+    line = Meddling(redis, renewed)
+    try:
+        # When the renewal makes EXEC read nothing, then the read is made again, and reads the entries
+        entries, lost, _ = await leases.read({stream: token}, "a", 10, line)
+    finally:
+        await line.close()
+    assert renewals == [set()] and lost == set()
+    assert [e[0] for e in entries[stream]] == ids
 
 
 @pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
