@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
+import redis.exceptions as rex
 from redis.asyncio import Redis
 
 from fabric import nodes, scripts
@@ -35,7 +36,8 @@ from fabric.client import Line
 from fabric.keys import Keys
 
 __all__ = [
-    "FENCED", "LEASE_TTL_MS", "MEMBER_TTL_MS", "TAKEOVER_COUNT", "Lease", "Leases", "Members", "Read", "Takeover",
+    "FENCED", "LEASE_TTL_MS", "MEMBER_TTL_MS", "TAKEOVER_COUNT", "WATCHED_READ_ATTEMPTS", "Lease", "Leases",
+    "Members", "Read", "Takeover",
     "by_slot", "renew_interval_ms",
 ]
 
@@ -47,6 +49,11 @@ TAKEOVER_COUNT = 100
 """Pending entries claimed per ``take_over`` call."""
 FENCED = -1
 """An entry's status from a fenced write whose token is no longer the stream's (``fenced_commit.lua``)."""
+
+
+WATCHED_READ_ATTEMPTS = 8
+"""Fenced reads on a single Redis aborted in a row (a watched lease changed each time) before ``read`` gives up with
+redis-py's ``WatchError`` (the reader retries after a pause); renewals change the leases once a third of a TTL."""
 
 
 def renew_interval_ms(ttl_ms: int) -> int:
@@ -202,6 +209,7 @@ class Leases:
         connection lost between the two, EXEC finds no MULTI and fails."""
         lost: set[str] = set()
         live = list(tokens)
+        aborted = 0
         while live:
             unknown = [s for s in live if s not in last]
             leases = [self.key(s) for s in live]
@@ -223,6 +231,9 @@ class Leases:
                 live = [s for s in live if s not in stale]
                 continue
             if done is None:  # a watched lease changed before EXEC: nothing was read
+                aborted += 1
+                if aborted >= WATCHED_READ_ATTEMPTS:
+                    raise rex.WatchError(f"the leases changed under {aborted} fenced reads in a row")
                 continue
             _raise_any(done)
             read, *ends = done

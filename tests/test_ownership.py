@@ -14,7 +14,7 @@ from fabric import scripts
 from fabric.client import Line
 from fabric.keys import Keys, Priority
 from fabric.nodes import ClusterLine, line_for
-from fabric.ownership import FENCED, Leases, Members
+from fabric.ownership import FENCED, WATCHED_READ_ATTEMPTS, Leases, Members
 from tests.waiting import eventually
 
 GROUP = "g"
@@ -397,6 +397,33 @@ async def test_a_lease_renewed_between_the_token_check_and_the_read_is_read_agai
         await line.close()
     assert renewals == [set()] and lost == set()
     assert [e[0] for e in entries[stream]] == ids
+
+
+@pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
+@pytest.mark.single_redis  # on a cluster the read is fenced_read.lua, one atomic call
+async def test_leases_changing_under_every_read_make_it_give_up_reading_nothing(redis, keys: Keys) -> None:
+    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    stream = tick(keys)
+    await backlog(redis, stream, 3)
+    token = await leases.acquire(stream, "a")
+    assert token is not None
+    renewals = 0
+
+    async def renewed(_: Line) -> None:
+        nonlocal renewals
+        renewals += 1
+        await leases.renew({stream: token}, "a")
+
+    line = Meddling(redis, renewed)
+    try:
+        # When a renewal lands between the two round trips of every read, then it gives up (the reader retries
+        # after a pause) and has read nothing
+        with pytest.raises(rex.WatchError):
+            await leases.read({stream: token}, "a", 10, line)
+    finally:
+        await line.close()
+    assert renewals == WATCHED_READ_ATTEMPTS
+    assert await pending_of(redis, stream) == {}
 
 
 @pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
