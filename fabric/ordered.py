@@ -152,6 +152,11 @@ class Owned:
         self.last_read: bytes | None = None
         """The id of the last entry read for it, or of its last entry when a read found nothing new (where XREAD
         BLOCK waits from); None when not known (a new owner, or after a wake-up): the next read asks."""
+        self.queued_to = "-"
+        """Where the entries queued so far end ("(ID" after the last, "-" before any): a read that failed may have
+        left entries pending to this owner past it, which ``_take_over`` from there queues next."""
+        self.unsure = False
+        """A read failed: its entries may be pending here unseen (a reply lost after Redis ran it)."""
 
 
 class Ordered:
@@ -394,15 +399,19 @@ class Ordered:
                 del self.owned[stream]
 
     async def _take_over(self, o: Owned) -> bool:
-        """Queue what former owners left pending on the stream, oldest first; False if the lease is gone."""
+        """Queue what is pending on the stream past what is queued already, oldest first: at first what former
+        owners left, after a failed read what it may have left pending here. False if the lease is gone."""
         w, stream = self.w, o.ref.key
-        after: str | None = "-"
+        after: str | None = o.queued_to
         while after is not None:
             page = await self.leases.take_over(stream, w.consumer, o.token, after=after)
             if page is None:
                 self._lose(stream, "its lease moved before the take-over")
                 return False
-            o.queue.extend(Delivery(o.ref, entry_id, fields, count) for entry_id, fields, count in page.entries)
+            if page.entries:
+                o.queue.extend(Delivery(o.ref, entry_id, fields, count) for entry_id, fields, count in page.entries)
+                o.queued_to = "(" + page.entries[-1][0].decode()
+                o.wake.set()
             w.stats.reclaimed += len(page.entries)
             w.stats.delivered += len(page.entries)
             if page.deleted:
@@ -778,6 +787,7 @@ class Ordered:
                         await asyncio.wait_for(self._room.wait(), w.config.block_ms / 1000)
                     continue
                 try:
+                    await self._recover(want)
                     last = {s: o.last_read for s, o in active if o.last_read is not None and s in want}
                     read = await self.leases.read(want, w.consumer, ahead, line, last)
                     for stream, last_id in read.idle.items():  # (before the wait: a wake-up forgets them again)
@@ -793,6 +803,7 @@ class Ordered:
                 except (rex.RedisError, OSError) as exc:
                     raise_if_cancelled(exc)
                     w._reads_failing = True
+                    self._doubt(want)
                     log.warning("read failed, retrying in %.1fs: %s", delay, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
@@ -802,6 +813,21 @@ class Ordered:
                 self._take(read.entries, want)
         finally:
             await line.close()
+
+    def _doubt(self, tokens: dict[str, int]) -> None:
+        """A read under ``tokens`` failed: Redis may have run it and its reply been lost, leaving entries pending
+        here that were never queued (and would be overtaken by the next ones read)."""
+        for stream, token in tokens.items():
+            if (o := self.owned.get(stream)) is not None and o.token == token:
+                o.unsure = True
+
+    async def _recover(self, tokens: dict[str, int]) -> None:
+        """Before reading on, queue what a failed read may have left pending on its streams (``_take_over`` from
+        where their queues end)."""
+        for stream, token in tokens.items():
+            o = self.owned.get(stream)
+            if o is not None and o.unsure and o.token == token:
+                o.unsure = not await self._take_over(o)
 
     def _take(self, entries: dict[str, list[Any]], tokens: dict[str, int]) -> None:
         """Queue what a read under ``tokens`` returned on its streams (a stream lost meanwhile, or owned again
@@ -813,6 +839,7 @@ class Ordered:
                 continue
             o.queue.extend(Delivery(o.ref, entry_id, fields, 1) for entry_id, fields in got)
             o.last_read = got[-1][0]
+            o.queued_to = "(" + o.last_read.decode()
             o.wake.set()
             taken += len(got)
         if taken:

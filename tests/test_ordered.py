@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+import redis.exceptions as redis_errors
 
 from fabric import Worker
 from fabric.codec import decode_fields
@@ -250,6 +251,32 @@ async def test_an_owner_woken_for_an_entry_someone_else_read_asks_where_to_wait_
         await eventually(lambda: _true(any(last.get(stream) == rogue for last in reads)),
                          what="a read passing the rogue entry's id as the stream's last")
     assert log.seqs["A"] == [1]
+
+
+async def test_entries_a_lost_read_reply_left_pending_are_handled_next_in_order(
+        redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_read = Leases.read
+    lost: list[int] = []
+
+    async def losing_once(self: Leases, tokens: Any, member: str, count: int, line: Any = None,
+                          last: Any = None) -> Any:
+        read = await real_read(self, tokens, member, count, line, last)
+        if read.entries and not lost:  # Redis ran the read, and its reply never reached the worker
+            lost.append(sum(len(es) for es in read.entries.values()))
+            raise redis_errors.ConnectionError("the connection dropped before the reply")
+        return read
+
+    monkeypatch.setattr(Leases, "read", losing_once)
+    log = Log()
+    await publish(redis, keys, seq_ticks("A", 1, 1))
+    worker = ordered_worker(redis, keys, log.handler())
+    async with running(worker):
+        await eventually(lambda: handled(log, ["A"], 1), what="A's first tick")
+        await publish(redis, keys, seq_ticks("A", 2, 9))
+        # Then what the lost reply had (pending to the owner, never queued) is handled next, before anything newer
+        await eventually(lambda: handled(log, ["A"], 10), what="A's ten ticks")
+        await eventually(lambda: _pending_is(redis, stream_of(keys, "A"), 0), what="A all committed")
+    assert lost and log.seqs["A"] == list(range(1, 11))
 
 
 async def _true(value: bool) -> bool:
