@@ -353,6 +353,26 @@ class Meddling(Line):
         return await super().call(*args)
 
 
+@contextlib.asynccontextmanager
+async def meddling(redis: Any, meddle: Any) -> AsyncIterator[Line]:
+    """A ``Meddling`` line, closed after."""
+    line = Meddling(redis, meddle)
+    try:
+        yield line
+    finally:
+        await Line.close(line)
+
+
+async def held(redis: Any, keys: Keys, n: int) -> tuple[Leases, str, list[bytes], int]:
+    """A stream of ``n`` entries whose lease "a" holds: the leases, the stream, its entry ids, "a"'s token."""
+    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    stream = tick(keys)
+    ids = await backlog(redis, stream, n)
+    token = await leases.acquire(stream, "a")
+    assert token is not None
+    return leases, stream, ids, token
+
+
 @pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
 @pytest.mark.single_redis  # on a cluster the read is fenced_read.lua, one atomic call
 async def test_a_lease_taken_between_the_token_check_and_the_read_makes_the_read_read_nothing(
@@ -366,35 +386,25 @@ async def test_a_lease_taken_between_the_token_check_and_the_read_makes_the_read
     async def taken(_: Line) -> None:  # the lease runs out and "b" takes the stream after "a"'s tokens were read
         await eventually(lambda: leases.acquire(stream, "b"), what="b acquiring")
 
-    line = Meddling(redis, taken)
-    try:
+    async with meddling(redis, taken) as line:
         # When "a" reads under the token it checked, then EXEC reads nothing, and the read again finds it lost
         assert await leases.read({stream: old}, "a", 10, line) == ({}, {stream}, {})
-    finally:
-        await line.close()
     assert await pending_of(redis, stream) == {}
 
 
 @pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
 @pytest.mark.single_redis  # on a cluster the read is fenced_read.lua, one atomic call
 async def test_a_lease_renewed_between_the_token_check_and_the_read_is_read_again(redis, keys: Keys) -> None:
-    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
-    stream = tick(keys)
-    ids = await backlog(redis, stream, 3)
-    token = await leases.acquire(stream, "a")
-    assert token is not None
+    leases, stream, ids, token = await held(redis, keys, 3)
     renewals: list[set[str]] = []
 
     async def renewed(_: Line) -> None:  # the owner's own renewal lands once, between the two round trips
         if not renewals:
             renewals.append(await leases.renew({stream: token}, "a"))
 
-    line = Meddling(redis, renewed)
-    try:
+    async with meddling(redis, renewed) as line:
         # When the renewal makes EXEC read nothing, then the read is made again, and reads the entries
         entries, lost, _ = await leases.read({stream: token}, "a", 10, line)
-    finally:
-        await line.close()
     assert renewals == [set()] and lost == set()
     assert [e[0] for e in entries[stream]] == ids
 
@@ -402,11 +412,7 @@ async def test_a_lease_renewed_between_the_token_check_and_the_read_is_read_agai
 @pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
 @pytest.mark.single_redis  # on a cluster the read is fenced_read.lua, one atomic call
 async def test_leases_changing_under_every_read_make_it_give_up_reading_nothing(redis, keys: Keys) -> None:
-    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
-    stream = tick(keys)
-    await backlog(redis, stream, 3)
-    token = await leases.acquire(stream, "a")
-    assert token is not None
+    leases, stream, _, token = await held(redis, keys, 3)
     renewals = 0
 
     async def renewed(_: Line) -> None:
@@ -414,14 +420,11 @@ async def test_leases_changing_under_every_read_make_it_give_up_reading_nothing(
         renewals += 1
         await leases.renew({stream: token}, "a")
 
-    line = Meddling(redis, renewed)
-    try:
+    async with meddling(redis, renewed) as line:
         # When a renewal lands between the two round trips of every read, then it gives up (the reader retries
         # after a pause) and has read nothing
         with pytest.raises(rex.WatchError):
             await leases.read({stream: token}, "a", 10, line)
-    finally:
-        await line.close()
     assert renewals == WATCHED_READ_ATTEMPTS
     assert await pending_of(redis, stream) == {}
 
@@ -429,22 +432,15 @@ async def test_leases_changing_under_every_read_make_it_give_up_reading_nothing(
 @pytest.mark.real_only  # a line is a connection of fabric's own, to a real server
 @pytest.mark.single_redis  # on a cluster the read is fenced_read.lua, one atomic call
 async def test_a_connection_lost_between_the_token_check_and_the_read_reads_nothing(redis, keys: Keys) -> None:
-    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
-    stream = tick(keys)
-    await backlog(redis, stream, 3)
-    token = await leases.acquire(stream, "a")
-    assert token is not None
+    leases, stream, _, token = await held(redis, keys, 3)
 
     async def cut(line: Line) -> None:  # the connection drops with the WATCH and the queued read
         await Line.close(line)
 
-    line = Meddling(redis, cut)
-    try:
+    async with meddling(redis, cut) as line:
         # When the EXEC goes out on a new connection, then it finds no transaction: an error, nothing read unwatched
         with pytest.raises(rex.ResponseError, match="EXEC without MULTI"):
             await leases.read({stream: token}, "a", 10, line)
-    finally:
-        await Line.close(line)
     assert await pending_of(redis, stream) == {}
 
 
