@@ -52,7 +52,7 @@ from fabric.errors import FabricError, Reject, Retry
 from fabric.handler import Context
 from fabric.keys import Priority, StreamRef
 from fabric.nodes import ClusterLine, eval_many, line_for, slot_of
-from fabric.ownership import FENCED, Leases, Members, by_slot, renew_interval_ms
+from fabric.ownership import FENCED, Leases, Members, Read, by_slot, renew_interval_ms
 from fabric.retry import backoff_ms
 from fabric.worker import Delivery, finish
 
@@ -398,13 +398,14 @@ class Ordered:
             if o.lost and self.owned.get(stream) is o:
                 del self.owned[stream]
 
-    async def _take_over(self, o: Owned) -> bool:
+    async def _take_over(self, o: Owned, recovering: bool = False) -> bool:
         """Queue what is pending on the stream past what is queued already, oldest first: at first what former
-        owners left, after a failed read what it may have left pending here. False if the lease is gone."""
+        owners left, after a failed read (``recovering``) what it may have left pending here. False if the lease
+        is gone."""
         w, stream = self.w, o.ref.key
         after: str | None = o.queued_to
         while after is not None:
-            page = await self.leases.take_over(stream, w.consumer, o.token, after=after)
+            page = await self.leases.take_over(stream, w.consumer, o.token, after=after, own=recovering)
             if page is None:
                 self._lose(stream, "its lease moved before the take-over")
                 return False
@@ -412,7 +413,10 @@ class Ordered:
                 o.queue.extend(Delivery(o.ref, entry_id, fields, count) for entry_id, fields, count in page.entries)
                 o.queued_to = "(" + page.entries[-1][0].decode()
                 o.wake.set()
-            w.stats.reclaimed += len(page.entries)
+                if recovering:
+                    o.last_read = None  # (the lost read's: the next read asks where the stream ends)
+            if not recovering:
+                w.stats.reclaimed += len(page.entries)
             w.stats.delivered += len(page.entries)
             if page.deleted:
                 await w._trimmed_pending(stream, page.deleted)
@@ -789,7 +793,7 @@ class Ordered:
                 try:
                     await self._recover(want)
                     last = {s: o.last_read for s, o in active if o.last_read is not None and s in want}
-                    read = await self.leases.read(want, w.consumer, ahead, line, last)
+                    read = await self._read(want, ahead, line, last)
                     for stream, last_id in read.idle.items():  # (before the wait: a wake-up forgets them again)
                         if (o := self.owned.get(stream)) is not None and o.token == want[stream]:
                             o.last_read = last_id
@@ -803,7 +807,6 @@ class Ordered:
                 except (rex.RedisError, OSError) as exc:
                     raise_if_cancelled(exc)
                     w._reads_failing = True
-                    self._doubt(want)
                     log.warning("read failed, retrying in %.1fs: %s", delay, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
@@ -814,12 +817,19 @@ class Ordered:
         finally:
             await line.close()
 
-    def _doubt(self, tokens: dict[str, int]) -> None:
-        """A read under ``tokens`` failed: Redis may have run it and its reply been lost, leaving entries pending
-        here that were never queued (and would be overtaken by the next ones read)."""
-        for stream, token in tokens.items():
-            if (o := self.owned.get(stream)) is not None and o.token == token:
-                o.unsure = True
+    async def _read(self, tokens: dict[str, int], count: int, line: _Line, last: dict[str, bytes]) -> Read:
+        """The fenced read of the streams (stream → token). When it fails, Redis may have run it and its reply
+        been lost, leaving entries pending here that were never queued (and that the next ones read would
+        overtake): its streams are marked for ``_recover`` (not after a WatchError: then no EXEC ran)."""
+        try:
+            return await self.leases.read(tokens, self.w.consumer, count, line, last)
+        except rex.WatchError:
+            raise
+        except (rex.RedisError, OSError):
+            for stream, token in tokens.items():
+                if (o := self.owned.get(stream)) is not None and o.token == token:
+                    o.unsure = True
+            raise
 
     async def _recover(self, tokens: dict[str, int]) -> None:
         """Before reading on, queue what a failed read may have left pending on its streams (``_take_over`` from
@@ -827,7 +837,7 @@ class Ordered:
         for stream, token in tokens.items():
             o = self.owned.get(stream)
             if o is not None and o.unsure and o.token == token:
-                o.unsure = not await self._take_over(o)
+                o.unsure = not await self._take_over(o, recovering=True)
 
     def _take(self, entries: dict[str, list[Any]], tokens: dict[str, int]) -> None:
         """Queue what a read under ``tokens`` returned on its streams (a stream lost meanwhile, or owned again

@@ -280,15 +280,18 @@ class Leases:
         return leases
 
     async def take_over(
-        self, stream: str, member: str, token: int, *, after: str = "-", count: int = TAKEOVER_COUNT
+        self, stream: str, member: str, token: int, *, after: str = "-", count: int = TAKEOVER_COUNT,
+        own: bool = False,
     ) -> Takeover | None:
         """Claim, oldest first, up to ``count`` entries pending in the group on ``stream`` (after ``after``) for
         ``member``, under ``token``; ``None`` when ``token`` is no longer the stream's. Call again with
-        ``after=page.after`` until it is ``None``, and handle these entries before reading new ones."""
+        ``after=page.after`` until it is ``None``, and handle these entries before reading new ones. ``own``: the
+        member takes back what its own failed read may have left pending (its entries keep their delivery count:
+        no handler has seen them)."""
         reply = await scripts.TAKEOVER(
             self.client,
             [stream, self.key(stream), self.keys.failures(stream)],
-            [self.group, member, token, after, count],
+            [self.group, member, token, after, count, 1 if own else 0],
         )
         if reply is None:
             return None
