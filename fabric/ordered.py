@@ -17,6 +17,7 @@ dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens th
   dead-lettered, while the other streams go on;
 - ``_read_loop``    one fenced read for every owned stream with room for more, then XREAD BLOCK on the idle ones
   (on a Redis Cluster, idle streams of several slots are polled instead: ``_poll_new`` has the latency cost);
+  after a read that failed, first a take-over of what it may have left pending unseen (``_recover``);
 - ``_commit_loop``  the streams' commits, gathered into one ``fenced_commit.lua`` call per cluster slot (on a
   cluster, the slots' calls pipelined per node). An entry's outputs must be in its stream's slot there (its
   symbol): one outside it is dead-lettered as ``CrossSlotOutput``, since no script could fence it with the ack.
