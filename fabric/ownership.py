@@ -171,7 +171,7 @@ class Leases:
 
         On a single Redis, a transaction on ``line`` (a connection of its own for the call if none is given)
         watched over the leases (``_watched_read``); ``last`` is the last entry id ``member`` read from each stream,
-        where one is known, so that an idle stream's needs no extra command. On a cluster, ``fenced_read.lua`` once
+        where one is known, so that an idle stream's id needs no extra command. On a cluster, ``fenced_read.lua`` once
         per slot (on ``line``, if given, the slots at once)."""
         if not self.clustered and not isinstance(line, nodes.ClusterLine):
             if line is not None:
