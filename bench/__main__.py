@@ -26,7 +26,7 @@ from bench.environment import machine, revision, versions
 from bench.report import markdown, ratios, table, targets, write_json
 from bench.server import Target, describe, redis_target
 from bench.settings import FULL, QUICK, Settings
-from bench.suite import Bench, Case, run_case
+from bench.suite import Bench, Case, run_case, run_rounds
 from bench.workload import TOPIC, encoded_size
 from fabric import WorkerConfig, connect
 from fabric.client import redact
@@ -38,25 +38,29 @@ CLUSTER_MASTERS = (1, 3)
 
 
 def cases(settings: Settings) -> list[Case]:
-    """Every case of the suite, in the order they run."""
-    found = [Case("publish", "publish", "publish only, one producer process", scenarios.publish),
-             Case("end_to_end", "end_to_end", "producer and worker processes", scenarios.end_to_end)]
-    found += [Case(f"latency_{rate}", "latency", f"open loop at {rate:,} events/s",
-                   partial(scenarios.latency, rate=rate)) for rate in settings.latency_rates]
-    found.append(Case("priority", "priority", "critical lane under a low-priority flood", scenarios.priority))
-    found += [Case(f"variant_{name}", "variants", (fn.__doc__ or name).splitlines()[0], fn)
-              for name, fn in scenarios.VARIANTS.items()]
-    found.append(Case("memory", "memory", "Redis memory per retained tick", scenarios.memory))
-    found += [Case("redis_benchmark_p1", "redis_benchmark", "XADD of fabric's entry shape, -P 1",
+    """Every case of the suite, in the order they run in each round (``suite.run_rounds``): each of fabric's
+    figures that a target divides by a baseline or by another case sits next to it."""
+    p64 = Case("redis_benchmark_p64", "redis_benchmark", "XADD of fabric's entry shape, -P 64",
+               partial(baselines.redis_benchmark, pipeline=64))
+    variants = {f"variant_{name}": Case(f"variant_{name}", "variants", (fn.__doc__ or name).splitlines()[0], fn)
+                for name, fn in scenarios.VARIANTS.items()}
+    found = [Case("publish", "publish", "publish only, one producer process", scenarios.publish), p64,
+             Case("plain_publish", "plain", "plain redis-py, publish only", baselines.plain_publish),
+             Case("end_to_end", "end_to_end", "producer and worker processes", scenarios.end_to_end),
+             Case("plain_end_to_end", "plain", "plain redis-py, producer and consumer", baselines.plain_end_to_end),
+             variants.pop("variant_metrics"), variants.pop("variant_ordered"), variants.pop("variant_ordered_ahead"),
+             *variants.values()]
+    for rate in settings.latency_rates:
+        found += [Case(f"latency_{rate}", "latency", f"open loop at {rate:,} events/s",
+                       partial(scenarios.latency, rate=rate)),
+                  Case(f"plain_latency_{rate}", "plain", f"plain redis-py, open loop at {rate:,} events/s",
+                       partial(baselines.plain_latency, rate=rate))]
+    found += [Case("priority", "priority", "critical lane under a low-priority flood", scenarios.priority),
+              Case("memory", "memory", "Redis memory per retained tick", scenarios.memory),
+              Case("redis_benchmark_p1", "redis_benchmark", "XADD of fabric's entry shape, -P 1",
                    partial(baselines.redis_benchmark, pipeline=1)),
-              Case("redis_benchmark_p64", "redis_benchmark", "XADD of fabric's entry shape, -P 64",
-                   partial(baselines.redis_benchmark, pipeline=64)),
               Case("redis_benchmark_tiny_p64", "redis_benchmark", "XADD s * f v, -P 64",
-                   partial(baselines.redis_benchmark, pipeline=64, same_shape=False)),
-              Case("plain_publish", "plain", "plain redis-py, publish only", baselines.plain_publish),
-              Case("plain_end_to_end", "plain", "plain redis-py, producer and consumer", baselines.plain_end_to_end)]
-    found += [Case(f"plain_latency_{rate}", "plain", f"plain redis-py, open loop at {rate:,} events/s",
-                   partial(baselines.plain_latency, rate=rate)) for rate in settings.latency_rates]
+                   partial(baselines.redis_benchmark, pipeline=64, same_shape=False))]
     found += [Case(f"cluster_{m}_{name}", "cluster", f"{title}, on a Redis Cluster of {m} master{'s' * (m > 1)}",
                    measure, masters=m)
               for m in CLUSTER_MASTERS
@@ -98,11 +102,12 @@ async def measure(settings: Settings, target: Target, chosen: list[Case]) -> dic
         doc["environment"]["redis"] = await describe(client, target)
         doc["environment"]["versions"]["redis"] = doc["environment"]["redis"]["version"]
         bench = Bench(target, client, settings)
-        doc["cases"] = {}
-        async with Clusters(settings) as clusters:
-            for case in chosen:
+        found = await run_rounds(bench, [c for c in chosen if not c.masters])
+        async with Clusters(settings) as clusters:  # each size's repeats in a row: a cluster takes seconds to start
+            for case in (c for c in chosen if c.masters):
                 print(f"{case.name}: {case.title}", file=sys.stderr, flush=True)
-                doc["cases"][case.name] = await run_on(bench, clusters, case)
+                found[case.name] = await run_on(clusters, case)
+        doc["cases"] = {c.name: found[c.name] for c in chosen}
         if clusters.described:
             doc["environment"]["clusters"] = clusters.described
     finally:
@@ -114,11 +119,8 @@ async def measure(settings: Settings, target: Target, chosen: list[Case]) -> dic
     return doc
 
 
-async def run_on(bench: Bench, clusters: Clusters, case: Case) -> dict[str, Any]:
-    """Run a case on the suite's Redis, or on a cluster of its size (failed if that cluster cannot start)."""
-    if not case.masters:
-        await clusters.aclose()
-        return await run_case(bench, case)
+async def run_on(clusters: Clusters, case: Case) -> dict[str, Any]:
+    """Run a cluster case on a cluster of its size (failed if that cluster cannot start)."""
     try:
         on = await clusters.bench(case.masters)
     except (ClusterFailed, RedisError, OSError) as exc:

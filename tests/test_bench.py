@@ -14,6 +14,9 @@ import pytest
 
 from bench.latency import ping, stages
 from bench.memory import padded_ticks, sweep
+from bench.server import Target
+from bench.settings import QUICK
+from bench.suite import Bench, Case, NotAvailable, Run, run_rounds
 from fabric import connect
 from tests.conftest import ROOT, RedisServer
 
@@ -113,3 +116,30 @@ def test_the_latency_breakdown_under_a_flood_measures_only_the_critical_lane(red
     assert {len(v) for v in found.values()} == {100}
     assert all(d >= 0 for d in found["total"])
     assert {"redis", "worker", "sender", "flood_left"} <= set(cpu)
+
+
+async def test_repeats_run_in_rounds_and_a_case_that_ends_leaves_them(redis_server: RedisServer) -> None:
+    order: list[str] = []
+
+    def case(name: str, breaks_on: int = 0, missing: bool = False) -> Case:
+        async def measure(run: Run) -> dict[str, object]:
+            order.append(name)
+            if missing:
+                raise NotAvailable("not here")
+            if order.count(name) == breaks_on:
+                raise RuntimeError("broke")
+            return {"events_per_s": float(len(order)), "lost": 0}
+
+        return Case(name, "test", name, measure)
+
+    client = connect(redis_server.url)
+    try:
+        bench = Bench(Target(redis_server.url, owned=False), client, QUICK.but(repeats=3))
+        found = await run_rounds(bench, [case("a"), case("b", breaks_on=2), case("c", missing=True), case("d")])
+    finally:
+        await client.aclose()
+    assert order == ["a", "b", "c", "d", "a", "b", "d", "a", "d"]  # round by round; b and c left out once ended
+    assert [r["events_per_s"] for r in found["a"]["runs"]] == [1.0, 5.0, 8.0]
+    assert found["a"]["status"] == found["d"]["status"] == "ok" and len(found["d"]["runs"]) == 3
+    assert found["b"]["status"] == "failed" and "broke" in found["b"]["error"] and len(found["b"]["runs"]) == 1
+    assert found["c"]["status"] == "not available" and found["c"]["reason"] == "not here"
