@@ -254,6 +254,14 @@ class Publisher:
         self, events: Iterable[Event], topic: str | None = None, priority: Priority | str | None = None
     ) -> list[str | None]:
         """Publish events in order; return their entry ids (None for duplicates) once all are confirmed."""
+        events = events if isinstance(events, (list, tuple)) else list(events)
+        # Encode only once the first batch has room: calls made together beyond the buffer would otherwise all
+        # encode before the sender task ran once, the wire idle meanwhile (the suite's publish, 200 calls of 1,000
+        # events gathered at once: its first batch went out after 148 ms of a 711 ms run; now after 23 ms).
+        first = min(len(events), self.config.max_batch)
+        while self._buffered + first > self.config.max_buffer and self._buffered:
+            self._space.clear()
+            await self._space.wait()
         items = self._prepare(events, topic, priority)
         loop = asyncio.get_running_loop()
         futures = []

@@ -283,6 +283,22 @@ async def test_backpressure_completes_concurrent_publish_many_calls(redis, keys)
     assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "BTC-USD")) == 140
 
 
+async def test_calls_beyond_the_buffer_are_encoded_as_room_frees_not_before_the_first_send(redis, keys, monkeypatch):
+    # given a publisher whose buffer holds two calls of 4 events, and a record of encodes and sends
+    order: list[str] = []
+    prepare, command = Publisher._prepare, Publisher._command  # (a batch's script call: each slot's on a cluster)
+    monkeypatch.setattr(Publisher, "_prepare", lambda self, *a: order.append("encode") or prepare(self, *a))
+    monkeypatch.setattr(Publisher, "_command", lambda self, items: order.append("send") or command(self, items))
+    async with Publisher(redis, PublisherConfig(max_batch=4, max_buffer=8), keys=keys) as pub:
+        # when 10 such calls are made at once (one of them given a generator)
+        calls = [[tick() for _ in range(4)] for _ in range(10)]
+        results = await asyncio.gather(*(pub.publish_many(iter(c) if i == 5 else c) for i, c in enumerate(calls)))
+    # then the first batch went out after two encodes, not after all ten, and every event landed
+    assert order.index("send") == 2 and order.count("encode") == 10
+    assert all(None not in r and len(r) == 4 for r in results)
+    assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "BTC-USD")) == 40
+
+
 async def test_event_too_large_is_raised_before_anything_is_written(redis, keys):
     # given a publisher with a small payload limit, and a batch whose last event exceeds it
     events = [tick(), tick(), tick(exchange="x" * 1000)]
