@@ -299,6 +299,28 @@ async def test_calls_beyond_the_buffer_are_encoded_as_room_frees_not_before_the_
     assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "BTC-USD")) == 40
 
 
+@pytest.mark.parametrize("when", ["waiting", "woken"])
+async def test_close_lets_a_call_waiting_for_room_finish(redis, keys, when):
+    # given a full buffer and a second call waiting for room in it
+    pub = Publisher(redis, PublisherConfig(max_batch=4, max_buffer=4), keys=keys)
+    first = asyncio.create_task(pub.publish_many([tick() for _ in range(4)]))
+    await asyncio.sleep(0)  # (one loop pass: the first call buffers its events and starts the sender)
+    second = asyncio.create_task(pub.publish_many([tick() for _ in range(4)]))
+    await asyncio.sleep(0)  # (the sender is still connecting: nothing can be confirmed yet)
+    assert pub._buffered == 4 and pub._waiting_room == 1
+    if when == "woken":  # the first batch confirmed, the second call woken for room but not run yet
+        while pub._buffered:
+            await asyncio.sleep(0)
+        assert pub._waiting_room == 1
+    # when the publisher is closed
+    await pub.close()
+    # then both calls completed (the second one hung before: close stopped the sender under it) and all 8 landed
+    async with asyncio.timeout(15):  # against a hang only
+        results = [await first, await second]
+    assert all(None not in r and len(r) == 4 for r in results)
+    assert await redis.xlen(keys.stream("tick", Priority.NORMAL, "BTC-USD")) == 8
+
+
 async def test_event_too_large_is_raised_before_anything_is_written(redis, keys):
     # given a publisher with a small payload limit, and a batch whose last event exceeds it
     events = [tick(), tick(), tick(exchange="x" * 1000)]
