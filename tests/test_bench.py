@@ -11,8 +11,10 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import redis
 
 from bench.latency import ping, stages
+from bench.machine import measure
 from bench.memory import padded_ticks, sweep
 from bench.server import Target
 from bench.settings import QUICK
@@ -143,3 +145,18 @@ async def test_repeats_run_in_rounds_and_a_case_that_ends_leaves_them(redis_serv
     assert found["a"]["status"] == found["d"]["status"] == "ok" and len(found["d"]["runs"]) == 3
     assert found["b"]["status"] == "failed" and "broke" in found["b"]["error"] and len(found["b"]["runs"]) == 1
     assert found["c"]["status"] == "not available" and found["c"]["reason"] == "not here"
+
+
+def test_the_machine_floor_measures_every_row(redis_server: RedisServer) -> None:
+    # When the machine's floor is measured briefly on the session's Redis
+    rows = measure(redis_server.url, scale=0.01)
+
+    # Then every row has its figure (what it costs is not checked), and the reads left no stream behind
+    whats = [what.split(":")[0] for what, *_ in rows]
+    assert whats == ["sleep", "ping x1", "ping x3", "xreadgroup", "xreadgroup", "xreadgroup",
+                     "sender at 5,000/s, publishing with", "sender at 5,000/s, publishing with",
+                     "sender at 5,000/s, publishing with", "handoff", "handoff"]
+    assert all((cpu, wall) != (None, None) and all(v > 0 for v in (cpu, wall) if v is not None)
+               for _, _, cpu, wall in rows)
+    with redis.Redis.from_url(redis_server.url) as r:
+        assert list(r.scan_iter(match="bench:machine:*")) == [] and list(r.scan_iter(match="machine:*")) == []
