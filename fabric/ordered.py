@@ -50,7 +50,7 @@ from fabric.breaker import Deferred, Withheld
 from fabric.client import Line, raise_if_cancelled
 from fabric.codec import FORMAT_VERSION, Encoded
 from fabric.errors import FabricError, Reject, Retry
-from fabric.handler import Context
+from fabric.handler import Context, Watch, current_task
 from fabric.keys import Priority, StreamRef
 from fabric.nodes import ClusterLine, eval_many, line_for, slot_of
 from fabric.ownership import FENCED, Leases, Members, Read, by_slot, renew_interval_ms
@@ -148,6 +148,8 @@ class Owned:
         self.staged: list[_Commit] = []
         """Handled entries whose commit waits for the stream's commit in flight (one at a time, so in order)."""
         self.committing = False
+        self.watch = Watch(None)
+        """Its task's handler calls, as the handler timeout sees them (``_run_stream`` sets it)."""
         self.last: asyncio.Future[int] | None = None
         """The latest commit's outcome (settled: every earlier one is too)."""
         self.last_read: bytes | None = None
@@ -374,6 +376,7 @@ class Ordered:
 
     async def _run_stream(self, o: Owned) -> None:
         stream = o.ref.key
+        o.watch = self.w._deadlines.watch(current_task())  # this task's handler calls (the timeout)
         try:
             if await self._take_over(o):
                 while not o.lost and not o.leaving:
@@ -396,6 +399,7 @@ class Ordered:
             log.warning("stopped handling %s (its lease expires, then it moves): %s", stream, exc)
             self._lose(stream, str(exc))
         finally:
+            self.w._deadlines.forget(o.watch)
             if o.lost and self.owned.get(stream) is o:
                 del self.owned[stream]
 
@@ -473,12 +477,18 @@ class Ordered:
             stream=ref.key, topic=ref.topic, priority=_LABELS[ref.priority], symbol=ref.symbol,
             entry_id=d.entry_id.decode(), delivery_count=d.deliveries, group=w.group, consumer=w.consumer,
         )
-        slots = self.slots
+        slots, watch = self.slots, o.watch
         while True:
             if not slots.try_acquire():
                 await slots.acquire(ref.priority)
+            watch.calls += 1
+            watch.busy = True
             try:
-                results = await w._handler(event, ctx)
+                try:
+                    results = await w._handler(event, ctx)
+                finally:
+                    watch.busy = False
+                    timed_out = watch.expired and watch.settle()
                 return w._outputs(event, results) if results else []
             except Deferred:  # the breaker let it wait: call again, same delivery
                 continue
@@ -492,10 +502,7 @@ class Ordered:
             except Exception as exc:  # a handler's failure is data: recorded, retried, dead-lettered
                 return (type(exc).__name__, str(exc) or repr(exc), None)
             except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
-                    raise
-                return ("CancelledError", str(exc) or "the handler raised CancelledError", None)
+                return (*w._cancelled(exc, timed_out), None)
             finally:
                 slots.release()
 

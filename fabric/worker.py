@@ -47,7 +47,7 @@ from fabric.codec import FORMAT_VERSION, Encoded, decode_entry, encode, fields_o
 from fabric.config import WorkerConfig
 from fabric.errors import DecodeError, FabricError, Reject, Retry
 from fabric.events import Event
-from fabric.handler import Context, HandlerFn, Middleware, timeout, wrap
+from fabric.handler import Context, Deadlines, HandlerFn, Middleware, Watch, current_task, wrap
 from fabric.keys import Keys, Priority, StreamRef
 from fabric.lanes import Lanes
 from fabric.nodes import ClusterLine, by_slot, is_cluster, line_for, slot_of
@@ -254,10 +254,12 @@ class Worker:
         self._stop = asyncio.Event()
         self._withheld: list[Delivery] = []
         """Entries a breaker held back from the handler when the worker stopped: handed back as unstarted."""
-        chain = [guard(self._breakers, self._stop, fallback)] if self._breakers else []  # outermost: waits untimed
+        self._deadlines = Deadlines(config.handler_timeout_s)
+        """Handler calls time out here (``process``, the ordered mode's ``_call``): the whole chain, but for the
+        breaker guard's waits."""
+        # the guard outermost: a call it holds back waits for the breaker, untimed
+        chain = [guard(self._breakers, self._stop, fallback, self._deadlines)] if self._breakers else []
         chain += middleware
-        if config.handler_timeout_s:
-            chain.append(timeout(config.handler_timeout_s))
         self._handler = wrap(handler, chain)
         self.stats = WorkerStats()
         self.read_sizes = Tally(BATCH_BUCKETS)
@@ -723,23 +725,28 @@ class Worker:
     async def _dispatch_loop(self) -> None:
         lanes, turns, process, clock = self._lanes, self._turns, self.process, time.monotonic
         me = object()
-        await self._primed.wait()
-        while True:
-            if not len(lanes):
-                if lanes.closed:
-                    return
-                await lanes.wait()
-                continue
-            await turns.take(me)
-            start = clock()
-            while turns.holds(me) and (d := lanes.get_nowait()) is not None:
-                await process(d)  # a handler that waits on I/O loses the turn meanwhile
-                if clock() - start > SLICE_S:
-                    await asyncio.sleep(0)  # let the loop poll I/O (reads, commits); the turn passes on
-                    break
+        watch = self._deadlines.watch(current_task())
+        try:
+            await self._primed.wait()
+            while True:
+                if not len(lanes):
+                    if lanes.closed:
+                        return
+                    await lanes.wait()
+                    continue
+                await turns.take(me)
+                start = clock()
+                while turns.holds(me) and (d := lanes.get_nowait()) is not None:
+                    await process(d, watch)  # a handler that waits on I/O loses the turn meanwhile
+                    if clock() - start > SLICE_S:
+                        await asyncio.sleep(0)  # let the loop poll I/O (reads, commits); the turn passes on
+                        break
+        finally:
+            self._deadlines.forget(watch)
 
-    async def process(self, d: Delivery) -> None:
-        """Handle one delivery to its end: commit, park for retry, or dead-letter."""
+    async def process(self, d: Delivery, watch: Watch) -> None:
+        """Handle one delivery to its end: commit, park for retry, or dead-letter. ``watch``: the calling
+        dispatcher's, through which the handler timeout sees the call (``Deadlines``)."""
         event = self._admit(d)
         if isinstance(event, tuple):  # not for this handler: ("skip",) or a dead letter's (type, reason)
             await self._turn_away(d, event)
@@ -750,8 +757,14 @@ class Worker:
             entry_id=d.entry_id.decode(), delivery_count=d.deliveries, group=self.group,
             consumer=self.consumer,
         )
+        watch.calls += 1
+        watch.busy = True
         try:
-            results = await self._handler(event, ctx)
+            try:
+                results = await self._handler(event, ctx)
+            finally:
+                watch.busy = False
+                timed_out = watch.expired and watch.settle()
             outputs = self._outputs(event, results) if results else []
         except Deferred:  # still pending to this consumer: its next call waits for the breaker, same delivery
             self._lanes.put(d.stream.priority, d)
@@ -765,13 +778,20 @@ class Worker:
         except Exception as exc:  # a handler's failure is data: recorded, retried, dead-lettered
             await self._failed(d, type(exc).__name__, str(exc) or repr(exc), None, event)
         except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
-                raise  # this worker is being stopped
-            # the handler itself raised CancelledError (it awaited something another party cancelled)
-            await self._failed(d, "CancelledError", str(exc) or "the handler raised CancelledError", None, event)
+            await self._failed(d, *self._cancelled(exc, timed_out), None, event)
         else:
             self._committed(d, outputs)
+
+    def _cancelled(self, exc: asyncio.CancelledError, timed_out: bool) -> tuple[str, str]:
+        """What a handler call that ended in ``CancelledError`` failed with: ``TimeoutError`` when its deadline
+        cancelled it, else ``CancelledError`` (the handler awaited something another party cancelled). Raises it
+        again when the task is being cancelled: the worker stops (if the deadline came too, the stop wins)."""
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise exc
+        if timed_out:
+            return "TimeoutError", self._deadlines.message
+        return "CancelledError", str(exc) or "the handler raised CancelledError"
 
     def _admit(self, d: Delivery) -> Event | tuple[str, ...]:
         """The event to handle, or why not: ("skip",) for a replay meant for another group, or the error type

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import msgspec
@@ -13,7 +14,7 @@ from fabric.breaker import CLOSED, HALF_OPEN, OPEN, POLL_MS, REPORT_MS, BreakerS
 from fabric.codec import decode_fields
 from fabric.config import BreakerConfig
 from fabric.events import BreakerStateChanged, Tick
-from fabric.handler import as_handler
+from fabric.handler import Context, as_handler
 from fabric.keys import Keys
 from tests.waiting import eventually
 from tests.workers import running
@@ -207,3 +208,34 @@ async def test_after_recovery_the_backlog_is_handled_and_nothing_is_dead_lettere
 
 async def _at_least(value: int, n: int) -> bool:
     return value >= n
+
+
+async def test_a_call_waiting_for_an_open_breaker_is_not_timed_out_by_the_handler_timeout(redis, keys) -> None:
+    # Given a guarded worker with one handler slot and a 0.2 s handler timeout, and two events read together;
+    # the first one's handler forces the breaker open (and brings the worker's view up to date at once)
+    s = store(redis, keys, failure_threshold=100)
+    deliveries: list[int] = []
+    opened: list[float] = []
+
+    async def handle(event: Tick, ctx: Context) -> None:
+        deliveries.append(ctx.delivery_count)
+        if len(deliveries) == 1:
+            await s.force("open", "maintenance")
+            await worker._breakers[0]._refresh()
+            opened.append(time.monotonic())
+
+    config = WorkerConfig(group="g", topics=["tick"], breakers=[s.config], handler_timeout_s=0.2,
+                          **{**FAST, "concurrency": 1})
+    worker = Worker(redis, as_handler(handle, "h"), config, keys=keys)
+    await publish(redis, keys, 2)
+    async with running(worker):
+        # When the second event's call waits for the breaker three times as long as the handler timeout
+        await eventually(lambda: asyncio.sleep(0, result=bool(opened) and time.monotonic() - opened[0] > 0.6),
+                         what="the second call waiting for the breaker past the handler timeout")
+        assert deliveries == [1]
+        # and the breaker is then closed by hand
+        await s.force("closed", "maintenance over")
+        await eventually(lambda: asyncio.sleep(0, result=worker.stats.handled == 2), what="both events handled")
+    # Then the waiting call went ahead on its first delivery: nothing failed or timed out
+    assert deliveries == [1, 1]
+    assert worker.stats.failed == 0

@@ -1,7 +1,9 @@
-"""The ``timeout`` middleware: one shared deadline timer that fails a call running past its limit.
+"""The handler timeout: ``Deadlines``, a watchdog that cancels a task busy on the same call for longer than the
+limit, and the ``timeout`` middleware built on it.
 
 These call the wrapped handler directly, in a task of its own (as a worker's dispatcher does); what a worker
-makes of a timed-out call (retry, dead letter) is in ``tests/contract/test_worker.py``.
+makes of a timed-out call (retry, dead letter) is in ``tests/contract/test_worker.py`` and, in the ordered mode,
+``tests/test_ordered.py``.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ import asyncio
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
 
 from fabric.events import Event, Tick
-from fabric.handler import Context, HandlerFn, _current_task, as_handler, timeout
+from fabric.handler import Context, Deadlines, HandlerFn, as_handler, current_task, timeout
 
 LIMIT_S = 0.05
 DEADLINE_S = 10.0
@@ -185,9 +188,69 @@ async def test_a_cancellation_from_outside_landing_with_the_deadline_stays_a_can
     assert task.cancelled(), f"ended with {task.exception()!r}"
 
 
+async def test_a_task_making_short_calls_one_after_another_is_never_cancelled_however_long_it_runs():
+    # given the watchdog with a 50 ms limit, and a task whose calls (marked as the worker marks them) each yield
+    # to the loop a few times, one after another, for four times the limit
+    deadlines = Deadlines(LIMIT_S)
+
+    async def dispatcher() -> tuple[int, bool]:
+        watch = deadlines.watch(asyncio.current_task())
+        calls = 0
+        start = time.monotonic()
+        try:
+            while time.monotonic() - start < 4 * LIMIT_S:
+                watch.calls += 1
+                watch.busy = True
+                try:
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                finally:
+                    watch.busy = False
+                calls += 1
+        finally:
+            deadlines.forget(watch)
+        return calls, deadlines.watching(asyncio.current_task()) is None
+
+    # when it runs, then none of its calls was cancelled (the watchdog found it busy, on another call each time),
+    # and its watch is forgotten
+    calls, forgotten = await ended(dispatcher())
+    assert calls > 0 and forgotten
+
+
+async def test_a_call_the_watchdog_cancels_is_settled_and_the_next_call_of_the_task_runs_untouched():
+    # given the watchdog with a 50 ms limit, and a task whose first call hangs and whose second returns at once
+    deadlines = Deadlines(LIMIT_S)
+
+    async def dispatcher() -> list[str]:
+        watch = deadlines.watch(asyncio.current_task())
+        outcomes = []
+        for hangs in (True, False):
+            watch.calls += 1
+            watch.busy = True
+            try:
+                try:
+                    if hangs:
+                        await asyncio.Event().wait()
+                    await asyncio.sleep(0)
+                finally:
+                    watch.busy = False
+                    timed_out = watch.expired and watch.settle()
+                outcomes.append("returned")
+            except asyncio.CancelledError:
+                outcomes.append("timed out" if timed_out else "cancelled")
+        task = asyncio.current_task()
+        assert task is not None
+        outcomes.append(f"cancelling {task.cancelling()}")
+        deadlines.forget(watch)
+        return outcomes
+
+    # when it runs, then the first call was cancelled as a timeout and undone, and the second one returned
+    assert await ended(dispatcher()) == ["timed out", "returned", "cancelling 0"]
+
+
 async def _own_task_found() -> bool:
     """True if the timeout's task lookup names the task it runs in."""
-    return _current_task() is asyncio.current_task() is not None
+    return current_task() is asyncio.current_task() is not None
 
 
 def test_the_task_lookup_names_the_running_task_in_each_task_loop_thread_and_fork():

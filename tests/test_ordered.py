@@ -174,6 +174,31 @@ async def test_a_dead_lettered_entry_unblocks_its_stream(redis, keys: Keys) -> N
     assert len(dead) == 1 and dead[0][1][b"error_type"] == b"RuntimeError"
 
 
+async def test_a_handler_past_its_timeout_is_retried_then_dead_lettered_and_its_stream_goes_on(
+        redis, keys: Keys) -> None:
+    # given A's second tick, whose handler hangs on every delivery, under a 0.2 s handler timeout
+    log = Log()
+    never = asyncio.Event()
+    inner = log.handler()
+
+    async def handle(tick: Tick, ctx: Context) -> Event | None:
+        if tick.symbol == "A" and tick.seq == 2:
+            await never.wait()
+        return await inner(tick, ctx)
+
+    await publish(redis, keys, [*seq_ticks("A", 1, 4), *seq_ticks("B", 1, 4)])
+    worker = ordered_worker(redis, keys, handle, handler_timeout_s=0.2, max_deliveries=2)
+    # when the worker runs
+    async with running(worker):
+        await eventually(lambda: handled(log, ["A"], 3), what="A's other ticks")
+        await eventually(lambda: handled(log, ["B"], 4), what="B's ticks")
+    # then the hanging one failed twice as a timeout and was dead-lettered, and A went on after it, in order
+    assert log.seqs["A"] == [1, 3, 4] and log.seqs["B"] == [1, 2, 3, 4]
+    assert worker.stats.failed == 2 and worker.stats.dead_lettered == 1
+    [(_, letter)] = await redis.xrange(keys.dlq(stream_of(keys, "A")))
+    assert letter[b"error_type"] == b"TimeoutError" and b"0.2 s timeout" in letter[b"error"]
+
+
 async def test_a_new_symbols_stream_gets_an_owner_while_the_group_runs(redis, keys: Keys) -> None:
     log = Log()
     await publish(redis, keys, seq_ticks("A", 1, 1))
