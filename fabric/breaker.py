@@ -35,7 +35,7 @@ from fabric.codec import decode_fields
 from fabric.config import BreakerConfig
 from fabric.errors import DecodeError, FabricError, NotFound
 from fabric.events import BreakerStateChanged, Event
-from fabric.handler import Context, Deadlines, HandlerFn, Middleware, current_task
+from fabric.handler import Context, HandlerFn, Middleware
 from fabric.keys import Keys
 from fabric.nodes import is_cluster
 
@@ -437,20 +437,15 @@ class Breaker:
             log.warning("breaker %s: %s", self.name, exc)
 
 
-def guard(breakers: list[Breaker], stop: asyncio.Event, fallback: HandlerFn | None = None,
-          deadlines: Deadlines | None = None) -> Middleware:
+def guard(breakers: list[Breaker], stop: asyncio.Event, fallback: HandlerFn | None = None) -> Middleware:
     """Middleware: call the handler only when every breaker allows it (waiting while one is open, until ``stop``),
-    report each outcome to every breaker; with a ``fallback``, call it instead of waiting while one is open.
-    ``deadlines``: the worker's handler timeout, which a call's wait for a breaker does not count towards."""
+    report each outcome to every breaker; with a ``fallback``, call it instead of waiting while one is open."""
 
     def middleware(handler: HandlerFn) -> HandlerFn:
         async def guarded(event: Event, ctx: Context) -> list[Event]:
             if fallback is not None and any(b.holding for b in breakers):  # past it: ask for a trial
                 return await fallback(event, ctx)
-            if not stop.is_set() and all(b.state == CLOSED for b in breakers):  # (``enter`` would return at once)
-                trials = [False] * len(breakers)
-            else:
-                trials = await _admitted(breakers, stop, deadlines)
+            trials = [await b.enter(stop) for b in breakers]
             try:
                 result = await handler(event, ctx)
             except Exception as exc:
@@ -467,17 +462,3 @@ def guard(breakers: list[Breaker], stop: asyncio.Event, fallback: HandlerFn | No
         return guarded
 
     return middleware
-
-
-async def _admitted(breakers: list[Breaker], stop: asyncio.Event, deadlines: Deadlines | None) -> list[bool]:
-    """Wait until every breaker lets a call go ahead (``Breaker.enter``), off the handler timeout: the call is
-    not busy meanwhile, and counts as a new one after (its time starts again)."""
-    watch = deadlines.watching(current_task()) if deadlines is not None else None
-    if watch is None:
-        return [await b.enter(stop) for b in breakers]
-    watch.busy = False
-    try:
-        return [await b.enter(stop) for b in breakers]
-    finally:
-        watch.calls += 1
-        watch.busy = True

@@ -186,8 +186,8 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     grace_s: float = DEFAULT_GRACE_S
     """On SIGTERM, how long in-flight handlers may take to finish."""
     handler_timeout_s: float | None = DEFAULT_HANDLER_TIMEOUT_S
-    """A handler call (with its middleware) running longer fails, at most a tenth of it (or a second) late, and is
-    retried; a wait for an open breaker does not count. None: no limit, a hung handler holds its entry."""
+    """A handler call running longer fails with ``TimeoutError`` (at most a tenth of it, or a second, late) and is
+    retried; None: no limit, a hung handler holds its entry."""
     priority_weights: tuple[int, int, int, int] = DEFAULT_WEIGHTS
     """Lane weights: low, normal, high, critical (see ``lanes.py``)."""
     output_topic: str | None = None

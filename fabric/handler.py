@@ -1,8 +1,7 @@
 """The handler contract: a plain ``async def handle(event[, ctx])`` returning None, an event or a list.
 
-Everything else (retry policy, breakers, metrics, log context) wraps a handler as middleware: a function from
-``HandlerFn`` to ``HandlerFn``. The worker times its handler calls itself (``Deadlines``); ``timeout`` is the same
-as middleware.
+Everything else (timeouts, retry policy, breakers, metrics, log context) wraps a handler as middleware: a function
+from ``HandlerFn`` to ``HandlerFn``. (A worker with no middleware times its handler calls itself: ``Deadlines``.)
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ import msgspec
 from fabric.errors import HandlerLoadError
 from fabric.events import Event
 
-__all__ = ["Context", "Deadlines", "HandlerFn", "Middleware", "Watch", "as_handler", "load_handler", "timeout",
-           "wrap"]
+__all__ = ["Context", "Deadlines", "HandlerFn", "Middleware", "Watch", "as_handler", "load_handler", "timed",
+           "timeout", "wrap"]
 
 
 class Context(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,14 +156,21 @@ class Watch:
         return True
 
 
+UNWATCHED = Watch(None)
+"""A watch no timer checks: a caller marks its calls on it when a layer further in times them (``timed``)."""
+
+
 class Deadlines:
     """A watchdog for handler calls. Each task that calls handlers (a worker's dispatcher, an ordered stream, or
-    any task through ``timeout``) has a ``Watch``; one timer, every ``tick_s`` (a twentieth of the limit, between
-    1 ms and 0.5 s), cancels a task it finds busy on the same call as at least ``seconds`` before. A call thus
-    times out between ``seconds`` and ``seconds + 2 * tick_s`` after it started, a tenth of the limit late at
-    most. Per call that is a few attribute writes on the worker's path, where a deadline per call (a clock read
-    and a dict entry, keyed by the task) cost 0.35 µs, a tenth of the worker's time per event (``python -m
-    bench.drain``). ``seconds`` None: no limit (the watches are kept, nothing is cancelled)."""
+    any task through ``timed``) has a ``Watch``; one timer, every ``tick_s`` (a twentieth of the limit, but at
+    least every half second and at most every millisecond), cancels a task it finds busy on the same call as at
+    least ``seconds`` before. A call thus times out between ``seconds`` and ``seconds + 2 * tick_s`` after it
+    started (a tenth of the limit late at most, for limits of 20 ms and more, give or take the event loop's own
+    lag), and the timer runs as long as some task is watched. Per call the caller writes a few attributes: a
+    worker with no middleware does it around the handler itself, where a deadline per call (a clock read and a
+    dict entry, keyed by the task) and a middleware frame cost 0.35 µs, a tenth of its time per event (``python
+    -m bench.drain``); with middleware, ``timed`` does it innermost, so that the middleware sees
+    ``TimeoutError``. ``seconds`` None: no limit (nothing is registered or cancelled)."""
 
     def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
@@ -208,38 +214,48 @@ class Deadlines:
         self._timer = asyncio.get_running_loop().call_later(self.tick_s, self._check) if self._watches else None
 
 
-def timeout(seconds: float) -> Middleware:
-    """Fail a handler call that runs longer than ``seconds`` (at most a tenth of it, or a second, later) with
-    ``TimeoutError``; the call then counts as a failed delivery and is retried. (A worker times its handler calls
-    itself, ``WorkerConfig.handler_timeout_s``: this is for handlers called some other way.)"""
+def timed(deadlines: Deadlines) -> Middleware:
+    """``deadlines`` as the innermost middleware: a call past the limit raises ``TimeoutError`` inside the chain,
+    where the middleware around it (a breaker counting failures, a retry policy) sees it. The call is watched
+    through its task's watch if it has one (a worker's dispatcher, an ordered stream), else through one made for
+    the call."""
 
     def middleware(inner: HandlerFn) -> HandlerFn:
-        deadlines = Deadlines(seconds)
-
         async def handle(event: Event, ctx: Context) -> list[Event]:
             task = current_task()
             if task is None:  # not in a task (cannot be cancelled): run unguarded
                 return await inner(event, ctx)
-            w = deadlines.watch(task)  # (a watch per call: not the worker's path)
-            w.calls += 1
-            w.busy = True
+            watch = deadlines.watching(task)
+            own = watch is None
+            if watch is None:
+                watch = deadlines.watch(task)
+            before = task.cancelling()
+            watch.calls += 1
+            watch.busy = True
             try:
-                return await inner(event, ctx)
+                try:
+                    return await inner(event, ctx)
+                finally:  # (a call that swallowed the deadline's cancel and returned keeps its result)
+                    watch.busy = False
+                    timed_out = watch.expired and watch.settle()
+                    if own:
+                        deadlines.forget(watch)
             except asyncio.CancelledError:
-                w.busy = False
                 # a cancel from outside landing with the deadline's stays a cancellation
-                if w.expired and w.settle() and not task.cancelling():
+                if timed_out and task.cancelling() <= before:
                     raise TimeoutError(deadlines.message) from None
                 raise
-            finally:
-                w.busy = False
-                if w.expired:  # it swallowed the deadline's cancel and finished: its result stands
-                    w.settle()
-                deadlines.forget(w)
 
         return handle
 
     return middleware
+
+
+def timeout(seconds: float) -> Middleware:
+    """Fail a handler call that runs longer than ``seconds`` (at most a tenth of it, or a second, later) with
+    ``TimeoutError``; the call then counts as a failed delivery and is retried. (A worker times its handler calls
+    itself, ``WorkerConfig.handler_timeout_s``: this is for handlers called some other way.)"""
+    return timed(Deadlines(seconds))
 
 
 def wrap(handler: HandlerFn, middleware: Sequence[Middleware]) -> HandlerFn:

@@ -50,7 +50,7 @@ from fabric.breaker import Deferred, Withheld
 from fabric.client import Line, raise_if_cancelled
 from fabric.codec import FORMAT_VERSION, Encoded
 from fabric.errors import FabricError, Reject, Retry
-from fabric.handler import Context, Watch, current_task
+from fabric.handler import UNWATCHED, Context, current_task
 from fabric.keys import Priority, StreamRef
 from fabric.nodes import ClusterLine, eval_many, line_for, slot_of
 from fabric.ownership import FENCED, Leases, Members, Read, by_slot, renew_interval_ms
@@ -148,8 +148,8 @@ class Owned:
         self.staged: list[_Commit] = []
         """Handled entries whose commit waits for the stream's commit in flight (one at a time, so in order)."""
         self.committing = False
-        self.watch = Watch(None)
-        """Its task's handler calls, as the handler timeout sees them (``_run_stream`` sets it)."""
+        self.watch = UNWATCHED
+        """Where its task marks each handler call busy, for the handler timeout (``_run_stream`` sets it)."""
         self.last: asyncio.Future[int] | None = None
         """The latest commit's outcome (settled: every earlier one is too)."""
         self.last_read: bytes | None = None
@@ -376,7 +376,8 @@ class Ordered:
 
     async def _run_stream(self, o: Owned) -> None:
         stream = o.ref.key
-        o.watch = self.w._deadlines.watch(current_task())  # this task's handler calls (the timeout)
+        watch = self.w._deadlines.watch(current_task())  # (with middleware, ``timed`` finds it and marks the calls)
+        o.watch = watch if self.w._times_calls else UNWATCHED
         try:
             if await self._take_over(o):
                 while not o.lost and not o.leaving:
@@ -399,7 +400,7 @@ class Ordered:
             log.warning("stopped handling %s (its lease expires, then it moves): %s", stream, exc)
             self._lose(stream, str(exc))
         finally:
-            self.w._deadlines.forget(o.watch)
+            self.w._deadlines.forget(watch)
             if o.lost and self.owned.get(stream) is o:
                 del self.owned[stream]
 

@@ -47,7 +47,7 @@ from fabric.codec import FORMAT_VERSION, Encoded, decode_entry, encode, fields_o
 from fabric.config import WorkerConfig
 from fabric.errors import DecodeError, FabricError, Reject, Retry
 from fabric.events import Event
-from fabric.handler import Context, Deadlines, HandlerFn, Middleware, Watch, current_task, wrap
+from fabric.handler import UNWATCHED, Context, Deadlines, HandlerFn, Middleware, Watch, current_task, timed, wrap
 from fabric.keys import Keys, Priority, StreamRef
 from fabric.lanes import Lanes
 from fabric.nodes import ClusterLine, by_slot, is_cluster, line_for, slot_of
@@ -255,11 +255,13 @@ class Worker:
         self._withheld: list[Delivery] = []
         """Entries a breaker held back from the handler when the worker stopped: handed back as unstarted."""
         self._deadlines = Deadlines(config.handler_timeout_s)
-        """Handler calls time out here (``process``, the ordered mode's ``_call``): the whole chain, but for the
-        breaker guard's waits."""
-        # the guard outermost: a call it holds back waits for the breaker, untimed
-        chain = [guard(self._breakers, self._stop, fallback, self._deadlines)] if self._breakers else []
+        chain = [guard(self._breakers, self._stop, fallback)] if self._breakers else []  # outermost: waits untimed
         chain += middleware
+        self._times_calls = not chain
+        """No middleware: ``process`` (and the ordered mode's ``_call``) mark each handler call on their task's watch
+        themselves. Otherwise ``timed``, innermost, does, and the middleware sees a timeout as ``TimeoutError``."""
+        if chain and config.handler_timeout_s:
+            chain.append(timed(self._deadlines))
         self._handler = wrap(handler, chain)
         self.stats = WorkerStats()
         self.read_sizes = Tally(BATCH_BUCKETS)
@@ -725,7 +727,8 @@ class Worker:
     async def _dispatch_loop(self) -> None:
         lanes, turns, process, clock = self._lanes, self._turns, self.process, time.monotonic
         me = object()
-        watch = self._deadlines.watch(current_task())
+        watch = self._deadlines.watch(current_task())  # (with middleware, ``timed`` finds it and marks the calls)
+        marks = watch if self._times_calls else UNWATCHED
         try:
             await self._primed.wait()
             while True:
@@ -737,7 +740,7 @@ class Worker:
                 await turns.take(me)
                 start = clock()
                 while turns.holds(me) and (d := lanes.get_nowait()) is not None:
-                    await process(d, watch)  # a handler that waits on I/O loses the turn meanwhile
+                    await process(d, marks)  # a handler that waits on I/O loses the turn meanwhile
                     if clock() - start > SLICE_S:
                         await asyncio.sleep(0)  # let the loop poll I/O (reads, commits); the turn passes on
                         break
@@ -745,8 +748,8 @@ class Worker:
             self._deadlines.forget(watch)
 
     async def process(self, d: Delivery, watch: Watch) -> None:
-        """Handle one delivery to its end: commit, park for retry, or dead-letter. ``watch``: the calling
-        dispatcher's, through which the handler timeout sees the call (``Deadlines``)."""
+        """Handle one delivery to its end: commit, park for retry, or dead-letter. ``watch``: where the handler call
+        is marked busy for the handler timeout (the dispatcher's watch, or ``UNWATCHED`` when ``timed`` does it)."""
         event = self._admit(d)
         if isinstance(event, tuple):  # not for this handler: ("skip",) or a dead letter's (type, reason)
             await self._turn_away(d, event)
@@ -784,8 +787,9 @@ class Worker:
 
     def _cancelled(self, exc: asyncio.CancelledError, timed_out: bool) -> tuple[str, str]:
         """What a handler call that ended in ``CancelledError`` failed with: ``TimeoutError`` when its deadline
-        cancelled it, else ``CancelledError`` (the handler awaited something another party cancelled). Raises it
-        again when the task is being cancelled: the worker stops (if the deadline came too, the stop wins)."""
+        cancelled it (marked by the caller: ``_times_calls``), else ``CancelledError`` (the handler awaited
+        something another party cancelled). Raises it again when the task is being cancelled: the worker stops (if
+        the deadline came too, the stop wins)."""
         task = asyncio.current_task()
         if task is None or task.cancelling():
             raise exc

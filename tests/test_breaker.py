@@ -239,3 +239,24 @@ async def test_a_call_waiting_for_an_open_breaker_is_not_timed_out_by_the_handle
     # Then the waiting call went ahead on its first delivery: nothing failed or timed out
     assert deliveries == [1, 1]
     assert worker.stats.failed == 0
+
+
+async def test_handler_timeouts_count_as_failures_and_trip_the_breaker(redis, keys) -> None:
+    # Given a guarded worker (3 failures trip it) whose handler hangs, under a 0.1 s handler timeout
+    s = store(redis, keys, failure_threshold=3, recovery_ms=60_000)
+
+    async def hang(event: Tick) -> None:
+        await asyncio.Event().wait()
+
+    config = WorkerConfig(group="g", topics=["tick"], breakers=[s.config], handler_timeout_s=0.1,
+                          **{**FAST, "max_deliveries": 50})
+    worker = Worker(redis, as_handler(hang, "h"), config, keys=keys)
+    await publish(redis, keys, 6)
+    # When its calls time out
+    async with running(worker):
+        async def is_open() -> bool:
+            return (await s.get()).state == OPEN
+
+        # Then the breaker sees each timeout as a failure (TimeoutError, inside the middleware) and opens
+        await eventually(is_open, what="the breaker opened by the handler's timeouts")
+    assert worker.stats.failed >= 3
