@@ -41,7 +41,7 @@ import redis
 import uvloop
 
 from bench.clock import OpenLoop, precise_sleeps
-from bench.plain import _Pipelined, stream_keys
+from bench.plain import Pipelined, stream_keys
 from bench.server import redis_target
 from bench.workload import SYMBOLS, tick
 from fabric import Keys, Priority, Publisher, connect
@@ -176,7 +176,7 @@ def sender_cpu(url: str, seconds: float, rate: int = SENDER_RATE) -> dict[str, f
                 async with Publisher(client, keys=Keys("machine")) as pub:
                     await OpenLoop(pub, rate, total, make, Priority.NORMAL).run()
             else:
-                sends = _Nothing() if kind == "nothing" else _Pipelined(plain, stream_keys("machine", SYMBOLS))
+                sends = _Nothing() if kind == "nothing" else Pipelined(plain, stream_keys("machine", SYMBOLS))
                 await OpenLoop(sends, rate, total, make).run()
             return (time.process_time() - cpu) / total * 1e6
         finally:

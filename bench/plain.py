@@ -24,7 +24,7 @@ from bench.workload import symbol, tick, ticks
 from fabric.client import resolve_url
 from fabric.events import Tick
 
-__all__ = ["GROUP", "consume", "produce", "send", "stream_keys"]
+__all__ = ["GROUP", "Pipelined", "consume", "produce", "send", "stream_keys"]
 
 GROUP = "plain"
 BLOCK_MS = 1000
@@ -61,7 +61,7 @@ def _fields(encoder: msgspec.msgpack.Encoder, event: Tick) -> dict[str, Any]:
     return {"type": "Tick", "v": "1", "enc": "msgpack", "data": encoder.encode(event)}
 
 
-class _Pipelined:
+class Pipelined:
     """What the open loop sends with: the due ticks XADDed in one pipeline."""
 
     def __init__(self, r: Redis, streams: dict[str, str]) -> None:
@@ -77,7 +77,7 @@ class _Pipelined:
 async def send(args: argparse.Namespace) -> dict[str, Any]:
     """Open loop at ``rate`` for ``duration`` seconds, each tick stamped with the time it was due."""
     r = client()
-    loop = OpenLoop(_Pipelined(r, stream_keys(args.ns, args.symbols)), args.rate, round(args.rate * args.duration),
+    loop = OpenLoop(Pipelined(r, stream_keys(args.ns, args.symbols)), args.rate, round(args.rate * args.duration),
                     lambda i, due: tick(i, args.symbols, ts_ns=due))
     await loop.run()
     await r.aclose()
