@@ -18,9 +18,10 @@ dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens th
 - ``_read_loop``    one fenced read for every owned stream with room for more, then XREAD BLOCK on the idle ones
   (on a Redis Cluster, idle streams of several slots are polled instead: ``_poll_new`` has the latency cost);
   after a read that failed, first a take-over of what it may have left pending unseen (``_recover``);
-- ``_commit_loop``  the streams' commits, gathered into one ``fenced_commit.lua`` call per cluster slot (on a
-  cluster, the slots' calls pipelined per node). An entry's outputs must be in its stream's slot there (its
-  symbol): one outside it is dead-lettered as ``CrossSlotOutput``, since no script could fence it with the ack.
+- ``_commit_loop``  the streams' commits, gathered into one ``fenced_commit.lua`` call per cluster slot, in runs
+  of one stream (on a cluster, the slots' calls pipelined per node). An entry's outputs must be in its stream's
+  slot there (its symbol): one outside it is dead-lettered as ``CrossSlotOutput``, since no script could fence it
+  with the ack.
 
 Every write for an owned stream (outputs with the ack, a failure record, a retry's claim, a dead letter) carries
 the stream's fencing token and is refused on the server once the token is stale, so an owner that was paused or
@@ -134,8 +135,8 @@ class Owned:
         acquire or renew that succeeded, plus the TTL, so never later than on Redis's clock. A worker paused past
         it (SIGSTOP, a long GC) starts nothing more on the stream; its writes would be refused anyway."""
         self.failures = failures
-        self.keys = (ref.key, lease)
-        """A commit's first keys (``fenced_commit.lua``)."""
+        self.keys = (ref.key, lease, failures)
+        """A commit's first keys for a run of its entries (``fenced_commit.lua``)."""
         self.queue: deque[Delivery] = deque()
         self.ready = False
         """The former owners' pending entries are queued: the reader may add new ones behind them."""
@@ -763,17 +764,30 @@ class Ordered:
         return [[batch[i] for s in streams for i in by_stream[s]] for streams in by_slot(by_stream, True)]
 
     def _commit_call(self, part: list[_Commit]) -> tuple[list[str], list[Any]]:
+        """``fenced_commit.lua``'s keys and arguments: the entries in runs of one stream (a stream's staged commits
+        are consecutive), each run's token given once."""
         keys: list[str] = []
         args: list[Any] = [self.w.group, FORMAT_VERSION]
+        run: Owned | None = None
+        at = count = 0  # where the run's entry count goes, and the count so far
         for o, d, outputs, _ in part:
-            keys += o.keys
-            failed = d.deliveries > 1
-            if failed:
-                keys.append(o.failures)
-            args += (o.token, d.entry_id, 1 if failed else 0, len(outputs))
-            for out_stream, enc in outputs:
-                keys.append(out_stream)
-                args += (enc.type, enc.enc, enc.data)
+            if o is not run:
+                if run is not None:
+                    args[at] = count
+                run, count = o, 0
+                keys += o.keys
+                args += (o.token, 0)
+                at = len(args) - 1
+            count += 1
+            failed = 1 if d.deliveries > 1 else 0
+            if not outputs:
+                args += (d.entry_id, failed)
+            else:
+                args += (d.entry_id, 2 * len(outputs) + failed)
+                for out_stream, enc in outputs:
+                    keys.append(out_stream)
+                    args += (enc.type, enc.enc, enc.data)
+        args[at] = count
         return keys, args
 
     # ---- reading ---------------------------------------------------------------------------------

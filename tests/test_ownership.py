@@ -31,9 +31,9 @@ def tick(keys: Keys, symbol: str = "A") -> str:
 async def fenced_ack(redis: Any, leases: Leases, stream: str, token: int, entry_id: bytes,
                      output: str | None = None) -> list[int]:
     """Commit one entry through fenced_commit.lua under ``token``, with one output to ``output`` if given."""
-    keys = [stream, leases.key(stream)] + ([output] if output else [])
-    outs = [1, "Tick", "json", b"{}"] if output else [0]
-    return list(await scripts.FENCED_COMMIT(redis, keys, [GROUP, 1, token, entry_id, 0, *outs]))
+    keys = [stream, leases.key(stream), leases.keys.failures(stream)] + ([output] if output else [])
+    outs = [2, "Tick", "json", b"{}"] if output else [0]
+    return list(await scripts.FENCED_COMMIT(redis, keys, [GROUP, 1, token, 1, entry_id, *outs]))
 
 
 async def backlog(redis: Any, stream: str, n: int) -> list[bytes]:
@@ -282,14 +282,33 @@ async def test_a_fenced_commit_takes_entries_with_and_without_a_failure_record_a
     # When one call commits: the first with its failure record and two outputs, the second plain, the third with
     # its failure record only
     lease = leases.key(stream)
-    keys_ = [stream, lease, failures, output, output, stream, lease, stream, lease, failures]
-    args = [GROUP, 1, token, first, 1, 2, "Signal", "json", b"1", "Signal", "json", b"2",
-            token, second, 0, 0, token, third, 1, 0]
+    keys_ = [stream, lease, failures, output, output]
+    args = [GROUP, 1, token, 3, first, 2 * 2 + 1, "Signal", "json", b"1", "Signal", "json", b"2",
+            second, 0, third, 1]
     assert list(await scripts.FENCED_COMMIT(redis, keys_, args)) == [1, 1, 1]
     # Then all three are acked, both outputs written in order, both failure records dropped
     assert await pending_of(redis, stream) == {}
     assert [f[b"data"] for _, f in await redis.xrange(output)] == [b"1", b"2"]
     assert await redis.hlen(failures) == 0
+
+
+async def test_a_fenced_commit_checks_each_runs_token_and_writes_nothing_for_a_stale_one(redis, keys: Keys) -> None:
+    # given two streams of one symbol (one slot), two entries read on each, and both leases held
+    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    normal, high = tick(keys), keys.stream("tick", Priority.HIGH, "A")
+    normal_ids, high_ids = await backlog(redis, normal, 2), await backlog(redis, high, 2)
+    normal_token, high_token = await leases.acquire(normal, "a"), await leases.acquire(high, "a")
+    assert normal_token is not None and high_token is not None
+    await read(redis, normal, "a", 2)
+    await read(redis, high, "a", 2)
+    # when one call commits a run of each, the second under a token that is not (or no longer) its stream's
+    keys_ = [normal, leases.key(normal), keys.failures(normal), high, leases.key(high), keys.failures(high)]
+    args = [GROUP, 1, normal_token, 2, normal_ids[0], 0, normal_ids[1], 0,
+            high_token + 1, 2, high_ids[0], 0, high_ids[1], 0]
+    # then the first run is committed and the second fenced out, entry by entry, and left pending
+    assert list(await scripts.FENCED_COMMIT(redis, keys_, args)) == [1, 1, -1, -1]
+    assert await pending_of(redis, normal) == {}
+    assert await pending_of(redis, high) == {i: "a" for i in high_ids}
 
 
 @pytest.mark.real_only  # a read on a single Redis runs on a line, a connection of fabric's own to a real server
