@@ -198,16 +198,19 @@ class WorkerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     encoding: Literal["msgpack", "json"] = "msgpack"
     ordered: bool = False
     """Ordered mode: each stream (topic × priority × symbol) has one owner in the group at a time, which handles
-    its entries one after another, committing each before the next (``ownership.py``); False: any consumer
-    takes any entry, and a symbol's entries may be handled concurrently and out of order."""
+    its entries one after another, committing them in order, an entry with outputs before the next starts
+    (``ownership.py``); False: any consumer takes any entry, and a symbol's entries may be handled concurrently
+    and out of order."""
     lease_ms: int = DEFAULT_LEASE_MS
     """Ordered mode: how long a stream's lease lasts unless renewed (every third of it); a dead owner's streams
     move after this long."""
     commit_ahead: int = 0
     """Ordered mode: how many entries of a stream may be handled while the commit of the ones before is in flight
-    (they are committed together once it is back, so a stream's commits still reach Redis in order). 0: each entry
-    is committed before the next starts, so a handler that reads back the outputs of the entry before sees them.
-    More: faster (a stream does not wait a round trip per entry), for handlers whose state is their own."""
+    (they are committed together once it is back, so a stream's commits still reach Redis in order). 0: an entry
+    with outputs is committed before the next starts, so a handler that reads back the outputs of the entry before
+    sees them (an entry without outputs never holds the next: its ack is nothing to read back; up to
+    ``ordered.ACKS_AHEAD`` of them). More: faster with outputs (a stream does not wait a round trip per entry), for
+    handlers whose state is their own."""
     breakers: list[BreakerConfig] = []
     """Circuit breakers guarding the handler (a config file names ``[breakers.NAME]`` tables): while one is open,
     the worker stops reading and calling (or calls its fallback)."""

@@ -1,5 +1,6 @@
-"""The ordered mode: each owned stream's entries handled one after another, each committed before the next (or,
-with ``commit_ahead``, committed in order while the stream goes on: ``Ordered._commit``).
+"""The ordered mode: each owned stream's entries handled one after another, their commits in order, and an entry
+with outputs committed before the next starts (or, with ``commit_ahead``, while the stream goes on; an entry
+without outputs, an ack, never holds the next: ``Ordered._commit``).
 
 A worker whose group is ordered (``WorkerConfig.ordered``) runs these loops instead of the free-for-all reader,
 dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens they rest on):
@@ -11,8 +12,9 @@ dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens th
   this member, hand over those it gives to others (finish the entry in hand, then release), each batched in one
   call per cluster slot;
 - ``_run_stream``   one task per owned stream: first what former owners left pending (``take_over``, oldest
-  first), then the new entries the reader hands it, each handled and committed before the next is started (with
-  ``commit_ahead``, up to that many handled while the stream's commit is in flight, their commits staged). A
+  first), then the new entries the reader hands it, each handled, and committed before the next is started if it
+  has outputs (up to ``ACKS_AHEAD`` acks, or ``commit_ahead`` commits of any kind, are handled while the stream's
+  commit is in flight, their commits staged). A
   failure retries the same entry after its backoff, so the stream waits behind it until it succeeds or is
   dead-lettered, while the other streams go on;
 - ``_read_loop``    one fenced read for every owned stream with room for more, then XREAD BLOCK on the idle ones
@@ -69,6 +71,9 @@ log = logging.getLogger("fabric.ordered")
 MAX_READ_AHEAD = 64
 """Most entries read ahead for one owned stream (they stay pending to the owner; a new owner takes them over)."""
 MIN_READ_AHEAD = 4
+ACKS_AHEAD = 16
+"""Most entries of a stream handled without outputs whose acks are still in flight: the next entry does not wait
+for an ack (it cannot see one); a crash hands them to the next owner, handled again."""
 COMMIT_LINES = 3
 """Commit batches in flight at once, each on its own connection."""
 COMMIT_CHUNK = 32
@@ -197,6 +202,7 @@ class Ordered:
         """The worker left the member registry (the end of a drain): no more heartbeats or renewals."""
         self._ttl_s = cfg.lease_ms / 1000
         self._ahead = cfg.commit_ahead
+        self._acks_ahead = max(ACKS_AHEAD, cfg.commit_ahead)
         self._ended = False
         """The committer has stopped: commits queued from now on fail at once (their entries stay pending)."""
 
@@ -438,7 +444,7 @@ class Ordered:
         must stop: its lease is lost, or the worker stops during a backoff or under an open breaker."""
         w = self.w
         while True:
-            if self._expired(o):
+            if o.lost or self._now() >= o.valid_until and self._expired(o):
                 return False
             event = w._admit(d)
             if isinstance(event, tuple):
@@ -449,14 +455,24 @@ class Ordered:
             if outcome is None:  # withheld by a breaker as the worker stops: it stays pending
                 return False
             if isinstance(outcome, list):
-                return await self._commit(o, d, outcome, event)
-            error_type, message, after_s = outcome
-            if error_type != "Reject":
-                w.stats.failed += 1
-            if error_type == "Reject" or d.deliveries >= w.config.max_deliveries:
-                return await self._dead_letter(o, d, error_type, message, event)
-            if not await self._retry(o, d, error_type, message, after_s, event):
-                return False
+                if outcome:
+                    return await self._commit(o, d, outcome, event)
+                if (fut := self._stage(o, d, outcome)) is not None:  # (an ack: inline, the usual case)
+                    await fut
+                return not o.lost
+            if (done := await self._after_failure(o, d, *outcome, event)) is not None:
+                return done
+
+    async def _after_failure(self, o: Owned, d: Delivery, error_type: str, message: str, after_s: float | None,
+                             event: Event) -> bool | None:
+        """After a failed call: dead-letter the entry (a ``Reject``, or its last delivery: then what ``_handle``
+        returns), or retry it after its backoff (None: call the handler again; False: the stream must stop)."""
+        w = self.w
+        if error_type != "Reject":
+            w.stats.failed += 1
+        if error_type == "Reject" or d.deliveries >= w.config.max_deliveries:
+            return await self._dead_letter(o, d, error_type, message, event)
+        return None if await self._retry(o, d, error_type, message, after_s, event) else False
 
     def _other_slot(self, o: Owned, outputs: _Outputs) -> str | None:
         """On a cluster, why the outputs cannot be committed with the entry's ack (one stream outside the input
@@ -583,31 +599,33 @@ class Ordered:
         """Commit one entry (its outputs and its ack, fenced); False if the stream is lost. On a cluster, an entry
         whose outputs cannot be committed with it (``_other_slot``) is dead-lettered instead.
 
-        With ``commit_ahead`` 0 it waits until the commit is back. Otherwise the stream goes on to its next
-        entries while it is in flight (at most ``commit_ahead`` of them): their commits wait, staged, and go as one
-        once it is back, so a stream's commits reach Redis one after another, in order. A commit refused as fenced
-        loses the stream; the staged ones behind it are refused too."""
+        The commit is staged behind the stream's commit in flight, if any, and the staged ones go as one once it is
+        back, so a stream's commits reach Redis one after another, in order. An entry with outputs waits until its
+        commit is back (the next entry's handler sees them in Redis), unless ``commit_ahead`` lets up to that many
+        go on meanwhile. An entry without outputs does not wait (up to ``ACKS_AHEAD`` of them, or ``commit_ahead``
+        if more): its commit is an ack, which the next handler has no way to see. A commit refused as fenced loses
+        the stream; the staged ones behind it are refused too."""
         if outputs and (stray := self._other_slot(o, outputs)) is not None:
             return await self._dead_letter(o, d, "CrossSlotOutput", stray, event)
-        fut: asyncio.Future[int] = self._loop.create_future()
-        if not self._ahead:
-            commits = self._commits
-            commits.append((o, d, outputs, fut))
-            if len(commits) >= COMMIT_CHUNK and self._lines:  # (``_queued``, inline: once per entry)
-                self._flush()
-            else:
-                self._commit_ready.set()
-            if (status := await fut) == 1 and not outputs:
-                self.w.stats.handled += 1
-                return True
-            return self._counted(o, d, outputs, status)
-        o.staged.append((o, d, outputs, fut))  # (``_send`` counts it: nobody awaits it but at the limit)
-        o.last = fut
+        if (fut := self._stage(o, d, outputs)) is not None:
+            await fut  # (a failed send raises)
+        return not o.lost
+
+    def _stage(self, o: Owned, d: Delivery, outputs: _Outputs) -> asyncio.Future[int] | None:
+        """Stage the entry's commit (sent now if the stream has none in flight); the future to wait for when the
+        entry must wait for its commit (``_commit``), else None. A stream's staged commits share one future, set
+        once their call is back."""
+        staged = o.staged
+        if staged:
+            fut = staged[-1][3]
+        else:
+            fut = o.last = self._loop.create_future()
+        staged.append((o, d, outputs, fut))  # (``_send`` counts it)
         if not o.committing:
             self._submit(o)
-        if len(o.staged) >= self._ahead:
-            await fut  # (waiting for its own commit measured faster than for the one in flight; a failed send raises)
-        return not o.lost
+        if len(o.staged) >= (self._ahead if outputs else self._acks_ahead):
+            return fut  # (waiting for its own commit measured faster than for the one in flight)
+        return None
 
     def _queued(self) -> None:
         """Commits were queued: send a full chunk at once, else let the committer gather more."""
@@ -747,13 +765,15 @@ class Ordered:
             for part in parts:
                 keys, args = self._commit_call(part)
                 replies.append(await w._retrying(partial(scripts.FENCED_COMMIT.on, line, keys, args)))
-        ahead = self._ahead
+        stats = w.stats
         for part, results in zip(parts, replies, strict=True):
             for (o, d, outputs, fut), status in zip(part, results or [0] * len(part), strict=True):
-                if not fut.done():
-                    fut.set_result(int(status))
-                    if ahead:
-                        self._counted(o, d, outputs, int(status))
+                if status == 1 and not outputs:
+                    stats.handled += 1
+                else:
+                    self._counted(o, d, outputs, int(status))
+                if not fut.done():  # (a stream's entries in one call share it: their waiters run once all counted)
+                    fut.set_result(status)
 
     @staticmethod
     def _by_slot(batch: list[_Commit]) -> list[list[_Commit]]:

@@ -32,14 +32,16 @@ ones (broker, audit) handle it again: a second audit entry with the same ``sourc
 
 Why the last one suffices, and when it does not. Keeping one event's outputs covers a crash if, on each
 symbol's stream, the entry the stage applied last is the only one whose outputs may be unpublished: the worker
-hands a stream's next entry to the handler only after the previous entry's commit has landed. Then a crash
-leaves at most that one entry in doubt, the next delivery on the stream is that entry (it heads the stream's
-pending entries), and it finds ``seq == last``. Fabric's ordered mode (one owner per stream, its entries
-handled one after another, the new owner finishing the old one's pending entries in order first) gives this
-with its default ``commit_ahead = 0``: a stream's next entry starts only once the previous one's commit has
-landed (config/pipeline.toml's stateful stages run so; tests/handlers/test_redelivery.py kills a stage between
-the two). With ``commit_ahead > 0`` it does not: up to that many entries are applied before their commits
-land, so a stage that keeps state this way must not set it.
+hands a stream's next entry to the handler only after the previous entry's outputs have landed (with its ack,
+in one commit). Then a crash leaves that entry in doubt, and before it only entries that gave no outputs and
+whose acks had not landed yet; they come back first, in order, find ``seq < last`` and publish nothing (they
+had nothing to publish), and the last one finds ``seq == last`` and publishes its outputs again. Fabric's
+ordered mode (one owner per stream, its entries handled one after another, the new owner finishing the old
+one's pending entries in order first) gives this with its default ``commit_ahead = 0``: a stream's next entry
+starts only once the previous one's outputs have landed; an entry with none does not hold the next
+(config/pipeline.toml's stateful stages run so; tests/handlers/test_redelivery.py kills a stage between the
+two). With ``commit_ahead > 0`` it does not: up to that many entries are applied before their outputs land, so
+a stage that keeps state this way must not set it.
 
 The unordered mode does not guarantee it, even with one worker process and ``concurrency = 1``: the
 dispatcher hands over the next entry as soon as the handler returns, while commits go out in batches behind

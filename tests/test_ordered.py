@@ -1,4 +1,5 @@
-"""The ordered mode in-process: one owner per stream, entries one after another, each committed before the next.
+"""The ordered mode in-process: one owner per stream, entries one after another, committed in order, an entry with
+outputs before the next starts.
 
 Real Redis only: the fenced read runs on a connection of fabric's own (on a cluster, XREADGROUP inside a script,
 whose reply fakeredis nests differently).
@@ -59,7 +60,7 @@ class Log:
 
 
 def ordered_worker(redis: Any, keys: Keys, fn: Any, **overrides: Any) -> Worker:
-    return Worker(redis, as_handler(fn, "h"), config(**ORDERED, **overrides), keys=keys, handler_name="h")
+    return Worker(redis, as_handler(fn, "h"), config(**{**ORDERED, **overrides}), keys=keys, handler_name="h")
 
 
 async def handled(log: Log, symbols: list[str], n: int) -> bool:
@@ -113,6 +114,59 @@ async def test_the_next_entry_starts_only_after_the_previous_one_is_committed(re
         await eventually(lambda: _pending_is(redis, stream, 0), what="all committed")
     assert still_pending == []
     assert len(await redis.xrange(keys.stream("signal", Signal.default_priority, "A"))) == 20
+
+
+async def test_an_entry_without_outputs_lets_the_next_start_before_its_ack_lands(redis, keys: Keys) -> None:
+    # given two ticks of one symbol, read together, and a handler that on the first pauses Redis's writes, so
+    # that the first's ack (a write) waits in Redis
+    stream = stream_of(keys, "A")
+    ids: list[str] = []
+    first_pending: list[bool] = []
+
+    async def handle(tick: Tick, ctx: Context) -> None:
+        ids.append(ctx.entry_id)
+        if tick.seq == 1:
+            await _client(redis, "PAUSE", 3000, "WRITE")
+        else:  # (a read: not paused)
+            first_pending.append(bool(await redis.xpending_range(stream, "g", ids[0], ids[0], 1)))
+
+    await publish(redis, keys, seq_ticks("A", 1, 2))
+    try:
+        # when the worker handles them
+        async with running(ordered_worker(redis, keys, handle, lease_ms=10_000)):
+            await eventually(lambda: _len(first_pending, 1), what="the second tick handled")
+            await _client(redis, "UNPAUSE")
+            await eventually(lambda: _pending_is(redis, stream, 0), what="both acked")
+    finally:
+        await _client(redis, "UNPAUSE")
+    # then the second was handled while the first's ack was still on its way (it had nothing to read back)
+    assert first_pending == [True]
+
+
+async def test_an_entry_with_outputs_is_committed_before_the_next_starts_behind_acks_in_flight(
+        redis, keys: Keys) -> None:
+    # given 30 ticks of one symbol and a handler that outputs a signal for every third and nothing for the others
+    signals = keys.stream("signal", Signal.default_priority, "A")
+    not_yet_there: list[int] = []
+    seen: list[int] = []
+
+    async def handle(tick: Tick, ctx: Context) -> Signal | None:
+        if await redis.xlen(signals) != (tick.seq - 1) // 3:  # the signals of the ticks before
+            not_yet_there.append(tick.seq)
+        seen.append(tick.seq)
+        if tick.seq % 3:
+            return None
+        return Signal(symbol="A", strategy=str(tick.seq), action=Action.BUY, strength=0.5)
+
+    await publish(redis, keys, seq_ticks("A", 1, 30))
+    # when the worker handles them
+    async with running(ordered_worker(redis, keys, handle)):
+        await eventually(lambda: _len(seen, 30), what="30 ticks handled")
+        await eventually(lambda: _pending_is(redis, stream_of(keys, "A"), 0), what="all committed")
+    # then each tick found the signals of all the ticks before it in Redis, and each signal is there once, in order
+    assert not_yet_there == []
+    assert seen == list(range(1, 31))
+    assert [decode_fields(f).strategy for _, f in await redis.xrange(signals)] == [str(i) for i in range(3, 31, 3)]
 
 
 @pytest.mark.parametrize("ahead", [1, 8])
@@ -337,6 +391,16 @@ async def _len(items: list[Any], n: int) -> bool:
 
 async def _at_least(value: Any, n: int) -> bool:
     return bool(value() >= n)
+
+
+async def _client(redis: Any, *args: Any) -> None:
+    """A CLIENT command to the server, or to every primary of a cluster."""
+    if not is_cluster(redis):
+        await redis.execute_command("CLIENT", *args)
+        return
+    await redis.initialize()
+    for node in redis.get_primaries():
+        await redis.execute_command("CLIENT", *args, target_nodes=node)
 
 
 async def _pending_is(redis: Any, stream: str, n: int) -> bool:

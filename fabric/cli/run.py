@@ -326,8 +326,8 @@ def worker(
     lease_ms: Annotated[int | None, typer.Option(
         help=f"Ordered mode: a dead owner's streams move after this long.  [default: {DEFAULT_LEASE_MS}]")] = None,
     commit_ahead: Annotated[int | None, typer.Option(
-        min=0, help="Ordered mode: entries of a stream handled while the commit before is in flight (0: each "
-        "committed before the next starts).  [default: 0]")] = None,
+        min=0, help="Ordered mode: entries of a stream handled while the commit before is in flight (0: an entry "
+        "with outputs committed before the next starts).  [default: 0]")] = None,
     redis_url: RedisUrl = None,
     namespace: Namespace = None,
     config_file: ConfigFile = None,
