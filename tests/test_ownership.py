@@ -292,6 +292,28 @@ async def test_a_fenced_commit_takes_entries_with_and_without_a_failure_record_a
     assert await redis.hlen(failures) == 0
 
 
+async def test_a_fenced_commit_acks_a_runs_plain_entries_together_and_refuses_them_together_when_sent_again(
+        redis, keys: Keys) -> None:
+    # given four entries read by their stream's owner, and a call committing two of them as one run of plain entries
+    leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
+    stream = tick(keys)
+    ids = await backlog(redis, stream, 4)
+    token = await leases.acquire(stream, "a")
+    assert token is not None
+    await read(redis, stream, "a", 4)
+    keys_ = [stream, leases.key(stream), keys.failures(stream)]
+    run = [GROUP, 1, token, 2, ids[0], 0, ids[1], 0]
+    # when it is sent, then sent again (its reply was lost)
+    assert list(await scripts.FENCED_COMMIT(redis, keys_, run)) == [1, 1]
+    assert list(await scripts.FENCED_COMMIT(redis, keys_, run)) == [0, 0]
+    # then both were acked once; and a run of which only some are still pending (the fourth acked by someone
+    # outside the ordered mode) is acked whole and counted refused whole
+    assert await pending_of(redis, stream) == {ids[2]: "a", ids[3]: "a"}
+    await redis.xack(stream, GROUP, ids[3])
+    assert list(await scripts.FENCED_COMMIT(redis, keys_, [GROUP, 1, token, 2, ids[2], 0, ids[3], 0])) == [0, 0]
+    assert await pending_of(redis, stream) == {}
+
+
 async def test_a_fenced_commit_checks_each_runs_token_and_writes_nothing_for_a_stale_one(redis, keys: Keys) -> None:
     # given two streams of one symbol (one slot), two entries read on each, and both leases held
     leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)

@@ -8,17 +8,20 @@
 -- then, per run:    token, number of entries m
 --   then m times:   entry id, code (2 × its number of outputs n, plus 1 if it has a failure record to drop),
 --                   then n times: type, enc, data
--- (Runs rather than entries: the common entry, an ack, is 2 arguments, and its run checks the token once. Cheaper
--- to pack, to parse and to hand to Lua.)
+-- (Runs rather than entries: the common entry, an ack, is 2 arguments, and its run checks the token once and acks
+-- all its plain entries, those with neither outputs nor a failure record, in one XACK. Cheaper to pack, to parse
+-- and to hand to Lua.)
 -- Returns, per entry in order: 1 committed, 0 refused (no longer pending in the group: a commit sent again after
 -- its reply was lost), -1 fenced out.
 --
 -- Whether the entry is still pending in the group decides, not to which consumer (commit.lua checks that with an
 -- XPENDING per entry, the costliest command of that script): under a current token nobody else can hold it, since
 -- leases move pending entries with their stream (takeover.lua) and nothing XAUTOCLAIMs an ordered group. Without
--- outputs, XACK's own reply decides (1 once: a commit sent again gets 0). With outputs, XPENDING asks first and
--- the ack comes after them: were the ack first, an XADD refused after it (OOM under maxmemory, which Redis refuses
--- only before a script's first write; a key of the wrong type) would leave the entry acked without its outputs.
+-- outputs, XACK's own reply decides (1 once: a commit sent again gets 0). A run's plain entries are acked together,
+-- so they are all 1 or all 0: when only some of them are still pending, which only a consumer outside the ordered
+-- mode can cause, they all count as refused. With outputs, XPENDING asks first and the ack comes after them: were
+-- the ack first, an XADD refused after it (OOM under maxmemory, which Redis refuses only before a script's first
+-- write; a key of the wrong type) would leave the entry acked without its outputs.
 --
 -- The fence, for every script that writes for an owned stream (this one, fail, claim, deadletter), before any
 -- write:   if redis.call('HGET', LEASE, 'token') ~= TOKEN then <refuse: write nothing> end
@@ -30,32 +33,52 @@ while a <= #ARGV do
   local stream, lease, failures = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local current = redis.call('HGET', lease, 'token') == ARGV[a]
   local m = tonumber(ARGV[a + 1])
+  local plain = {}  -- the run's entries with neither outputs nor a failure record: acked at once, below
+  local at = {}     -- where their statuses go in out
   k = k + 3
   a = a + 2
   for _ = 1, m do
-    local id, code = ARGV[a], tonumber(ARGV[a + 1])
-    local n = math.floor(code / 2)
+    local id, code = ARGV[a], ARGV[a + 1]
     a = a + 2
     local status = -1  -- fenced out: nothing written
-    if current then
-      if n == 0 then
-        status = redis.call('XACK', stream, group, id)
-      elseif #redis.call('XPENDING', stream, group, id, id, 1) > 0 then
-        for j = 0, n - 1 do
-          local b = a + 3 * j
-          redis.call('XADD', KEYS[k + j], '*', 'type', ARGV[b], 'v', version, 'enc', ARGV[b + 1], 'data', ARGV[b + 2])
-        end
-        status = redis.call('XACK', stream, group, id)
-      else
-        status = 0
+    if code == '0' then
+      if current then
+        plain[#plain + 1] = id
+        at[#at + 1] = #out + 1
       end
-    end
-    if status == 1 and code % 2 == 1 then
-      redis.call('HDEL', failures, group .. '/' .. id)
+    else
+      code = tonumber(code)
+      local n = math.floor(code / 2)
+      if current then
+        if n == 0 then
+          status = redis.call('XACK', stream, group, id)
+        elseif #redis.call('XPENDING', stream, group, id, id, 1) > 0 then
+          for j = 0, n - 1 do
+            local b = a + 3 * j
+            redis.call('XADD', KEYS[k + j], '*', 'type', ARGV[b], 'v', version, 'enc', ARGV[b + 1], 'data', ARGV[b + 2])
+          end
+          status = redis.call('XACK', stream, group, id)
+        else
+          status = 0
+        end
+      end
+      if status == 1 and code % 2 == 1 then
+        redis.call('HDEL', failures, group .. '/' .. id)
+      end
+      k = k + n
+      a = a + 3 * n
     end
     out[#out + 1] = status
-    k = k + n
-    a = a + 3 * n
+  end
+  if #plain > 0 then
+    local acked = 0
+    for i = 1, #plain, 1000 do
+      acked = acked + redis.call('XACK', stream, group, unpack(plain, i, math.min(i + 999, #plain)))
+    end
+    local status = acked == #plain and 1 or 0
+    for _, i in ipairs(at) do
+      out[i] = status
+    end
   end
 end
 return out
