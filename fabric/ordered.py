@@ -71,12 +71,12 @@ log = logging.getLogger("fabric.ordered")
 MAX_READ_AHEAD = 64
 """Most entries read ahead for one owned stream (they stay pending to the owner; a new owner takes them over)."""
 MIN_READ_AHEAD = 4
-ACKS_AHEAD = 16
+ACKS_AHEAD = 64
 """Most entries of a stream handled without outputs whose acks are still in flight: the next entry does not wait
 for an ack (it cannot see one); a crash hands them to the next owner, handled again."""
 COMMIT_LINES = 3
 """Commit batches in flight at once, each on its own connection."""
-COMMIT_CHUNK = 32
+COMMIT_CHUNK = 256
 """A commit batch this large goes out at once, without waiting for the streams still handling."""
 MAX_WAIT_MS = 1_000
 """Longest XREAD BLOCK of idle streams (cut short when a newly owned stream is ready to be read)."""
