@@ -48,8 +48,8 @@ def cases(settings: Settings) -> list[Case]:
              Case("plain_publish", "plain", "plain redis-py, publish only", baselines.plain_publish),
              Case("end_to_end", "end_to_end", "producer and worker processes", scenarios.end_to_end),
              Case("plain_end_to_end", "plain", "plain redis-py, producer and consumer", baselines.plain_end_to_end),
-             variants.pop("variant_metrics"), variants.pop("variant_ordered"), variants.pop("variant_ordered_ahead"),
-             *variants.values()]
+             variants.pop("variant_metrics"), variants.pop("variant_ordered"), variants.pop("variant_outputs"),
+             variants.pop("variant_ordered_outputs"), variants.pop("variant_ordered_ahead"), *variants.values()]
     for rate in settings.latency_rates:
         found += [Case(f"latency_{rate}", "latency", f"open loop at {rate:,} events/s",
                        partial(scenarios.latency, rate=rate)),

@@ -92,7 +92,12 @@ async def end_to_end(run: Run) -> dict[str, Any]:
 
 async def variant_outputs(run: Run) -> dict[str, Any]:
     """End to end with a handler that returns one new tick per input (outputs and ack committed together)."""
-    figures = await _through_worker(run, "outputs")
+    return await _with_outputs(run)
+
+
+async def _with_outputs(run: Run, **config: object) -> dict[str, Any]:
+    """End to end with the outputs handler; every output must be stored too."""
+    figures = await _through_worker(run, "outputs", **config)
     outputs = await stored(run.client, await registered(run.client, run.keys, OUTPUT_TOPIC))
     figures["outputs"] = outputs
     figures["lost"] += max(0, run.settings.events - outputs)
@@ -127,14 +132,24 @@ async def variant_processes(run: Run) -> dict[str, Any]:
             "failed": produced["failed"] + (done["exit_code"] != 0), "processes": done["processes"]}
 
 
+async def variant_ordered_outputs(run: Run) -> dict[str, Any]:
+    """End to end in ordered mode with outputs: each committed before its stream's next entry starts.
+
+    Each stream moves one entry per commit round trip (informational, against the unordered mode with outputs)."""
+    return await _with_outputs(run, ordered=True)
+
+
 async def variant_ordered_ahead(run: Run) -> dict[str, Any]:
-    """End to end in ordered mode with commit_ahead = 16: a stream handles its next entries while its commit is in
-    flight (still in order, committed in order), for handlers that do not read back the previous entry's outputs."""
-    return await _through_worker(run, "noop", ordered=True, commit_ahead=16)
+    """End to end in ordered mode with outputs and commit_ahead = 16.
+
+    A stream handles its next entries while its commit is in flight (still in order, committed in order), for
+    handlers that do not read back the previous entry's outputs (informational)."""
+    return await _with_outputs(run, ordered=True, commit_ahead=16)
 
 
 VARIANTS = {"outputs": variant_outputs, "metrics": variant_metrics, "ordered": variant_ordered,
-            "ordered_ahead": variant_ordered_ahead, "processes_2": variant_processes}
+            "ordered_outputs": variant_ordered_outputs, "ordered_ahead": variant_ordered_ahead,
+            "processes_2": variant_processes}
 """End-to-end variants: adding one is one function."""
 
 
