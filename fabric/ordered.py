@@ -623,8 +623,9 @@ class Ordered:
         staged.append((o, d, outputs, fut))  # (``_send`` counts it)
         if not o.committing:
             self._submit(o)
-        if len(o.staged) >= (self._ahead if outputs else self._acks_ahead):
-            return fut  # (waiting for its own commit measured faster than for the one in flight)
+        if fut.done() or len(o.staged) >= (self._ahead if outputs else self._acks_ahead):
+            return fut  # (failed: the committer stopped, the stream with it; or waiting for its own commit, which
+            # measured faster than waiting for the one in flight)
         return None
 
     def _queued(self) -> None:
@@ -734,6 +735,7 @@ class Ordered:
         try:
             await self._send(line, batch)
         except BaseException as exc:
+            self._ended = True  # (before the futures' callbacks run: no stream's staged commits may go after these)
             for *_, fut in batch:
                 if not fut.done():
                     if isinstance(exc, Exception):
@@ -745,7 +747,9 @@ class Ordered:
                 self._failed.append(exc)
                 self._commit_ready.set()
             await line.close()
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            return  # (the committer raises it, from ``_failed``: a task's exception nobody retrieves would be logged)
         self._lines.append(line)
         self._line_free.set()
 
@@ -766,12 +770,16 @@ class Ordered:
                 keys, args = self._commit_call(part)
                 replies.append(await w._retrying(partial(scripts.FENCED_COMMIT.on, line, keys, args)))
         stats = w.stats
+        told: Owned | None = None  # the stream whose run was last said fenced out
         for part, results in zip(parts, replies, strict=True):
             for (o, d, outputs, fut), status in zip(part, results or [0] * len(part), strict=True):
                 if status == 1 and not outputs:
                     stats.handled += 1
+                elif status == FENCED and o is told:
+                    stats.refused += 1  # (the rest of a fenced run: said once)
                 else:
                     self._counted(o, d, outputs, int(status))
+                    told = o if status == FENCED else None
                 if not fut.done():  # (a stream's entries in one call share it: their waiters run once all counted)
                     fut.set_result(status)
 

@@ -8,13 +8,14 @@ whose reply fakeredis nests differently).
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
 from typing import Any
 
 import pytest
 import redis.exceptions as redis_errors
 
-from fabric import Worker
+from fabric import Worker, ordered, scripts
 from fabric.codec import decode_fields
 from fabric.events import Action, Event, Indicator, Signal, Tick
 from fabric.handler import Context, as_handler
@@ -167,6 +168,39 @@ async def test_an_entry_with_outputs_is_committed_before_the_next_starts_behind_
     assert not_yet_there == []
     assert seen == list(range(1, 31))
     assert [decode_fields(f).strategy for _, f in await redis.xrange(signals)] == [str(i) for i in range(3, 31, 3)]
+
+
+async def test_a_stream_stops_handling_once_a_commit_call_fails_and_the_worker_stops_with_its_error(
+        redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given 500 ticks of one symbol and a commit script whose second call fails with an error no retry can fix
+    calls_after_failure: list[int] = []
+    failed: list[bool] = []
+    sent = itertools.count()
+
+    def failing(call: Any) -> Any:
+        async def failing_call(*args: Any) -> Any:
+            if next(sent) == 1:
+                failed.append(True)
+                raise redis_errors.ResponseError("ERR injected: the commit call failed")
+            return await call(*args)
+        return failing_call
+
+    monkeypatch.setattr(scripts.FENCED_COMMIT, "on", failing(scripts.FENCED_COMMIT.on))  # a single Redis
+    monkeypatch.setattr(ordered, "eval_many", failing(ordered.eval_many))  # a cluster
+
+    async def handle(tick: Tick, ctx: Context) -> None:
+        if failed:
+            calls_after_failure.append(tick.seq)
+        await asyncio.sleep(0)  # (lets the committer send while the stream goes on)
+
+    await publish(redis, keys, seq_ticks("A", 1, 500))
+    # when the worker runs into the failed call
+    worker = ordered_worker(redis, keys, handle)
+    with pytest.raises(redis_errors.ResponseError, match="injected"):
+        await asyncio.wait_for(worker.run(), 30)
+    # then its stream handled at most the entry in hand after it (not its queue, throwing the acks away)
+    assert failed == [True]
+    assert len(calls_after_failure) <= 1
 
 
 @pytest.mark.parametrize("ahead", [1, 8])
@@ -418,3 +452,4 @@ async def test_the_cli_shows_who_owns_which_stream(redis, keys: Keys, redis_url:
     assert sorted((o["stream"], o["owner"], o["group"]) for o in owned) == [
         (stream_of(keys, s), "w1", "g") for s in symbols]
     assert [(r["consumer"], r["owns"]) for r in rows] == [("w1", 3)]
+
