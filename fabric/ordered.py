@@ -14,9 +14,8 @@ dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens th
 - ``_run_stream``   one task per owned stream: first what former owners left pending (``take_over``, oldest
   first), then the new entries the reader hands it, each handled, and committed before the next is started if it
   has outputs (up to ``ACKS_AHEAD`` acks, or ``commit_ahead`` commits of any kind, are handled while the stream's
-  commit is in flight, their commits staged). A
-  failure retries the same entry after its backoff, so the stream waits behind it until it succeeds or is
-  dead-lettered, while the other streams go on;
+  commit is in flight, their commits staged). A failure retries the same entry after its backoff, so the stream
+  waits behind it until it succeeds or is dead-lettered, while the other streams go on;
 - ``_read_loop``    one fenced read for every owned stream with room for more, then XREAD BLOCK on the idle ones
   (on a Redis Cluster, idle streams of several slots are polled instead: ``_poll_new`` has the latency cost);
   after a read that failed, first a take-over of what it may have left pending unseen (``_recover``);
