@@ -138,7 +138,6 @@ class Owned:
         """When the lease runs out on this worker's clock (the loop's monotonic time): the send time of the last
         acquire or renew that succeeded, plus the TTL, so never later than on Redis's clock. A worker paused past
         it (SIGSTOP, a long GC) starts nothing more on the stream; its writes would be refused anyway."""
-        self.failures = failures
         self.keys = (ref.key, lease, failures)
         """A commit's first keys for a run of its entries (``fenced_commit.lua``)."""
         self.queue: deque[Delivery] = deque()
@@ -662,23 +661,22 @@ class Ordered:
             raise error
         return not o.lost
 
-    def _counted(self, o: Owned, d: Delivery, outputs: _Outputs, status: int) -> bool:
-        """Count a commit's outcome; False if it was fenced out (the stream is lost)."""
+    def _counted(self, o: Owned, d: Delivery, outputs: _Outputs, status: int) -> None:
+        """Count a commit's outcome; a commit fenced out loses the stream."""
         w = self.w
         if status == 1:
             w.stats.handled += 1
             for stream, _ in outputs:
                 w.published[stream] = w.published.get(stream, 0) + 1
-            return True
+            return
         w.stats.refused += 1
         if status == FENCED:
             log.warning("commit of %s %s refused: fenced out (the stream has another owner now; it handles the "
                         "entry again)", o.ref.key, d.entry_id.decode())
             self._lose(o.ref.key, "fenced out of a commit")
-            return False
+            return
         log.warning("commit of %s %s refused: it was no longer pending (committed already, by a commit sent again "
                     "or by another consumer of the group)", o.ref.key, d.entry_id.decode())
-        return True
 
     async def _commit_loop(self) -> None:
         """Send the commits gathered so far on a free connection, without waiting for the reply before gathering
