@@ -61,7 +61,7 @@ import uvloop
 from bench.clock import OpenLoop, precise_sleeps
 from bench.procs import publish_chunks
 from bench.server import redis_target
-from bench.workload import SYMBOLS, WARMUP, symbol, tick
+from bench.workload import SYMBOLS, WARMUP, symbol, tick, warm_ticks
 from fabric import Keys, Priority, Publisher, Worker, WorkerConfig, connect
 from fabric.events import Event, Tick
 from fabric.handler import as_handler
@@ -96,24 +96,26 @@ def _worker(url: str, ns: str, expect: int, measured: Priority, config: dict[str
         Worker._take = stamped  # type: ignore[method-assign]
         seen: list[tuple[str, int, int, int, tuple[str, bytes]]] = []
         label = measured.label
-        others = 0
+        others = warm = 0
 
         async def handler(event: Event, ctx: Any) -> None:
+            nonlocal others, warm
             if ctx.priority != label:
-                nonlocal others
                 others += 1
+                return
+            if isinstance(event, Tick) and event.exchange == WARMUP:  # the worker's, then the sender's
+                warm += 1
                 return
             entry = (ctx.stream, ctx.entry_id.encode())
             seen.append((event.event_id, event.ts_ns, taken.pop(entry, 0), time.time_ns(), entry))
 
         keys = Keys(ns)
         async with Publisher(client, keys=keys) as pub:  # the streams exist before the worker joins them
-            await pub.publish_many([tick(i, SYMBOLS, exchange=WARMUP) for i in range(SYMBOLS)], priority=measured)
+            await pub.publish_many(warm_ticks(), priority=measured)
         fields = {"group": GROUP, "topics": ["tick"], **config}
         worker = Worker(client, as_handler(handler), msgspec.convert(fields, WorkerConfig), keys=keys)
         run = asyncio.create_task(worker.run())
-        await _until(lambda: len(seen) >= SYMBOLS)
-        seen.clear()  # the warm-up's
+        await _until(lambda: warm >= SYMBOLS)
         out.put("ready")
         cpu = time.process_time()
         await _until(lambda: len(seen) >= expect, 60 + expect / 1000)
@@ -150,7 +152,7 @@ def _sender(url: str, ns: str, rate: float, total: int, priority: Priority, out:
 
         cpu = time.process_time()
         async with Publisher(client, keys=Keys(ns)) as pub:
-            await OpenLoop(pub, rate, total, make, priority).run()
+            await OpenLoop(pub, rate, total, make, priority, warm_ticks()).run()
         cpu = time.process_time() - cpu
         await client.aclose()
         out.put((made, packed, cpu))
@@ -185,7 +187,7 @@ def _bystander(url: str, ns: str, priority: Priority, total: int, out: Any) -> N
             r.xgroup_create(s, "bystander", id="$", mkstream=True)
         out.put("ready")
         deadline = time.monotonic() + 120 + total / 100
-        while len(got) < total and time.monotonic() < deadline:
+        while len(got) < total + SYMBOLS and time.monotonic() < deadline:  # (the sender's warm-up too)
             reply = r.xreadgroup("bystander", "b", streams, count=1000, block=1000, noack=True)  # type: ignore[arg-type]
             now = time.time_ns()
             for name, entries in reply or ():

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from bench.clock import OpenLoop
 from bench.launcher import emit, stop_event
 from bench.stats import latency_ms
-from bench.workload import symbol, tick, ticks
+from bench.workload import WARMUP, symbol, tick, ticks, warm_ticks
 from fabric.client import resolve_url
 from fabric.events import Tick
 
@@ -78,7 +78,7 @@ async def send(args: argparse.Namespace) -> dict[str, Any]:
     """Open loop at ``rate`` for ``duration`` seconds, each tick stamped with the time it was due."""
     r = client()
     loop = OpenLoop(Pipelined(r, stream_keys(args.ns, args.symbols)), args.rate, round(args.rate * args.duration),
-                    lambda i, due: tick(i, args.symbols, ts_ns=due))
+                    lambda i, due: tick(i, args.symbols, ts_ns=due), warm=warm_ticks(args.symbols))
     await loop.run()
     await r.aclose()
     return {"sent": loop.sent - loop.failed, "failed": loop.failed, "lag_ms": latency_ms(loop.lag_ns)}
@@ -119,6 +119,8 @@ async def _read(r: Redis, streams: list[str], expect: int, stop: asyncio.Event,
             for stream, entries in reply:
                 for _, fields in entries:
                     event = decoder.decode(fields[b"data"])
+                    if event.exchange == WARMUP:  # the sender's warm-up: acked, not counted
+                        continue
                     seen.append(event.event_id)
                     if latencies is not None:
                         latencies.append(time.time_ns() - event.ts_ns)

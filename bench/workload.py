@@ -8,7 +8,7 @@ import msgspec
 
 from fabric.events import Tick
 
-__all__ = ["SYMBOLS", "TOPIC", "WARMUP", "encoded_size", "same_shape_fields", "symbol", "tick", "ticks"]
+__all__ = ["SYMBOLS", "TOPIC", "WARMUP", "encoded_size", "same_shape_fields", "symbol", "tick", "ticks", "warm_ticks"]
 
 SYMBOLS = 50
 TOPIC = "tick"
@@ -26,6 +26,11 @@ def tick(i: int, symbols: int = SYMBOLS, *, ts_ns: int | None = None, exchange: 
     extra = {} if ts_ns is None else {"ts_ns": ts_ns}
     return Tick(symbol=symbol(i, symbols), bid=100.0 + i * 1e-4, ask=100.01 + i * 1e-4, bid_size=1.5,
                 ask_size=2.5, exchange=exchange, **extra)
+
+
+def warm_ticks(symbols: int = SYMBOLS) -> list[Tick]:
+    """One warm-up tick per symbol (``exchange=WARMUP``: handled, never measured)."""
+    return [tick(i, symbols, exchange=WARMUP) for i in range(symbols)]
 
 
 def ticks(n: int, symbols: int = SYMBOLS) -> list[Tick]:
