@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -1169,36 +1169,69 @@ class Worker:
                     held[entry_id] = now
 
     async def reclaim(self) -> int:
-        """Take over entries idle past ``reclaim_idle_ms`` on the joined streams; return how many."""
-        total = 0
+        """Take over entries idle past ``reclaim_idle_ms`` on the joined streams; return how many.
+
+        One pipelined round trip asks every stream whose lane has room (on a cluster: each slot's streams in turn,
+        the slots at once), for its share of that room (at most ``RECLAIM_COUNT``): a pass never claims more than
+        the lanes take. The streams that filled their share with more left to scan are asked again, for a share
+        of the room still left, until the room or they run out (a dead worker's entries, however they are spread,
+        come back about as fast as the lanes take them). A stream whose call fails is tried again next pass; the
+        others' entries are kept, then the first error is raised."""
         if not self._reading_allowed():
             return 0
-        for stream, ref in list(self._streams.items()):
-            room = self._lanes.room(ref.priority)
-            if room <= 0:
-                continue
-            cursor, claimed, deleted = await scripts.RECLAIM(
-                self.client,
-                [stream, self.keys.failures(stream)],
-                [self.group, self.consumer, self.config.reclaim_idle_ms, min(room, RECLAIM_COUNT),
-                 self._cursors.get(stream, b"0-0")],
-            )
-            self._cursors[stream] = cursor
-            held = self._held[stream]
-            now = time.monotonic()
-            for entry_id, fields, count in claimed:
-                if entry_id in held:
-                    continue
-                held[entry_id] = now
-                self._lanes.put(ref.priority, Delivery(ref, entry_id, fields, int(count)))
-                total += 1
-            if deleted:
-                await self._trimmed_pending(stream, deleted)
+        total, error = 0, None
+        asking = list(self._streams.items())
+        while asking:
+            claimed, more, failed = await self._reclaim_round(asking)
+            total += claimed
+            error = error or failed
+            asking = more
         self.stats.reclaimed += total
         self.stats.delivered += total
         if total:
             log.info("reclaimed %d entries idle over %d ms", total, self.config.reclaim_idle_ms)
+        if error is not None:
+            raise error
         return total
+
+    async def _reclaim_round(self, streams: list[tuple[str, StreamRef]]
+                             ) -> tuple[int, list[tuple[str, StreamRef]], BaseException | None]:
+        """One round trip of ``reclaim``: how many entries were taken, the streams to ask again, the first error."""
+        rooms = {p: self._lanes.room(p) for p in Priority}
+        sharing = Counter(ref.priority for _, ref in streams)
+        asked: list[tuple[str, StreamRef, int]] = []
+        calls: list[tuple[list[Any], list[Any]]] = []
+        for stream, ref in streams:
+            p = ref.priority
+            count = min(RECLAIM_COUNT, max(1, rooms[p] // sharing[p]), rooms[p])
+            if count <= 0:
+                continue
+            rooms[p] -= count
+            asked.append((stream, ref, count))
+            calls.append(([stream, self.keys.failures(stream)],
+                          [self.group, self.consumer, self.config.reclaim_idle_ms, count,
+                           self._cursors.get(stream, b"0-0")]))
+        taken, more, error = 0, [], None
+        for (stream, ref, count), reply in zip(asked, await scripts.RECLAIM.many(self.client, calls, errors=True),
+                                               strict=True):
+            if isinstance(reply, Exception):
+                error = error or reply
+                continue
+            cursor, claimed, deleted = reply
+            self._cursors[stream] = cursor
+            if len(claimed) == count and cursor != b"0-0":
+                more.append((stream, ref))
+            held = self._held[stream]
+            now = time.monotonic()
+            for entry_id, fields, deliveries in claimed:
+                if entry_id in held:
+                    continue
+                held[entry_id] = now
+                self._lanes.put(ref.priority, Delivery(ref, entry_id, fields, int(deliveries)))
+                taken += 1
+            if deleted:
+                await self._trimmed_pending(stream, deleted)
+        return taken, more, error
 
     async def retire(self) -> dict[str, list[str]]:
         """Remove the group's consumers idle past ``retire_idle_ms`` with nothing pending (dead processes')."""

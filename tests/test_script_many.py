@@ -66,5 +66,16 @@ async def test_many_raises_an_error_reply_after_every_call_ran(redis, keys) -> N
         await FAILS_ON_ZERO.many(redis, calls)
 
 
+async def test_many_can_return_an_error_reply_in_its_calls_place(redis, keys) -> None:
+    # given calls over several slots of which one fails
+    calls = [([k], [i]) for i, k in enumerate(counters(keys, 5))]
+
+    # when they run with errors returned, then the failed call's error is in its place and the others' replies in
+    # theirs
+    replies = await FAILS_ON_ZERO.many(redis, calls, errors=True)
+    assert isinstance(replies[0], ResponseError) and "ZERO" in str(replies[0])
+    assert replies[1:] == [1, 1, 1, 1]
+
+
 async def test_many_of_nothing_is_nothing(redis) -> None:
     assert await INCR_BY.many(redis, []) == []

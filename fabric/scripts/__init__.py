@@ -61,28 +61,31 @@ class Script:
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
-    async def many(self, client: Redis, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+    async def many(self, client: Redis, calls: list[tuple[list[Any], list[Any]]],
+                   errors: bool = False) -> list[Any]:
         """Run the script once per (keys, args), all in one pipelined round trip; return the replies in order
-        (loading the script first if the server did not know it: those calls had not run)."""
+        (loading the script first if the server did not know it: those calls had not run). A call's error reply
+        is raised once all have run, or with ``errors`` returned in its place (the others' replies are kept)."""
         if not calls:
             return []
         if is_cluster(client):
-            return await self._concurrently(client, calls)
-        replies = await self._pipelined(client, calls)
-        if any(isinstance(r, NoScriptError) for r in replies):
-            await client.script_load(self.source)
-            again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            for i, r in zip(again, await self._pipelined(client, [calls[i] for i in again]), strict=True):
-                replies[i] = r
+            replies = await self._concurrently(client, calls)
+        else:
+            replies = await self._pipelined(client, calls)
+            if any(isinstance(r, NoScriptError) for r in replies):
+                await client.script_load(self.source)
+                again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+                for i, r in zip(again, await self._pipelined(client, [calls[i] for i in again]), strict=True):
+                    replies[i] = r
         for r in replies:
-            if isinstance(r, Exception):
+            if isinstance(r, Exception) and not errors:
                 raise r
         return replies
 
     async def _concurrently(self, client: Redis, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
         """The calls each on its first key's node (a cluster's pipeline refuses EVALSHA): a slot's calls one after
-        another, in order, as a pipeline runs them; the slots at once, at most ``CONCURRENT_CALLS``. The first
-        error is raised once all have run."""
+        another, in order, as a pipeline runs them; the slots at once, at most ``CONCURRENT_CALLS``. An error
+        is returned in its call's place."""
         limit = asyncio.Semaphore(CONCURRENT_CALLS)
         replies: list[Any] = [None] * len(calls)
         # a client's first commands sent at once race in its start-up (redis-py 8.1: a connection of one is
@@ -99,9 +102,6 @@ class Script:
 
         slots = by_slot(range(len(calls)), key=lambda i: calls[i][0][0] if calls[i][0] else "")
         await asyncio.gather(*(run(indexes) for indexes in slots))
-        for r in replies:
-            if isinstance(r, Exception):
-                raise r
         return replies
 
     async def _pipelined(self, client: Redis, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:

@@ -541,6 +541,91 @@ async def test_pending_entry_trimmed_from_stream_is_counted(redis, keys):
     assert await pending(redis, stream) == 0
 
 
+async def left_by_dead(redis: Any, keys: Keys, counts: dict[str, int]) -> dict[str, str]:
+    """Entries of the given symbols, read by consumer "dead", which never acks them; symbol -> stream."""
+    streams = {}
+    for symbol, n in counts.items():
+        await publish(redis, keys, ticks(n, symbol))
+        streams[symbol] = stream = stream_of(keys, symbol)
+        await redis.xgroup_create(stream, GROUP, id="0")
+        assert len((await redis.xreadgroup(GROUP, "dead", {stream: ">"}, count=n))[0][1]) == n
+    return streams
+
+
+async def idle_for(redis: Any, streams: dict[str, str], ms: int) -> None:
+    """Wait until every pending entry of the streams has been idle for ``ms``."""
+    async def all_idle() -> bool:
+        for stream in streams.values():
+            total = await pending(redis, stream)
+            if len(await redis.xpending_range(stream, GROUP, "-", "+", total, idle=ms)) < total:
+                return False
+        return True
+
+    await eventually(all_idle, what=f"the pending entries idle for {ms} ms")
+
+
+async def mine(redis: Any, stream: str, consumer: str) -> int:
+    return len(await redis.xpending_range(stream, GROUP, "-", "+", 10_000, consumername=consumer))
+
+
+@pytest.mark.real_only
+async def test_one_reclaim_pass_takes_all_a_dead_consumer_left_while_the_lanes_have_room(redis, keys):
+    # given a dead consumer's entries: 250 on one stream (more than one call claims) and 10 on each of two others
+    counts = {"A": 250, "B": 10, "C": 10}
+    streams = await left_by_dead(redis, keys, counts)
+    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30)
+    await worker.discover()
+    await idle_for(redis, streams, 30)
+
+    # when one reclaim pass runs (the lanes take 1,024 a priority)
+    taken = await worker.reclaim()
+
+    # then it took every one, each once: the stream that filled its share was asked again while there was room
+    assert taken == worker.stats.reclaimed == 270
+    assert {s: await mine(redis, stream, worker.consumer) for s, stream in streams.items()} == counts
+    assert sum([await mine(redis, stream, "dead") for stream in streams.values()]) == 0
+
+
+@pytest.mark.real_only
+async def test_a_reclaim_pass_takes_no_more_than_the_lanes_have_room_for(redis, keys):
+    # given a dead consumer's 90 entries over three streams, and a worker whose lanes take 50 each
+    streams = await left_by_dead(redis, keys, {"A": 30, "B": 30, "C": 30})
+    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30, prefetch=50)
+    await worker.discover()
+    await idle_for(redis, streams, 30)
+
+    # when a reclaim pass runs, and another while nothing has been handled
+    first = await worker.reclaim()
+    second = await worker.reclaim()
+
+    # then the first filled the lane and the second took nothing: the rest stays the dead consumer's for later
+    assert (first, second) == (50, 0)
+    assert sum([await mine(redis, stream, "dead") for stream in streams.values()]) == 40
+
+
+@pytest.mark.real_only
+async def test_a_stream_whose_reclaim_fails_does_not_keep_the_others_from_theirs(redis, keys):
+    # given a dead consumer's entries on two streams, and the group gone from the stream the worker asks first
+    streams = await left_by_dead(redis, keys, {"A": 5, "B": 5})
+    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30)
+    await worker.discover()
+    await idle_for(redis, streams, 30)
+    first, other = worker._streams  # (the order a pass asks them in)
+    await redis.xgroup_destroy(first, GROUP)
+
+    # when a reclaim pass runs, then it fails with that stream's error
+    with pytest.raises(rex.ResponseError, match="NOGROUP"):
+        await worker.reclaim()
+
+    # and the other stream's entries were taken all the same
+    assert worker.stats.reclaimed == 5
+    assert await mine(redis, other, worker.consumer) == 5
+
+
+async def _nothing(event: Event) -> None:
+    pass
+
+
 # ---- 12: graceful stop -----------------------------------------------------------------------------
 
 
