@@ -289,6 +289,7 @@ class Worker:
         self._retries: RetryTimer[Delivery] = RetryTimer()
         self._registered: set[str] = set()
         self._cursors: dict[str, bytes] = {}
+        self._reclaim_turn = 0
         self._skipped: set[str] = set()
         self._dlqs: set[str] = set()
         self._max_held = config.prefetch * len(Priority) + config.concurrency
@@ -1175,35 +1176,41 @@ class Worker:
         the slots at once), for its share of that room (at most ``RECLAIM_COUNT``): a pass never claims more than
         the lanes take. The streams that filled their share with more left to scan are asked again, for a share
         of the room still left, until the room or they run out (a dead worker's entries, however they are spread,
-        come back about as fast as the lanes take them). A stream whose call fails is tried again next pass; the
-        others' entries are kept, then the first error is raised."""
-        if not self._reading_allowed():
-            return 0
+        come back about as fast as the lanes take them), or the worker stops or a breaker opens. Each pass starts
+        one stream further on, so a lane with less room than streams serves them all in turn. A stream whose call
+        fails is tried again next pass; the others' entries are kept, then the first error is raised."""
         total, error = 0, None
-        asking = list(self._streams.items())
-        while asking:
-            claimed, more, failed = await self._reclaim_round(asking)
-            total += claimed
-            error = error or failed
-            asking = more
-        self.stats.reclaimed += total
-        self.stats.delivered += total
-        if total:
-            log.info("reclaimed %d entries idle over %d ms", total, self.config.reclaim_idle_ms)
+        streams = list(self._streams.items())
+        turn = self._reclaim_turn % max(1, len(streams))
+        self._reclaim_turn += 1
+        asking = streams[turn:] + streams[:turn]
+        try:
+            while asking and not self._stop.is_set() and self._reading_allowed():
+                taken, asking, trimmed, failed = await self._reclaim_round(asking)
+                total += taken
+                error = error or failed
+                for stream, ids in trimmed:  # (every claimed entry is queued and held by now)
+                    await self._trimmed_pending(stream, ids)
+        finally:
+            self.stats.reclaimed += total
+            self.stats.delivered += total
+            if total:
+                log.info("reclaimed %d entries idle over %d ms", total, self.config.reclaim_idle_ms)
         if error is not None:
             raise error
         return total
 
-    async def _reclaim_round(self, streams: list[tuple[str, StreamRef]]
-                             ) -> tuple[int, list[tuple[str, StreamRef]], BaseException | None]:
-        """One round trip of ``reclaim``: how many entries were taken, the streams to ask again, the first error."""
+    async def _reclaim_round(self, streams: list[tuple[str, StreamRef]]) -> tuple[
+            int, list[tuple[str, StreamRef]], list[tuple[str, list[bytes]]], BaseException | None]:
+        """One round trip of ``reclaim``: how many entries were taken (queued and held before anything else is
+        awaited), the streams to ask again, the pending ids found trimmed away per stream, and the first error."""
         rooms = {p: self._lanes.room(p) for p in Priority}
-        sharing = Counter(ref.priority for _, ref in streams)
+        shares = {p: max(1, rooms[p] // n) for p, n in Counter(ref.priority for _, ref in streams).items()}
         asked: list[tuple[str, StreamRef, int]] = []
         calls: list[tuple[list[Any], list[Any]]] = []
         for stream, ref in streams:
             p = ref.priority
-            count = min(RECLAIM_COUNT, max(1, rooms[p] // sharing[p]), rooms[p])
+            count = min(RECLAIM_COUNT, shares[p], rooms[p])
             if count <= 0:
                 continue
             rooms[p] -= count
@@ -1211,9 +1218,10 @@ class Worker:
             calls.append(([stream, self.keys.failures(stream)],
                           [self.group, self.consumer, self.config.reclaim_idle_ms, count,
                            self._cursors.get(stream, b"0-0")]))
-        taken, more, error = 0, [], None
-        for (stream, ref, count), reply in zip(asked, await scripts.RECLAIM.many(self.client, calls, errors=True),
-                                               strict=True):
+        replies = await scripts.RECLAIM.many(self.client, calls, errors=True)
+        taken, more, trimmed, error = 0, [], [], None
+        now = time.monotonic()
+        for (stream, ref, count), reply in zip(asked, replies, strict=True):
             if isinstance(reply, Exception):
                 error = error or reply
                 continue
@@ -1222,7 +1230,6 @@ class Worker:
             if len(claimed) == count and cursor != b"0-0":
                 more.append((stream, ref))
             held = self._held[stream]
-            now = time.monotonic()
             for entry_id, fields, deliveries in claimed:
                 if entry_id in held:
                     continue
@@ -1230,8 +1237,8 @@ class Worker:
                 self._lanes.put(ref.priority, Delivery(ref, entry_id, fields, int(deliveries)))
                 taken += 1
             if deleted:
-                await self._trimmed_pending(stream, deleted)
-        return taken, more, error
+                trimmed.append((stream, deleted))
+        return taken, more, trimmed, error
 
     async def retire(self) -> dict[str, list[str]]:
         """Remove the group's consumers idle past ``retire_idle_ms`` with nothing pending (dead processes')."""

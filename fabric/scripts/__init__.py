@@ -97,7 +97,7 @@ class Script:
                 for i in indexes:
                     try:
                         replies[i] = await self(client, *calls[i])
-                    except Exception as exc:  # raised below, once the other calls have run
+                    except Exception as exc:  # ``many`` raises it (or returns it) once the other calls have run
                         replies[i] = exc
 
         slots = by_slot(range(len(calls)), key=lambda i: calls[i][0][0] if calls[i][0] else "")

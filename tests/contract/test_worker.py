@@ -622,6 +622,76 @@ async def test_a_stream_whose_reclaim_fails_does_not_keep_the_others_from_theirs
     assert await mine(redis, other, worker.consumer) == 5
 
 
+@pytest.mark.real_only
+async def test_a_reclaim_pass_ends_at_the_round_the_worker_stops_in(redis, keys):
+    # given a dead consumer's 250 entries on one stream (three rounds of 100 at most), and a worker that is told
+    # to stop as its first round ends
+    streams = await left_by_dead(redis, keys, {"A": 250})
+    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30)
+    await worker.discover()
+    await idle_for(redis, streams, 30)
+    first_round = worker._reclaim_round
+
+    async def then_stop(asking: Any) -> Any:
+        result = await first_round(asking)
+        worker.stop()
+        return result
+
+    worker._reclaim_round = then_stop  # type: ignore[method-assign]
+
+    # when a reclaim pass runs
+    taken = await worker.reclaim()
+
+    # then it took the first round's entries only: the rest stays the dead consumer's, for a live worker
+    assert taken == worker.stats.reclaimed == 100
+    assert await mine(redis, streams["A"], "dead") == 150
+
+
+@pytest.mark.real_only
+async def test_a_rounds_entries_are_held_before_a_trimmed_pending_count_can_fail(redis, keys):
+    # given a dead consumer's entry deleted from the stream asked first, and five more on another stream; and the
+    # count of trimmed entries failing (Redis refusing the write, a connection lost)
+    streams = await left_by_dead(redis, keys, {"A": 1, "B": 5})
+    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30)
+    await worker.discover()
+    first, other = worker._streams
+    [[entry_id, _]] = await redis.xrange(first)
+    await redis.xdel(first, entry_id)
+    await idle_for(redis, streams, 30)
+
+    async def fails(stream: str, ids: list[bytes]) -> None:
+        raise rex.ConnectionError("lost")
+
+    worker._trimmed_pending = fails  # type: ignore[method-assign]
+
+    # when a reclaim pass runs, then it fails with that error
+    with pytest.raises(rex.ConnectionError):
+        await worker.reclaim()
+
+    # and the other stream's entries, claimed in the same round trip, are queued, held (touched by the heartbeat,
+    # handed back on a stop) and counted
+    assert len(worker._held[other]) == 5 and len(worker._lanes) == 5
+    assert worker.stats.reclaimed == 5
+
+
+@pytest.mark.real_only
+async def test_a_lane_with_less_room_than_streams_reclaims_them_in_turn(redis, keys):
+    # given a dead consumer's entry on each of three streams, and a worker whose lanes take 2
+    streams = await left_by_dead(redis, keys, {"A": 1, "B": 1, "C": 1})
+    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30, prefetch=2)
+    await worker.discover()
+    await idle_for(redis, streams, 30)
+
+    # when a pass fills the lane, its two entries are handled (taken out of the lane), and another pass runs
+    first = await worker.reclaim()
+    taken = [worker._lanes.get_nowait() for _ in range(first)]
+    second = await worker.reclaim()
+
+    # then the second pass started one stream further on and reached the third stream
+    assert (first, second, len(taken)) == (2, 1, 2)
+    assert {s: await mine(redis, stream, worker.consumer) for s, stream in streams.items()} == {"A": 1, "B": 1, "C": 1}
+
+
 async def _nothing(event: Event) -> None:
     pass
 
