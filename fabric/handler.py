@@ -1,7 +1,10 @@
 """The handler contract: a plain ``async def handle(event[, ctx])`` returning None, an event or a list.
 
 Everything else (timeouts, retry policy, breakers, metrics, log context) wraps a handler as middleware: a function
-from ``HandlerFn`` to ``HandlerFn``. (A worker with no middleware times its handler calls itself: ``Deadlines``.)
+from ``HandlerFn`` to ``HandlerFn``. (A worker with no middleware times its handler calls itself: ``Deadlines``.
+So does a worker whose middleware is all ``blind_to_timeouts``: fabric's own metrics and log context, which act
+alike whether a call ends in ``TimeoutError`` or not, and so need no ``timed`` layer, a coroutine frame and a
+task lookup per call, to turn the deadline's cancellation into ``TimeoutError`` for them.)
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -21,8 +25,8 @@ import msgspec
 from fabric.errors import HandlerLoadError
 from fabric.events import Event
 
-__all__ = ["Context", "Deadlines", "HandlerFn", "Middleware", "Watch", "as_handler", "load_handler", "timed",
-           "timeout", "wrap"]
+__all__ = ["Context", "Deadlines", "HandlerFn", "Middleware", "Watch", "as_handler", "blind_to_timeouts",
+           "load_handler", "needs_timed", "timed", "timeout", "wrap"]
 
 
 class Context(msgspec.Struct, frozen=True, kw_only=True):
@@ -256,6 +260,23 @@ def timeout(seconds: float) -> Middleware:
     ``TimeoutError``; the call then counts as a failed delivery and is retried. (A worker times its handler calls
     itself, ``WorkerConfig.handler_timeout_s``: this is for handlers called some other way.)"""
     return timed(Deadlines(seconds))
+
+
+_BLIND: weakref.WeakSet[Middleware] = weakref.WeakSet()
+
+
+def blind_to_timeouts(m: Middleware) -> Middleware:
+    """Mark middleware that acts alike whether a handler call ends in ``TimeoutError`` or in the deadline's
+    cancellation (it measures, or sets context, around the call): a worker whose middleware is all such times the
+    calls itself, without a ``timed`` layer."""
+    _BLIND.add(m)
+    return m
+
+
+def needs_timed(middleware: Sequence[Middleware]) -> bool:
+    """True when some middleware may tell a handler timeout from other failures (a breaker counting them), and so
+    must see ``TimeoutError``: the chain then ends in ``timed``."""
+    return any(m not in _BLIND for m in middleware)
 
 
 def wrap(handler: HandlerFn, middleware: Sequence[Middleware]) -> HandlerFn:

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from fabric.events import Event
-from fabric.handler import Context, HandlerFn
+from fabric.handler import Context, HandlerFn, blind_to_timeouts
 from fabric.supervisor import LABEL_ENV
 
 __all__ = ["FORMAT_ENV", "FORMATS", "JsonFormatter", "TextFormatter", "configure", "log_context"]
@@ -32,6 +32,7 @@ _current: contextvars.ContextVar[tuple[Event, Context] | None] = contextvars.Con
 _encode = msgspec.json.Encoder().encode
 
 
+@blind_to_timeouts
 def log_context(inner: HandlerFn) -> HandlerFn:
     """Middleware: while the handler runs, records it logs carry the event's ids."""
 

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector as _Collector
 
 from fabric.events import Event
 from fabric.families import FAMILIES, NAMES, Series, Snapshot, merge
-from fabric.handler import Context, HandlerFn, Middleware
+from fabric.handler import Context, HandlerFn, Middleware, blind_to_timeouts
 from fabric.keys import Keys
 from fabric.tally import SECONDS_BUCKETS, Tally
 
@@ -65,7 +65,7 @@ def measured(tallies: HandlerTallies) -> Middleware:
 
         return handle
 
-    return middleware
+    return blind_to_timeouts(middleware)  # (a timeout and any other failure: measured alike)
 
 
 class Metrics:

@@ -47,7 +47,18 @@ from fabric.codec import FORMAT_VERSION, Encoded, decode_entry, encode, fields_o
 from fabric.config import WorkerConfig
 from fabric.errors import DecodeError, FabricError, Reject, Retry
 from fabric.events import Event
-from fabric.handler import UNWATCHED, Context, Deadlines, HandlerFn, Middleware, Watch, current_task, timed, wrap
+from fabric.handler import (
+    UNWATCHED,
+    Context,
+    Deadlines,
+    HandlerFn,
+    Middleware,
+    Watch,
+    current_task,
+    needs_timed,
+    timed,
+    wrap,
+)
 from fabric.keys import Keys, Priority, StreamRef
 from fabric.lanes import Lanes
 from fabric.nodes import ClusterLine, by_slot, is_cluster, line_for, slot_of
@@ -257,10 +268,11 @@ class Worker:
         self._deadlines = Deadlines(config.handler_timeout_s)
         chain = [guard(self._breakers, self._stop, fallback)] if self._breakers else []  # outermost: waits untimed
         chain += middleware
-        self._times_calls = not chain
-        """No middleware: ``process`` (and the ordered mode's ``_call``) mark each handler call on their task's watch
-        themselves. Otherwise ``timed``, innermost, does, and the middleware sees a timeout as ``TimeoutError``."""
-        if chain and config.handler_timeout_s:
+        self._times_calls = not needs_timed(chain)
+        """No middleware, or only middleware blind to timeouts (fabric's metrics and log context): ``process`` (and
+        the ordered mode's ``_call``) mark each handler call on their task's watch themselves. Otherwise ``timed``,
+        innermost, does, and the middleware sees a timeout as ``TimeoutError``."""
+        if not self._times_calls and config.handler_timeout_s:
             chain.append(timed(self._deadlines))
         self._handler = wrap(handler, chain)
         self.stats = WorkerStats()

@@ -23,6 +23,8 @@ from fabric.deadletter import list_dead_letters, replay
 from fabric.events import Bar, Event, Tick
 from fabric.handler import Context, as_handler
 from fabric.keys import Keys
+from fabric.logs import log_context
+from fabric.metrics import HandlerTallies, measured
 from tests.waiting import eventually
 from tests.workers import running, stopped
 
@@ -921,6 +923,43 @@ async def test_a_handler_past_its_timeout_is_retried_then_dead_lettered_as_a_tim
     assert letter.deliveries == 3
     assert await pending(redis, stream) == 0
     assert await redis.hlen(keys.failures(stream)) == 0
+
+
+@pytest.mark.parametrize("theirs", [False, True], ids=["fabrics-own", "with-theirs"])
+async def test_a_hung_handler_times_out_under_fabrics_metrics_and_log_context(redis, keys, theirs):
+    # given a handler that hangs, measured and logged as `fabric worker --metrics-port` runs it (middleware blind to
+    # timeouts: the worker times the calls itself, no timed layer), and in one case a middleware of the user's too
+    await publish(redis, keys, ticks(1))
+    never = asyncio.Event()
+    seen: list[str] = []
+
+    def theirs_(inner: Any) -> Any:
+        async def handle(event: Event, ctx: Context) -> Any:
+            try:
+                return await inner(event, ctx)
+            except BaseException as exc:
+                seen.append(type(exc).__name__)
+                raise
+
+        return handle
+
+    async def hangs(event: Event) -> None:
+        await never.wait()
+
+    tallies = HandlerTallies()
+    chain = [measured(tallies), log_context, *([theirs_] if theirs else [])]
+    worker = Worker(redis, as_handler(hangs, "hangs"), config(handler_timeout_s=0.2, max_deliveries=1), keys=keys,
+                    handler_name="hangs", middleware=chain)
+    # when the worker runs
+    async with running(worker):
+        await eventually(at_least(1, lambda: worker.stats.dead_lettered), what="the dead letter")
+    # then the call failed as a timeout and was measured; the user's middleware (only then a timed layer) saw the
+    # TimeoutError
+    [letter] = await list_dead_letters(redis, keys)
+    assert letter.error_type == "TimeoutError"
+    assert tallies.duration.count == 1 and tallies.latency.count == 0
+    assert worker._times_calls is not theirs
+    assert seen == (["TimeoutError"] if theirs else [])
 
 
 async def test_handlers_that_finish_in_time_are_untouched_by_the_timeout(redis, keys):
