@@ -381,7 +381,7 @@ class Ordered:
 
     async def _run_stream(self, o: Owned) -> None:
         stream = o.ref.key
-        watch = self.w._deadlines.watch(current_task())  # (with middleware, ``timed`` finds it and marks the calls)
+        watch = self.w._deadlines.watch(current_task())  # (``timed``, if in the chain, finds it and marks calls)
         o.watch = watch if self.w._times_calls else UNWATCHED
         try:
             if await self._take_over(o):

@@ -740,7 +740,7 @@ class Worker:
     async def _dispatch_loop(self) -> None:
         lanes, turns, process, clock = self._lanes, self._turns, self.process, time.monotonic
         me = object()
-        watch = self._deadlines.watch(current_task())  # (with middleware, ``timed`` finds it and marks the calls)
+        watch = self._deadlines.watch(current_task())  # (``timed``, if in the chain, finds it and marks calls)
         marks = watch if self._times_calls else UNWATCHED
         try:
             await self._primed.wait()
