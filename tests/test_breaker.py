@@ -16,6 +16,7 @@ from fabric.config import BreakerConfig
 from fabric.events import BreakerStateChanged, Tick
 from fabric.handler import Context, as_handler
 from fabric.keys import Keys
+from tests.backends import client_list
 from tests.waiting import eventually
 from tests.workers import running
 
@@ -158,9 +159,9 @@ async def test_an_open_breaker_stops_reading_and_calling(redis, keys) -> None:
 
         await eventually(tripped, what="the worker to see the breaker open")
 
-        # When more events arrive while it is open (after a refresh of the worker's view: a read in flight when it
-        # opened has returned by then), and the view is refreshed twice more (a second or more, in which an
-        # ungated reader would have read 20 times)
+        # When more events arrive while it is open (once no read of the worker's waits in Redis: a read in flight
+        # when it opened has returned; its readers send no more), and the view is refreshed three times (a second
+        # or more, in which an ungated reader would have read 20 times)
         refreshes = 0
         refresh = view._refresh
 
@@ -169,10 +170,14 @@ async def test_an_open_breaker_stops_reading_and_calling(redis, keys) -> None:
             refreshes += 1
             await refresh()
 
+        async def no_read_waiting() -> bool:
+            return not [c for c in await client_list(redis) if c.get("cmd") == "xreadgroup" and "b" in c["flags"]]
+
         view._refresh = counted  # type: ignore[method-assign]
-        await eventually(lambda: _at_least(refreshes, 1), what="a refresh of the worker's view")
+        await eventually(no_read_waiting, what="no read of the worker's waiting in Redis")
+        start = refreshes
         later = await publish(redis, keys, 20)
-        await eventually(lambda: _at_least(refreshes, 3), what="two more refreshes of the worker's view")
+        await eventually(lambda: _at_least(refreshes, start + 3), what="three refreshes of the worker's view")
 
         # Then the new events wait in Redis, undelivered, and the handler was not called while it was open
         stream = keys.stream("tick", Tick.default_priority, "A")
