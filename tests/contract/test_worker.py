@@ -566,6 +566,16 @@ async def idle_for(redis: Any, streams: dict[str, str], ms: int) -> None:
     await eventually(all_idle, what=f"the pending entries idle for {ms} ms")
 
 
+async def reclaiming(redis: Any, keys: Keys, counts: dict[str, int], **overrides: Any) -> tuple[Worker, dict[str, str]]:
+    """A dead consumer's entries (``left_by_dead``), idle past the reclaim time of a worker joined to their streams
+    (not running: the test calls its ``reclaim``)."""
+    streams = await left_by_dead(redis, keys, counts)
+    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30, **overrides)
+    await worker.discover()
+    await idle_for(redis, streams, 30)
+    return worker, streams
+
+
 async def mine(redis: Any, stream: str, consumer: str) -> int:
     return len(await redis.xpending_range(stream, GROUP, "-", "+", 10_000, consumername=consumer))
 
@@ -574,10 +584,7 @@ async def mine(redis: Any, stream: str, consumer: str) -> int:
 async def test_one_reclaim_pass_takes_all_a_dead_consumer_left_while_the_lanes_have_room(redis, keys):
     # given a dead consumer's entries: 250 on one stream (more than one call claims) and 10 on each of two others
     counts = {"A": 250, "B": 10, "C": 10}
-    streams = await left_by_dead(redis, keys, counts)
-    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30)
-    await worker.discover()
-    await idle_for(redis, streams, 30)
+    worker, streams = await reclaiming(redis, keys, counts)
 
     # when one reclaim pass runs (the lanes take 1,024 a priority)
     taken = await worker.reclaim()
@@ -591,10 +598,7 @@ async def test_one_reclaim_pass_takes_all_a_dead_consumer_left_while_the_lanes_h
 @pytest.mark.real_only
 async def test_a_reclaim_pass_takes_no_more_than_the_lanes_have_room_for(redis, keys):
     # given a dead consumer's 90 entries over three streams, and a worker whose lanes take 50 each
-    streams = await left_by_dead(redis, keys, {"A": 30, "B": 30, "C": 30})
-    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30, prefetch=50)
-    await worker.discover()
-    await idle_for(redis, streams, 30)
+    worker, streams = await reclaiming(redis, keys, {"A": 30, "B": 30, "C": 30}, prefetch=50)
 
     # when a reclaim pass runs, and another while nothing has been handled
     first = await worker.reclaim()
@@ -608,10 +612,7 @@ async def test_a_reclaim_pass_takes_no_more_than_the_lanes_have_room_for(redis, 
 @pytest.mark.real_only
 async def test_a_stream_whose_reclaim_fails_does_not_keep_the_others_from_theirs(redis, keys):
     # given a dead consumer's entries on two streams, and the group gone from the stream the worker asks first
-    streams = await left_by_dead(redis, keys, {"A": 5, "B": 5})
-    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30)
-    await worker.discover()
-    await idle_for(redis, streams, 30)
+    worker, _ = await reclaiming(redis, keys, {"A": 5, "B": 5})
     first, other = worker._streams  # (the order a pass asks them in)
     await redis.xgroup_destroy(first, GROUP)
 
@@ -628,10 +629,7 @@ async def test_a_stream_whose_reclaim_fails_does_not_keep_the_others_from_theirs
 async def test_a_reclaim_pass_ends_at_the_round_the_worker_stops_in(redis, keys):
     # given a dead consumer's 250 entries on one stream (three rounds of 100 at most), and a worker that is told
     # to stop as its first round ends
-    streams = await left_by_dead(redis, keys, {"A": 250})
-    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30)
-    await worker.discover()
-    await idle_for(redis, streams, 30)
+    worker, streams = await reclaiming(redis, keys, {"A": 250})
     first_round = worker._reclaim_round
 
     async def then_stop(asking: Any) -> Any:
@@ -651,15 +649,11 @@ async def test_a_reclaim_pass_ends_at_the_round_the_worker_stops_in(redis, keys)
 
 @pytest.mark.real_only
 async def test_a_rounds_entries_are_held_before_a_trimmed_pending_count_can_fail(redis, keys):
-    # given a dead consumer's entry deleted from the stream asked first, and five more on another stream; and the
+    # given a dead consumer's entries on two streams, those of the stream asked first deleted from it; and the
     # count of trimmed entries failing (Redis refusing the write, a connection lost)
-    streams = await left_by_dead(redis, keys, {"A": 1, "B": 5})
-    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30)
-    await worker.discover()
-    first, other = worker._streams
-    [[entry_id, _]] = await redis.xrange(first)
-    await redis.xdel(first, entry_id)
-    await idle_for(redis, streams, 30)
+    worker, _ = await reclaiming(redis, keys, {"A": 5, "B": 5})
+    first, other = worker._streams  # (the order a pass asks them in)
+    assert await redis.xdel(first, *[entry_id for entry_id, _ in await redis.xrange(first)]) == 5
 
     async def fails(stream: str, ids: list[bytes]) -> None:
         raise rex.ConnectionError("lost")
@@ -679,10 +673,7 @@ async def test_a_rounds_entries_are_held_before_a_trimmed_pending_count_can_fail
 @pytest.mark.real_only
 async def test_a_lane_with_less_room_than_streams_reclaims_them_in_turn(redis, keys):
     # given a dead consumer's entry on each of three streams, and a worker whose lanes take 2
-    streams = await left_by_dead(redis, keys, {"A": 1, "B": 1, "C": 1})
-    worker = make_worker(redis, keys, _nothing, reclaim_idle_ms=30, prefetch=2)
-    await worker.discover()
-    await idle_for(redis, streams, 30)
+    worker, streams = await reclaiming(redis, keys, {"A": 1, "B": 1, "C": 1}, prefetch=2)
 
     # when a pass fills the lane, its two entries are handled (taken out of the lane), and another pass runs
     first = await worker.reclaim()
