@@ -9,8 +9,8 @@
 --   then m times:   entry id, code (2 × its number of outputs n, plus 1 if it has a failure record to drop),
 --                   then n times: type, enc, data
 -- (Runs rather than entries: the common entry, an ack, is 2 arguments, and its run checks the token once and acks
--- each stretch of its plain entries, those with neither outputs nor a failure record, in one XACK. Cheaper to pack, to parse
--- and to hand to Lua.)
+-- each stretch of its plain entries, those with neither outputs nor a failure record, in one XACK. Cheaper to
+-- pack, to parse and to hand to Lua.)
 -- Returns, per entry in order: 1 committed, 0 refused (no longer pending in the group: a commit sent again after
 -- its reply was lost), -1 fenced out.
 --
@@ -19,9 +19,10 @@
 -- leases move pending entries with their stream (takeover.lua) and nothing XAUTOCLAIMs an ordered group. Without
 -- outputs, XACK's own reply decides (1 once: a commit sent again gets 0). A run's consecutive plain entries are
 -- acked together, before the entry after them, so they are all 1 or all 0: when only some of them are still
--- pending, which only a consumer outside the ordered mode can cause, they all count as refused. With outputs, XPENDING asks first and the ack comes after them: were
--- the ack first, an XADD refused after it (OOM under maxmemory, which Redis refuses only before a script's first
--- write; a key of the wrong type) would leave the entry acked without its outputs.
+-- pending, which only a consumer outside the ordered mode can cause, they all count as refused. With outputs,
+-- XPENDING asks first and the ack comes after them: were the ack first, an XADD refused after it (OOM under
+-- maxmemory, which Redis refuses only before a script's first write; a key of the wrong type) would leave the
+-- entry acked without its outputs.
 --
 -- The fence, for every script that writes for an owned stream (this one, fail, claim, deadletter), before any
 -- write:   if redis.call('HGET', LEASE, 'token') ~= TOKEN then <refuse: write nothing> end
