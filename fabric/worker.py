@@ -294,6 +294,11 @@ class Worker:
         self._released = asyncio.Event()
         self._changed = asyncio.Event()  # the joined streams changed
         self._commits: list[_Commit] = []
+        """Handled entries to commit with their outputs, or with their failure record cleared (redelivered)."""
+        self._acks: defaultdict[str, list[bytes]] = defaultdict(list)
+        """Per stream, the ids of handled entries that need only an ack (no outputs, first delivery): most of them,
+        kept apart and grouped as they come, so the commit loop does not sort a batch out again."""
+        self._acks_waiting = 0
         self._commit_ready = asyncio.Event()
         self._commit_now = asyncio.Event()
         """A commit with outputs, a full batch, a reader waiting at the cap, or the stop: no more lingering."""
@@ -832,10 +837,13 @@ class Worker:
             await self._dead_letter(d, why[0], why[1])
 
     def _committed(self, d: Delivery, outputs: list[tuple[str, Encoded]]) -> None:
-        commits = self._commits
-        commits.append((d, outputs))
+        if outputs or d.deliveries > 1:
+            self._commits.append((d, outputs))
+        else:
+            self._acks[d.stream.key].append(d.entry_id)
+            self._acks_waiting += 1
         self._commit_ready.set()
-        if outputs or len(commits) >= self._full_batch:
+        if outputs or len(self._commits) + self._acks_waiting >= self._full_batch:
             self._commit_now.set()
 
     def _outputs(self, event: Event, results: list[Event]) -> list[tuple[str, Encoded]]:
@@ -902,23 +910,22 @@ class Worker:
         line = line_for(self.client)
         try:
             while True:
-                if not self._commits:
+                if not self._commits and not self._acks_waiting:
                     if self._commits_closed:
                         return
                     self._commit_ready.clear()
                     await self._commit_ready.wait()
                     continue
-                if len(self._commits) < self._full_batch and not self._commits_closed:
+                if len(self._commits) + self._acks_waiting < self._full_batch and not self._commits_closed:
                     await self._linger()
                 self._commit_now.clear()
                 batch, self._commits = self._commits, []
-                plain = [d for d, outs in batch if not outs and d.deliveries == 1]
-                if len(plain) < len(batch):
-                    rest = [c for c in batch if c[1] or c[0].deliveries > 1]
-                    for i in range(0, len(rest), self.config.commit_batch):
-                        await self._commit(line, rest[i : i + self.config.commit_batch])
-                if plain:
-                    await self._ack(line, plain)
+                acks, self._acks, count = self._acks, defaultdict(list), self._acks_waiting
+                self._acks_waiting = 0
+                for i in range(0, len(batch), self.config.commit_batch):
+                    await self._commit(line, batch[i : i + self.config.commit_batch])
+                if acks:
+                    await self._ack(line, acks, count)
                 self._released.set()
         finally:
             await line.close()
@@ -932,12 +939,9 @@ class Worker:
                 async with asyncio.timeout(ACK_LINGER_S - COMMIT_LINGER_S):
                     await self._commit_now.wait()
 
-    async def _ack(self, line: Line | ClusterLine, batch: list[Delivery]) -> None:
-        """Ack entries handled with nothing else to write: one script call (on a cluster, one per slot), one XACK
-        per stream."""
-        by_stream: defaultdict[str, list[bytes]] = defaultdict(list)
-        for d in batch:
-            by_stream[d.stream.key].append(d.entry_id)
+    async def _ack(self, line: Line | ClusterLine, by_stream: dict[str, list[bytes]], count: int) -> None:
+        """Ack ``count`` entries handled with nothing else to write, their ids by stream: one script call (on a
+        cluster, one per slot), one XACK per stream."""
         if isinstance(line, ClusterLine):
             acked, expected = await self._ack_slots(line, by_stream)
         else:
@@ -946,7 +950,7 @@ class Worker:
             for ids in by_stream.values():
                 args.append(len(ids))
                 args += ids
-            acked, expected = await self._retrying(lambda: scripts.ACK.on(line, keys, args)), len(batch)
+            acked, expected = await self._retrying(lambda: scripts.ACK.on(line, keys, args)), count
         for stream, ids in by_stream.items():
             held = self._held[stream]
             for entry_id in ids:
