@@ -33,8 +33,9 @@ the worker starts on them, and the sender publishes critical ticks; only those a
 the stages it prints each process's CPU during the sender's run (Redis's from ``INFO cpu``, the worker's and
 the sender's from ``time.process_time``): on a small machine, what is left for a wake-up.
 
-To stamp, it wraps two private methods (``Publisher._pack``, ``Worker._take``), which adds a little work to
-each; the stages show where the time goes, the suite's cases what it totals.
+To stamp, it wraps private methods (``Publisher._pack``; ``Worker._take``, and ``Ordered._take`` for a worker in
+the ordered mode, ``--worker-config '{"ordered": true}'``), which adds a little work to each; the stages show
+where the time goes, the suite's cases what it totals.
 
 ``ping`` is the floor under all of it: a blocking socket sends PING at the same rate, paced the same way, and
 times each reply. Its round trip is two wake-ups (Redis's, then the client's) and almost no work; on a virtual
@@ -65,6 +66,7 @@ from bench.workload import SYMBOLS, WARMUP, symbol, tick, warm_ticks
 from fabric import Keys, Priority, Publisher, Worker, WorkerConfig, connect
 from fabric.events import Event, Tick
 from fabric.handler import as_handler
+from fabric.ordered import Ordered
 from fabric.runner import tune_gc
 
 __all__ = ["ping", "stages"]
@@ -78,22 +80,37 @@ FLOOD_CHUNK = 1000
 """Events per ``publish_many`` call of the flooder, as in the ``priority`` case."""
 
 
+def _stamp_reads(measured: Priority) -> dict[tuple[str, bytes], int]:
+    """Make this process's worker stamp when each read of ``measured``'s lane was taken (``Worker._take``, or
+    ``Ordered._take`` in the ordered mode, where this is the only lane read); return (stream, entry id) → when."""
+    taken: dict[tuple[str, bytes], int] = {}
+    take, take_ordered = Worker._take, Ordered._take
+
+    def stamped(self: Worker, priority: Priority, reply: Any) -> int:
+        if priority == measured:  # under a flood, the low lane's reads are not stamped (nor slowed)
+            now = time.time_ns()
+            for name, entries in reply.items() if isinstance(reply, dict) else reply:
+                stream = name.decode() if isinstance(name, bytes) else name
+                for entry_id, _ in entries:
+                    taken[(stream, entry_id)] = now
+        return take(self, priority, reply)
+
+    def stamped_ordered(self: Ordered, entries: dict[str, list[Any]], *args: Any) -> None:
+        now = time.time_ns()
+        for stream, got in entries.items():
+            for entry_id, _ in got:
+                taken[(stream, entry_id)] = now
+        take_ordered(self, entries, *args)
+
+    Worker._take = stamped  # type: ignore[method-assign]
+    Ordered._take = stamped_ordered  # type: ignore[method-assign]
+    return taken
+
+
 def _worker(url: str, ns: str, expect: int, measured: Priority, config: dict[str, Any], out: Any) -> None:
     async def main() -> None:
         client = connect(url)
-        taken: dict[tuple[str, bytes], int] = {}
-        take = Worker._take
-
-        def stamped(self: Worker, priority: Priority, reply: Any) -> int:
-            if priority == measured:  # under a flood, the low lane's reads are not stamped (nor slowed)
-                now = time.time_ns()
-                for name, entries in reply.items() if isinstance(reply, dict) else reply:
-                    stream = name.decode() if isinstance(name, bytes) else name
-                    for entry_id, _ in entries:
-                        taken[(stream, entry_id)] = now
-            return take(self, priority, reply)
-
-        Worker._take = stamped  # type: ignore[method-assign]
+        taken = _stamp_reads(measured)
         seen: list[tuple[str, int, int, int, tuple[str, bytes]]] = []
         label = measured.label
         others = warm = 0

@@ -109,6 +109,17 @@ def test_without_a_flood_the_latency_breakdown_runs_no_bystander_unless_asked(re
     assert found["redis-seen"] == [] and found["wake"] == []
 
 
+def test_the_latency_breakdown_stamps_a_worker_in_the_ordered_mode(redis_server: RedisServer) -> None:
+    # When the breakdown runs briefly at a low rate with its worker in the ordered mode (whose reads do not go
+    # through the unordered reader's _take)
+    found = stages(redis_server.url, 500, 0.2, config={"ordered": True})
+
+    # Then every event sent was stamped when its read was taken, in causal order, as in the unordered mode
+    causal = ("harness", "publisher", "redis", "worker", "total")
+    assert {len(found[stage]) for stage in causal} == {100}
+    assert all(d >= 0 for stage in causal for d in found[stage]), found
+
+
 def test_the_latency_breakdown_under_a_flood_measures_only_the_critical_lane(redis_server: RedisServer) -> None:
     # When the breakdown runs briefly with a small flood of low ticks published first
     cpu: dict[str, float] = {}
