@@ -81,8 +81,8 @@ FLOOD_CHUNK = 1000
 
 
 def _stamp_reads(measured: Priority) -> dict[tuple[str, bytes], int]:
-    """Make this process's worker stamp when each read of ``measured``'s lane was taken (``Worker._take``, or
-    ``Ordered._take`` in the ordered mode, where this is the only lane read); return (stream, entry id) → when."""
+    """Make this process's worker stamp when each entry of ``measured``'s priority was taken from a read
+    (``Worker._take``, or ``Ordered._take`` in the ordered mode); return (stream, entry id) → when."""
     taken: dict[tuple[str, bytes], int] = {}
     take, take_ordered = Worker._take, Ordered._take
 
@@ -98,8 +98,9 @@ def _stamp_reads(measured: Priority) -> dict[tuple[str, bytes], int]:
     def stamped_ordered(self: Ordered, entries: dict[str, list[Any]], *args: Any) -> None:
         now = time.time_ns()
         for stream, got in entries.items():
-            for entry_id, _ in got:
-                taken[(stream, entry_id)] = now
+            if (o := self.owned.get(stream)) is not None and o.ref.priority == measured:  # (no lanes: one read)
+                for entry_id, _ in got:
+                    taken[(stream, entry_id)] = now
         take_ordered(self, entries, *args)
 
     Worker._take = stamped  # type: ignore[method-assign]
