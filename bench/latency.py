@@ -95,13 +95,13 @@ def _stamp_reads(measured: Priority) -> dict[tuple[str, bytes], int]:
                     taken[(stream, entry_id)] = now
         return take(self, priority, reply)
 
-    def stamped_ordered(self: Ordered, entries: dict[str, list[Any]], *args: Any) -> None:
+    def stamped_ordered(self: Ordered, entries: dict[str, list[Any]], *args: Any) -> int:
         now = time.time_ns()
         for stream, got in entries.items():
             if (o := self.owned.get(stream)) is not None and o.ref.priority == measured:  # (no lanes: one read)
                 for entry_id, _ in got:
                     taken[(stream, entry_id)] = now
-        take_ordered(self, entries, *args)
+        return take_ordered(self, entries, *args)
 
     Worker._take = stamped  # type: ignore[method-assign]
     Ordered._take = stamped_ordered  # type: ignore[method-assign]

@@ -57,7 +57,7 @@ from fabric.keys import Priority, StreamRef
 from fabric.nodes import ClusterLine, eval_many, line_for, slot_of
 from fabric.ownership import FENCED, Leases, Members, Read, by_slot, renew_interval_ms
 from fabric.retry import backoff_ms
-from fabric.worker import Delivery, finish
+from fabric.worker import FEW, Delivery, finish
 
 if TYPE_CHECKING:
     from fabric.events import Event
@@ -859,11 +859,17 @@ class Ordered:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     continue
-                for stream in read.lost:
-                    self._lose(stream, "fenced out of a read")
-                self._take(read.entries, want)
+                await self._queue(read, want)
         finally:
             await line.close()
+
+    async def _queue(self, read: Read, tokens: dict[str, int]) -> None:
+        """Drop the streams a read found fenced out and queue its entries; after a trickle, let the streams' tasks
+        start on them before the reader makes its next read (which takes it a while to write)."""
+        for stream in read.lost:
+            self._lose(stream, "fenced out of a read")
+        if 0 < self._take(read.entries, tokens) < FEW:
+            await asyncio.sleep(0)
 
     async def _read(self, tokens: dict[str, int], count: int, line: _Line, last: dict[str, bytes]) -> Read:
         """The fenced read of the streams (stream → token). When it fails, Redis may have run it and its reply
@@ -887,9 +893,9 @@ class Ordered:
             if o is not None and o.unsure and o.token == token:
                 o.unsure = not await self._take_over(o, recovering=True)
 
-    def _take(self, entries: dict[str, list[Any]], tokens: dict[str, int]) -> None:
+    def _take(self, entries: dict[str, list[Any]], tokens: dict[str, int]) -> int:
         """Queue what a read under ``tokens`` returned on its streams (a stream lost meanwhile, or owned again
-        under a new token, leaves them pending for that owner's take-over)."""
+        under a new token, leaves them pending for that owner's take-over); return how many were queued."""
         taken = 0
         for stream, got in entries.items():
             o = self.owned.get(stream)
@@ -903,6 +909,7 @@ class Ordered:
         if taken:
             self.w.stats.delivered += taken
             self.w.read_sizes.observe(taken)
+        return taken
 
     async def _wait_new(self, line: _Line, idle: dict[str, bytes]) -> None:
         """Block until one of the idle streams gets an entry (XREAD, no group: it changes nothing), a stream

@@ -366,6 +366,32 @@ async def test_an_owner_woken_for_an_entry_someone_else_read_asks_where_to_wait_
     assert log.seqs["A"] == [1]
 
 
+async def test_a_trickle_read_starts_its_stream_before_the_next_read_is_made(
+        redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps: list[str] = []
+    real_read = Leases.read
+
+    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None) -> Any:
+        steps.append("read")
+        read = await real_read(self, tokens, member, count, line, last)
+        if read.entries:
+            steps.append("entries")
+        return read
+
+    async def handle(tick: Tick) -> None:
+        steps.append("handled")
+
+    monkeypatch.setattr(Leases, "read", spied)
+    async with running(ordered_worker(redis, keys, handle)):
+        # When one tick arrives at a running owner (a read of a single entry: a trickle)
+        await publish(redis, keys, seq_ticks("A", 1, 1))
+        await eventually(lambda: _true("handled" in steps), what="A's tick handled")
+    # Then its handler ran before the reader made its next read (which takes a while to write): a lone entry
+    # does not wait behind the reader's own work
+    after = steps[steps.index("entries") + 1:]
+    assert after[0] == "handled", steps
+
+
 async def test_entries_a_lost_read_reply_left_pending_are_handled_next_in_order(
         redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     real_read = Leases.read
