@@ -123,10 +123,15 @@ class Leases:
         self.group = group
         self.ttl_ms = ttl_ms
         self.clustered = nodes.is_cluster(client)
+        self._lease_keys: dict[str, str] = {}
 
     def key(self, stream: str) -> str:
-        """The lease key of a stream (what a fenced script gets as its lease KEY)."""
-        return self.keys.lease(self.group, stream)
+        """The lease key of a stream (what a fenced script gets as its lease KEY; made once: every read names
+        every owned stream's)."""
+        key = self._lease_keys.get(stream)
+        if key is None:
+            key = self._lease_keys[stream] = self.keys.lease(self.group, stream)
+        return key
 
     async def acquire(self, stream: str, member: str) -> int | None:
         """Take a free stream; return its new fencing token (the holder's own, if it holds it already), or
@@ -199,10 +204,11 @@ class Leases:
 
     async def _watched_read(self, tokens: Mapping[str, int], member: str, count: int, line: Line,
                             last: Mapping[str, bytes]) -> Read:
-        """The fenced read as a transaction, without a script: a script's XREADGROUP reply goes through Lua
-        tables both ways, which cost Redis about 2.7 µs per entry read (``bench.drain --commandstats``).
+        """The fenced read as a transaction, its XREADGROUP in no script: a script's XREADGROUP reply goes through
+        Lua tables both ways, which cost Redis about 2.7 µs per entry read (``bench.drain --commandstats``).
 
-        One round trip WATCHes the leases, reads their tokens and queues, after MULTI, the XREADGROUP of every
+        One round trip WATCHes the leases, reads their tokens (``tokens.lua``: one reply for all, where an HGET
+        each cost the worker a reply to read per owned stream) and queues, after MULTI, the XREADGROUP of every
         stream (and an XREVRANGE for the last id of those without a ``last``); the next sends EXEC only if every
         token was current (else DISCARD, and again without the lost streams). A lease changed in between (renewed,
         expired, taken) makes EXEC read nothing, and the read is made again. Nothing can run unwatched: on a
@@ -215,13 +221,16 @@ class Leases:
             leases = [self.key(s) for s in live]
             try:
                 replies = await line.call_many([
-                    ("WATCH", *leases), *(("HGET", lease, "token") for lease in leases), ("MULTI",),
+                    ("WATCH", *leases), ("EVALSHA", scripts.TOKENS.sha, len(leases), *leases), ("MULTI",),
                     ("XREADGROUP", "GROUP", self.group, member, "COUNT", count, "STREAMS", *live, *(">" for _ in live)),
                     *(("XREVRANGE", s, "+", "-", "COUNT", 1) for s in unknown),
                 ])
+                if isinstance(replies[1], rex.NoScriptError):  # (a Redis restarted or flushed): load it, read again
+                    await line.call("DISCARD")
+                    await line.call("SCRIPT", "LOAD", scripts.TOKENS.source)
+                    continue
                 _raise_any(replies)
-                found = replies[1:1 + len(live)]
-                stale = {s for s, t in zip(live, found, strict=True) if t is None or int(t) != tokens[s]}
+                stale = {s for s, t in zip(live, replies[1], strict=True) if t is None or int(t) != tokens[s]}
                 done = await line.call("DISCARD" if stale else "EXEC")
             except BaseException:
                 await line.close()  # (never left inside a transaction: the next command would only be queued)

@@ -392,6 +392,23 @@ async def test_a_trickle_read_starts_its_stream_before_the_next_read_is_made(
     assert after[0] == "handled", steps
 
 
+async def test_an_owner_reads_on_after_the_servers_scripts_were_flushed(redis, keys: Keys) -> None:
+    log = Log()
+    async with running(ordered_worker(redis, keys, log.handler())):
+        await publish(redis, keys, seq_ticks("A", 1, 1))
+        await eventually(lambda: handled(log, ["A"], 1), what="A's first tick")
+        # When the server forgets its scripts (a restart, SCRIPT FLUSH), the fenced read's token check among them
+        if is_cluster(redis):
+            for node in redis.get_primaries():
+                await redis.execute_command("SCRIPT", "FLUSH", target_nodes=node)
+        else:
+            await redis.script_flush()
+        await publish(redis, keys, seq_ticks("A", 2, 2))
+        # Then the owner loads what it needs and goes on reading
+        await eventually(lambda: handled(log, ["A"], 3), what="A's next two ticks")
+    assert log.seqs["A"] == [1, 2, 3]
+
+
 async def test_entries_a_lost_read_reply_left_pending_are_handled_next_in_order(
         redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     real_read = Leases.read

@@ -22,7 +22,7 @@ __all__ = [
     "KeyIndex",
     "LEASE_HANDOVER", "LEASE_RELEASE", "LEASE_RENEW", "MEMBERS", "OUTPUTS", "PUBLISH", "RECLAIM", "RELEASE", "REPLAY",
     "RETIRE",
-    "SAMPLER", "TAKEOVER", "TOUCH", "TRIM", "Script",
+    "SAMPLER", "TAKEOVER", "TOKENS", "TOUCH", "TRIM", "Script",
 ]
 
 CONCURRENT_CALLS = 64
@@ -138,6 +138,7 @@ RELEASE = Script("release")
 RETIRE = Script("retire")
 SAMPLER = Script("sampler")
 LEASE = Script("lease")
+TOKENS = Script("tokens")
 LEASE_RENEW = Script("lease_renew")
 LEASE_RELEASE = Script("lease_release")
 LEASE_HANDOVER = Script("lease_handover")
