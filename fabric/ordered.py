@@ -17,7 +17,8 @@ dispatchers and reclaimer (``ownership.py`` has the leases and fencing tokens th
   commit is in flight, their commits staged). A failure retries the same entry after its backoff, so the stream
   waits behind it until it succeeds or is dead-lettered, while the other streams go on;
 - ``_read_loop``    one fenced read for every owned stream with room for more, then XREAD BLOCK on the idle ones
-  (on a Redis Cluster, idle streams of several slots are polled instead: ``_poll_new`` has the latency cost);
+  (on a Redis Cluster, idle streams of several slots are polled instead: ``_poll_new`` has the latency cost); a
+  wait that ended a quiet spell has the streams it named read first, alone, in one round trip (``QUIET_S``);
   after a read that failed, first a take-over of what it may have left pending unseen (``_recover``);
 - ``_commit_loop``  the streams' commits, gathered into one ``fenced_commit.lua`` call per cluster slot, in runs
   of one stream (on a cluster, the slots' calls pipelined per node). An entry's outputs must be in its stream's
@@ -77,6 +78,10 @@ COMMIT_LINES = 3
 """Commit batches in flight at once, each on its own connection."""
 COMMIT_CHUNK = 256
 """A commit batch this large goes out at once, without waiting for the streams still handling."""
+QUIET_S = 0.005
+"""A wait for new entries that lasted this long ended a quiet spell: the streams it found something on are read
+first, alone (one small round trip; then the read of every stream). Under steady traffic waits are shorter, and
+the reader reads every stream at once, so that an entry on another stream never waits behind an extra read."""
 MAX_WAIT_MS = 1_000
 """Longest XREAD BLOCK of idle streams (cut short when a newly owned stream is ready to be read)."""
 IDLE_POLL_MS = (1, 10)
@@ -190,6 +195,9 @@ class Ordered:
         self._balancing = asyncio.Lock()
         self._new_ready = asyncio.Event()
         """A stream finished its take-over: the reader stops waiting on the others and reads it too."""
+        self._woken: set[str] = set()
+        """The streams a wait that ended a quiet spell (``QUIET_S``) saw new entries on: the next read is of those
+        alone, in one round trip, before the read of them all."""
         self._loop = asyncio.get_running_loop()
         self._now = self._loop.time
         self._renew_line = ClusterLine(cast(RedisCluster, worker.client)) if self.leases.clustered else None
@@ -838,14 +846,17 @@ class Ordered:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._room.wait(), w.config.block_ms / 1000)
                     continue
+                woken = {s: want[s] for s in self._woken if s in want}  # (after a quiet spell: those alone)
+                self._woken.clear()
+                want = woken or want
                 try:
                     await self._recover(want)
                     last = {s: o.last_read for s, o in active if o.last_read is not None and s in want}
-                    read = await self._read(want, ahead, line, last)
+                    read = await self._read(want, ahead, line, last, few=bool(woken))
                     for stream, last_id in read.idle.items():  # (before the wait: a wake-up forgets them again)
                         if (o := self.owned.get(stream)) is not None and o.token == want[stream]:
                             o.last_read = last_id
-                    if not read.entries and read.idle and not full and not w._stop.is_set():
+                    if not read.entries and read.idle and not full and not woken and not w._stop.is_set():
                         await self._wait_new(line, read.idle)
                     elif not read.entries and full:
                         self._room.clear()
@@ -871,12 +882,13 @@ class Ordered:
         if 0 < self._take(read.entries, tokens) < FEW:
             await asyncio.sleep(0)
 
-    async def _read(self, tokens: dict[str, int], count: int, line: _Line, last: dict[str, bytes]) -> Read:
+    async def _read(self, tokens: dict[str, int], count: int, line: _Line, last: dict[str, bytes],
+                    few: bool = False) -> Read:
         """The fenced read of the streams (stream → token). When it fails, Redis may have run it and its reply
         been lost, leaving entries pending here that were never queued (and that the next ones read would
         overtake): its streams are marked for ``_recover`` (not after a WatchError: then no EXEC ran)."""
         try:
-            return await self.leases.read(tokens, self.w.consumer, count, line, last)
+            return await self.leases.read(tokens, self.w.consumer, count, line, last, few=few)
         except rex.WatchError:
             raise
         except (rex.RedisError, OSError):
@@ -921,6 +933,7 @@ class Ordered:
         if isinstance(line, ClusterLine) and len(slots := by_slot(idle, True)) > 1:
             await self._poll_new(line, idle, slots, wait_ms)
             return
+        started = self._now()
         read = asyncio.ensure_future(line.call("XREAD", "COUNT", 1, "BLOCK", wait_ms, "STREAMS", *idle, *idle.values()))
         ready = asyncio.ensure_future(self._new_ready.wait())
         try:
@@ -932,11 +945,14 @@ class Ordered:
                 await asyncio.wait([read])
         if not read.cancelled():
             woken = read.result() or ()
+            quiet = self._now() - started >= QUIET_S
             for name in woken.keys() if isinstance(woken, dict) else (pair[0] for pair in woken):
                 # Asked again at the next read: were the stream's new entries read by someone else (an unordered
                 # consumer wrongly in the group), waiting from the id known here would wake at once, again and again.
                 if (o := self.owned.get(name.decode())) is not None:
                     o.last_read = None
+                    if quiet:
+                        self._woken.add(o.ref.key)
 
     async def _poll_new(self, line: ClusterLine, idle: dict[str, bytes], slots: list[list[str]], wait_ms: int) -> None:
         """Wait for an entry on idle streams spread over several cluster slots, which no single XREAD BLOCK can

@@ -153,9 +153,12 @@ class Leases:
     async def _per_slot(self, script: scripts.Script, calls: list[tuple[list[str], list[Any]]],
                         line: Line | nodes.ClusterLine | None) -> list[Any]:
         """Run ``script`` once per (keys, args), each call's keys in one slot: on a cluster with a ``ClusterLine``,
-        pipelined per node, the nodes at once; else one call after another (a single Redis has one call)."""
+        pipelined per node, the nodes at once; else one call after another (a single Redis has one call), on
+        ``line`` if given."""
         if isinstance(line, nodes.ClusterLine):
             return await nodes.eval_many(line, script, calls)
+        if line is not None:
+            return [await script.on(line, keys, args) for keys, args in calls]
         return [await script(self.client, keys, args) for keys, args in calls]
 
     async def renew(self, tokens: Mapping[str, int], member: str,
@@ -171,14 +174,17 @@ class Leases:
         return lost
 
     async def read(self, tokens: Mapping[str, int], member: str, count: int,
-                   line: Line | nodes.ClusterLine | None = None, last: Mapping[str, bytes] | None = None) -> Read:
+                   line: Line | nodes.ClusterLine | None = None, last: Mapping[str, bytes] | None = None, *,
+                   few: bool = False) -> Read:
         """Read up to ``count`` new entries of each stream ``member`` holds (stream → token) as its consumer.
 
         On a single Redis, a transaction on ``line`` (a connection of its own for the call if none is given)
         watched over the leases (``_watched_read``); ``last`` is the last entry id ``member`` read from each stream,
         where one is known, so that an idle stream's id needs no extra command. On a cluster, ``fenced_read.lua`` once
-        per slot (on ``line``, if given, the slots at once)."""
-        if not self.clustered and not isinstance(line, nodes.ClusterLine):
+        per slot (on ``line``, if given, the slots at once). ``few``: a read of one or a few streams (those a wake-up
+        named after a quiet spell): ``fenced_read.lua`` on a single Redis too, one round trip where the transaction
+        takes two (its per-stream work and Lua tables cost little for so few)."""
+        if not self.clustered and not isinstance(line, nodes.ClusterLine) and not few:
             if line is not None:
                 return await self._watched_read(tokens, member, count, line, last or {})
             line = Line(self.client)

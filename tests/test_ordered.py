@@ -19,7 +19,7 @@ from fabric import Worker, ordered, scripts
 from fabric.codec import decode_fields
 from fabric.events import Action, Event, Indicator, Signal, Tick
 from fabric.handler import Context, as_handler
-from fabric.keys import Keys
+from fabric.keys import Keys, Priority
 from fabric.nodes import is_cluster
 from fabric.ownership import Leases
 from tests.cli_runner import invoke as fabric
@@ -345,9 +345,10 @@ async def test_an_owner_woken_for_an_entry_someone_else_read_asks_where_to_wait_
     reads: list[dict[str, bytes]] = []
     real_read = Leases.read
 
-    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None) -> Any:
+    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None,
+                    **kw: Any) -> Any:
         reads.append(dict(last or {}))
-        return await real_read(self, tokens, member, count, line, last)
+        return await real_read(self, tokens, member, count, line, last, **kw)
 
     monkeypatch.setattr(Leases, "read", spied)
     log = Log()
@@ -371,9 +372,10 @@ async def test_a_trickle_read_starts_its_stream_before_the_next_read_is_made(
     steps: list[str] = []
     real_read = Leases.read
 
-    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None) -> Any:
+    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None,
+                    **kw: Any) -> Any:
         steps.append("read")
-        read = await real_read(self, tokens, member, count, line, last)
+        read = await real_read(self, tokens, member, count, line, last, **kw)
         if read.entries:
             steps.append("entries")
         return read
@@ -409,14 +411,49 @@ async def test_an_owner_reads_on_after_the_servers_scripts_were_flushed(redis, k
     assert log.seqs["A"] == [1, 2, 3]
 
 
+@pytest.mark.parametrize(("quiet_s", "alone"), [(0.0, True), (60.0, False)], ids=["after-quiet", "steady"])
+async def test_a_wake_up_after_a_quiet_spell_reads_the_stream_it_named_alone_first(
+        redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, quiet_s: float, alone: bool) -> None:
+    monkeypatch.setattr(ordered, "QUIET_S", quiet_s)  # every wait counts as a quiet spell, or none does
+    reads: list[tuple[set[str], bool, set[str]]] = []
+    real_read = Leases.read
+
+    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None,
+                    **kw: Any) -> Any:
+        read = await real_read(self, tokens, member, count, line, last, **kw)
+        reads.append((set(tokens), kw.get("few", False), set(read.entries)))
+        return read
+
+    monkeypatch.setattr(Leases, "read", spied)
+    seen: list[tuple[str, int]] = []
+
+    async def handle(tick: Tick, ctx: Context) -> None:
+        seen.append((ctx.priority, tick.seq))
+
+    # (two streams of one symbol: on a cluster too, one slot, so one blocking XREAD waits on both)
+    normal, high = stream_of(keys, "A"), stream_of(keys, "A", Priority.HIGH)
+    await publish(redis, keys, seq_ticks("A", 1, 1))
+    await publish(redis, keys, seq_ticks("A", 1, 1), Priority.HIGH)
+    async with running(ordered_worker(redis, keys, handle)):
+        await eventually(lambda: _len(seen, 2), what="each stream's first tick")
+        # When a tick arrives on one while their owner waits for new entries
+        await publish(redis, keys, seq_ticks("A", 2, 1))
+        await eventually(lambda: _len(seen, 3), what="the normal stream's second tick")
+    # Then, after a quiet spell, the read that took it asked for its stream alone, as a small read (one round
+    # trip); under steady traffic, for every stream at once
+    streams, few, _ = next(r for r in reversed(reads) if normal in r[2])
+    assert (streams, few) == (({normal}, True) if alone else ({normal, high}, False)), reads
+    assert sorted(seen) == [("high", 1), ("normal", 1), ("normal", 2)]
+
+
 async def test_entries_a_lost_read_reply_left_pending_are_handled_next_in_order(
         redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     real_read = Leases.read
     lost: list[int] = []
 
     async def losing_once(self: Leases, tokens: Any, member: str, count: int, line: Any = None,
-                          last: Any = None) -> Any:
-        read = await real_read(self, tokens, member, count, line, last)
+                          last: Any = None, **kw: Any) -> Any:
+        read = await real_read(self, tokens, member, count, line, last, **kw)
         if read.entries and not lost:  # Redis ran the read, and its reply never reached the worker
             lost.append(sum(len(es) for es in read.entries.values()))
             await publish(redis, keys, seq_ticks("A", 6, 5))  # and newer entries arrive meanwhile
