@@ -339,22 +339,24 @@ async def test_a_fenced_read_reads_the_held_streams_and_reports_the_lost(redis, 
 
 
 @pytest.mark.real_only  # a read on a single Redis runs on a line, a connection of fabric's own to a real server
-async def test_a_fenced_read_on_a_line_reads_the_held_streams_and_reports_the_lost(redis, keys: Keys) -> None:
+@pytest.mark.parametrize("few", [False, True], ids=["all", "few"])  # few: fenced_read.lua on a single Redis too
+async def test_a_fenced_read_on_a_line_reads_the_held_streams_and_reports_the_lost(
+        redis, keys: Keys, few: bool) -> None:
     line = line_for(redis)  # on a cluster, every slot's call at once, pipelined per node
     try:
-        await fenced_read(redis, keys, line)
+        await fenced_read(redis, keys, line, few)
     finally:
         await line.close()
 
 
-async def fenced_read(redis: Any, keys: Keys, line: Line | ClusterLine | None) -> None:
+async def fenced_read(redis: Any, keys: Keys, line: Line | ClusterLine | None, few: bool = False) -> None:
     leases = Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
     held, empty, lost = tick(keys, "A"), tick(keys, "B"), tick(keys, "C")
     ids = {s: await backlog(redis, s, n) for s, n in ((held, 3), (empty, 0), (lost, 2))}
     tokens = {s: await leases.acquire(s, "a") for s in (held, empty, lost)}
     tokens[lost] -= 1  # a token "a" no longer holds
     assert len({key_slot(s.encode()) for s in tokens}) == 3
-    entries, fenced, idle = await leases.read(tokens, "a", 2, line)
+    entries, fenced, idle = await leases.read(tokens, "a", 2, line, few=few)
     assert {s: [e[0] for e in es] for s, es in entries.items()} == {held: ids[held][:2]}
     assert fenced == {lost}
     assert idle == {empty: b"0-0"}
@@ -362,7 +364,9 @@ async def fenced_read(redis: Any, keys: Keys, line: Line | ClusterLine | None) -
 
 
 @pytest.mark.real_only  # a read on a single Redis runs on a line, a connection of fabric's own to a real server
-async def test_a_former_owner_resumed_reads_nothing_behind_the_new_owners_back(redis, keys: Keys) -> None:
+@pytest.mark.parametrize("few", [False, True], ids=["all", "few"])
+async def test_a_former_owner_resumed_reads_nothing_behind_the_new_owners_back(
+        redis, keys: Keys, few: bool) -> None:
     short, leases = Leases(redis, keys, GROUP, ttl_ms=SHORT_TTL_MS), Leases(redis, keys, GROUP, ttl_ms=STEADY_TTL_MS)
     stream = tick(keys)
     ids = await backlog(redis, stream, 4)
@@ -371,7 +375,7 @@ async def test_a_former_owner_resumed_reads_nothing_behind_the_new_owners_back(r
     # Given "a" paused past its TTL, and "b" owning the stream now
     new = await eventually(lambda: leases.acquire(stream, "b"), what="b acquiring")
     # When "a" resumes and reads on, then it gets nothing and learns it lost the stream
-    assert await leases.read({stream: old}, "a", 10) == ({}, {stream}, {})
+    assert await leases.read({stream: old}, "a", 10, few=few) == ({}, {stream}, {})
     # and "b" takes over the entry "a" had, then reads every later one, none skipped
     page = await leases.take_over(stream, "b", new)
     assert page is not None and [e[0] for e in page.entries] == ids[:1]
