@@ -434,10 +434,20 @@ async def test_a_wake_up_after_a_quiet_spell_reads_the_stream_it_named_alone_fir
     normal, high = stream_of(keys, "A"), stream_of(keys, "A", Priority.HIGH)
     await publish(redis, keys, seq_ticks("A", 1, 1))
     await publish(redis, keys, seq_ticks("A", 1, 1), Priority.HIGH)
+    armed: list[bool] = []
+    real_wait = ordered.Ordered._wait_new
+
+    async def waiting(self: ordered.Ordered, line: Any, idle: Any) -> None:
+        if armed == [True]:  # once: the tick lands as the owner starts waiting, so this wait is what finds it
+            armed.append(False)
+            await publish(redis, keys, seq_ticks("A", 2, 1))
+        await real_wait(self, line, idle)
+
+    monkeypatch.setattr(ordered.Ordered, "_wait_new", waiting)
     async with running(ordered_worker(redis, keys, handle)):
         await eventually(lambda: _len(seen, 2), what="each stream's first tick")
         # When a tick arrives on one while their owner waits for new entries
-        await publish(redis, keys, seq_ticks("A", 2, 1))
+        armed.append(True)
         await eventually(lambda: _len(seen, 3), what="the normal stream's second tick")
     # Then, after a quiet spell, the read that took it asked for its stream alone, as a small read (one round
     # trip); under steady traffic, for every stream at once
