@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import redis.exceptions as redis_errors
@@ -58,6 +58,32 @@ class Log:
 
     def count(self, symbol: str) -> int:
         return len(self.seqs[symbol])
+
+
+class ReadCall(NamedTuple):
+    """One fenced read the owner made: its streams, the last ids it passed, and whether it was a small read."""
+
+    streams: set[str]
+    last: dict[str, bytes]
+    few: bool
+
+
+def spy_reads(monkeypatch: pytest.MonkeyPatch, before: Any = None, after: Any = None) -> None:
+    """Patch ``Leases.read``: ``before(call)`` as each read starts, ``await after(call, read)`` once Redis answered
+    (it may raise, as a lost reply would)."""
+    real_read = Leases.read
+
+    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None,
+                    **kw: Any) -> Any:
+        call = ReadCall(set(tokens), dict(last or {}), kw.get("few", False))
+        if before is not None:
+            before(call)
+        read = await real_read(self, tokens, member, count, line, last, **kw)
+        if after is not None:
+            await after(call, read)
+        return read
+
+    monkeypatch.setattr(Leases, "read", spied)
 
 
 def ordered_worker(redis: Any, keys: Keys, fn: Any, **overrides: Any) -> Worker:
@@ -343,14 +369,7 @@ async def test_a_writer_whose_lease_moved_is_fenced_out(redis, keys: Keys) -> No
 async def test_an_owner_woken_for_an_entry_someone_else_read_asks_where_to_wait_from(
         redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[dict[str, bytes]] = []
-    real_read = Leases.read
-
-    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None,
-                    **kw: Any) -> Any:
-        reads.append(dict(last or {}))
-        return await real_read(self, tokens, member, count, line, last, **kw)
-
-    monkeypatch.setattr(Leases, "read", spied)
+    spy_reads(monkeypatch, before=lambda call: reads.append(call.last))
     log = Log()
     stream = stream_of(keys, "A")
     await publish(redis, keys, seq_ticks("A", 1, 1))
@@ -370,20 +389,15 @@ async def test_an_owner_woken_for_an_entry_someone_else_read_asks_where_to_wait_
 async def test_a_trickle_read_starts_its_stream_before_the_next_read_is_made(
         redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     steps: list[str] = []
-    real_read = Leases.read
 
-    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None,
-                    **kw: Any) -> Any:
-        steps.append("read")
-        read = await real_read(self, tokens, member, count, line, last, **kw)
+    async def took(call: ReadCall, read: Any) -> None:
         if read.entries:
             steps.append("entries")
-        return read
 
     async def handle(tick: Tick) -> None:
         steps.append("handled")
 
-    monkeypatch.setattr(Leases, "read", spied)
+    spy_reads(monkeypatch, before=lambda call: steps.append("read"), after=took)
     async with running(ordered_worker(redis, keys, handle)):
         # When one tick arrives at a running owner (a read of a single entry: a trickle)
         await publish(redis, keys, seq_ticks("A", 1, 1))
@@ -416,15 +430,11 @@ async def test_a_wake_up_after_a_quiet_spell_reads_the_stream_it_named_alone_fir
         redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, quiet_s: float, alone: bool) -> None:
     monkeypatch.setattr(ordered, "QUIET_S", quiet_s)  # every wait counts as a quiet spell, or none does
     reads: list[tuple[set[str], bool, set[str]]] = []
-    real_read = Leases.read
 
-    async def spied(self: Leases, tokens: Any, member: str, count: int, line: Any = None, last: Any = None,
-                    **kw: Any) -> Any:
-        read = await real_read(self, tokens, member, count, line, last, **kw)
-        reads.append((set(tokens), kw.get("few", False), set(read.entries)))
-        return read
+    async def took(call: ReadCall, read: Any) -> None:
+        reads.append((call.streams, call.few, set(read.entries)))
 
-    monkeypatch.setattr(Leases, "read", spied)
+    spy_reads(monkeypatch, after=took)
     seen: list[tuple[str, int]] = []
 
     async def handle(tick: Tick, ctx: Context) -> None:
@@ -458,19 +468,15 @@ async def test_a_wake_up_after_a_quiet_spell_reads_the_stream_it_named_alone_fir
 
 async def test_entries_a_lost_read_reply_left_pending_are_handled_next_in_order(
         redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_read = Leases.read
     lost: list[int] = []
 
-    async def losing_once(self: Leases, tokens: Any, member: str, count: int, line: Any = None,
-                          last: Any = None, **kw: Any) -> Any:
-        read = await real_read(self, tokens, member, count, line, last, **kw)
+    async def losing_once(call: ReadCall, read: Any) -> None:
         if read.entries and not lost:  # Redis ran the read, and its reply never reached the worker
             lost.append(sum(len(es) for es in read.entries.values()))
             await publish(redis, keys, seq_ticks("A", 6, 5))  # and newer entries arrive meanwhile
             raise redis_errors.ConnectionError("the connection dropped before the reply")
-        return read
 
-    monkeypatch.setattr(Leases, "read", losing_once)
+    spy_reads(monkeypatch, after=losing_once)
     seen: list[tuple[int, int]] = []
 
     async def handle(tick: Tick, ctx: Context) -> None:
