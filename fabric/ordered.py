@@ -230,7 +230,8 @@ class Ordered:
         w._joined.set()
         loops = [
             self._read_loop(),
-            w._every(cfg.discover_interval_ms, self.discover, w._stop),
+            w._every(cfg.discover_interval_ms, self.discover, w._stop, w._discover_now),
+            w._announced(),
         ]
         if cfg.retention:
             loops.append(w._every(cfg.trim_interval_ms, w.trim, w._stop))

@@ -29,7 +29,8 @@ silence, or a session older than that is pruned. Past those ages a missing numbe
 that had already landed, or a duplicate ``event_id`` within the opt-in ``dedup_window_ms``) or raise the
 ``FabricError`` that explains why not. A full buffer (``max_buffer`` events) makes them wait: backpressure,
 never a drop. The first event a session publishes to a new stream adds one SADD to the topic's registry
-(repeated every 30 s, so that a registry lost with a Redis restart comes back).
+(repeated every 30 s, so that a registry lost with a Redis restart comes back); a stream new to the registry adds
+one PUBLISH of its topic on ``Keys.new_streams_channel``, so that workers join it at once.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from fabric.errors import FabricError, PublishError
 from fabric.events import Event
 from fabric.keys import Keys, Priority
 from fabric.nodes import ClusterLine, is_cluster, slot_of
+from fabric.registry import announce, register
 
 __all__ = ["Publisher"]
 
@@ -179,6 +181,8 @@ class Publisher:
         self._routes: dict[tuple[Any, ...], tuple[str, str]] = {}
         self._registered: set[str] = set()
         self._registered_at = time.monotonic()
+        self._announcing = True
+        """False once Redis refused this user PUBLISH on the new-streams channel (``registry.announce``)."""
         self._session = _new_session()
         self._session_born = time.monotonic()
         self._seq: dict[str, int] = {}
@@ -779,11 +783,10 @@ class Publisher:
         if not new:
             return
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for stream in new:
-                    pipe.sadd(self.keys.topic_registry(self.keys.parse_stream(stream).topic), stream)
-                await pipe.execute()
+            added = await register(self.client, self.keys, new)
         except rex.ResponseError as exc:  # e.g. OOM: the batch's own reply will say so; register next time
             log.warning("could not register %d new streams (retrying with the next batch): %s", len(new), exc)
             return
         self._registered |= new
+        if added and self._announcing:
+            self._announcing = await announce(self.client, self.keys, added)

@@ -16,7 +16,8 @@ Separate loops share one client (watermill's subscriber, not one big function):
   handler is never reclaimed;
 - ``_reclaim_loop``  XAUTOCLAIM of entries idle past ``reclaim_idle_ms`` (their consumer died);
 - ``_retry_loop``    re-claims parked failed entries when their backoff is over (a new delivery);
-- ``_discover_loop`` joins streams of new symbols as producers create them;
+- ``_discover_loop`` joins streams of new symbols as producers create them: every ``discover_interval_ms``, and
+  at once when a producer announces one (``_announced``, on ``Keys.new_streams_channel``);
 - ``_trim_loop``     applies the topics' retention.
 
 Outcomes: success commits; ``Reject``, a decode failure, or a failure at ``max_deliveries`` dead-letters
@@ -62,6 +63,7 @@ from fabric.handler import (
 from fabric.keys import Keys, Priority, StreamRef
 from fabric.lanes import Lanes
 from fabric.nodes import ClusterLine, by_slot, is_cluster, line_for, slot_of
+from fabric.registry import announce, register
 from fabric.retention import trim_stream
 from fabric.retirement import retire_idle_consumers
 from fabric.retry import RetryTimer, backoff_ms
@@ -239,6 +241,19 @@ async def finish(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> set[as
     return late
 
 
+async def first_set(events: Sequence[asyncio.Event], timeout_s: float) -> None:
+    """Wait until one of ``events`` is set, or ``timeout_s`` has passed."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    if not waits:
+        await asyncio.sleep(timeout_s)
+        return
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 class Worker:
     """Runs one handler for one consumer group until ``stop()``."""
 
@@ -293,6 +308,8 @@ class Worker:
         """Per stream, the entries this worker holds and when it last took or touched each (monotonic s)."""
         self._released = asyncio.Event()
         self._changed = asyncio.Event()  # the joined streams changed
+        self._discover_now = asyncio.Event()
+        """A producer announced a new stream of one of the topics (``_announced``): discover without waiting."""
         self._commits: list[_Commit] = []
         """Handled entries to commit with their outputs, or with their failure record cleared (redelivered)."""
         self._acks: defaultdict[str, list[bytes]] = defaultdict(list)
@@ -305,6 +322,8 @@ class Worker:
         self._commits_closed = False
         self._retries: RetryTimer[Delivery] = RetryTimer()
         self._registered: set[str] = set()
+        self._announcing = True
+        """False once Redis refused this user PUBLISH on the new-streams channel (``registry.announce``)."""
         self._cursors: dict[str, bytes] = {}
         self._reclaim_turn = 0
         self._skipped: set[str] = set()
@@ -365,7 +384,8 @@ class Worker:
         readers = [asyncio.create_task(self._read_loop(p)) for p in Priority]
         loops = [
             self._every(self.config.reclaim_interval_ms, self.reclaim, self._stop),
-            self._every(self.config.discover_interval_ms, self.discover, self._stop),
+            self._every(self.config.discover_interval_ms, self.discover, self._stop, self._discover_now),
+            self._announced(),
             self._retry_loop(),
         ]
         if self.config.retention:
@@ -452,11 +472,15 @@ class Worker:
                 released += int(await scripts.RELEASE(self.client, [stream], args))
         return released
 
-    async def _every(self, interval_ms: int, step: Callable[[], Awaitable[Any]], until: asyncio.Event) -> None:
-        """Run ``step`` every ``interval_ms`` until ``until`` is set; log and back off on Redis errors."""
+    async def _every(self, interval_ms: int, step: Callable[[], Awaitable[Any]], until: asyncio.Event,
+                     now: asyncio.Event | None = None) -> None:
+        """Run ``step`` every ``interval_ms`` until ``until`` is set, and (when given) as soon as ``now`` is set;
+        log and back off on Redis errors."""
         delay = ERROR_BACKOFF_S[0]
         while not until.is_set():
             started = time.monotonic()
+            if now is not None:
+                now.clear()  # set again while the step runs: it runs once more
             try:
                 await step()
                 # the period runs from start to start: a slow step (many streams, a slow link) does not stretch it
@@ -465,8 +489,38 @@ class Worker:
                 raise_if_cancelled(exc)
                 log.warning("%s failed, retrying in %.1fs: %s", getattr(step, "__name__", step), delay, exc)
                 pause, delay = delay, min(delay * 2, ERROR_BACKOFF_S[1])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(until.wait(), pause)
+            await first_set([until] if now is None else [until, now], pause)
+
+    async def _announced(self) -> None:
+        """Until the stop, follow the producers' announcements of new streams (``Keys.new_streams_channel``) and
+        set ``_discover_now`` for those of this worker's topics, so a new symbol's first entries do not wait for
+        the next discovery. A lost subscription is made again; meanwhile (and for an announcement missed while
+        subscribing, which the discovery right after each subscription covers) ``discover_interval_ms`` holds."""
+        topics = {*self.config.topics, *(t.encode() for t in self.config.topics)}
+        channel = self.keys.new_streams_channel()
+        delay = ERROR_BACKOFF_S[0]
+        while not self._stop.is_set():
+            try:
+                async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(channel)
+                    self._discover_now.set()
+                    while not self._stop.is_set():
+                        message = await pubsub.get_message(timeout=self.config.block_ms / 1000)
+                        if message is not None and message["data"] in topics:
+                            self._discover_now.set()
+                        delay = ERROR_BACKOFF_S[0]
+            except rex.NoPermissionError as exc:
+                log.warning("cannot follow new streams on %s (%s): joining them every %d ms; grant this Redis user "
+                            "+subscribe &%s (deploy/acl/users.acl)", channel, exc,
+                            self.config.discover_interval_ms, channel)
+                await self._stop.wait()  # (a loop that ends early would end the worker)
+                return
+            except (FabricError, rex.RedisError, OSError) as exc:
+                raise_if_cancelled(exc)
+                log.warning("lost the channel of new streams (%s), joining them every %d ms until it is back; "
+                            "retrying in %.1fs", exc, self.config.discover_interval_ms, delay)
+                await first_set([self._stop], delay)
+                delay = min(delay * 2, ERROR_BACKOFF_S[1])
 
     # ---- joining streams -------------------------------------------------------------------------
 
@@ -715,12 +769,7 @@ class Worker:
 
     async def _breaker_changed(self) -> None:
         """Wait (at most ``block_ms``, so a stop is seen) until a closed-to-reading breaker changes."""
-        changes = [asyncio.ensure_future(b.changed().wait()) for b in self._breakers if not b.reading]
-        try:
-            await asyncio.wait(changes, timeout=self.config.block_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for c in changes:
-                c.cancel()
+        await first_set([b.changed() for b in self._breakers if not b.reading], self.config.block_ms / 1000)
 
     def _take(self, priority: Priority, reply: Any) -> int:
         """Hold a read's entries and queue them in their lane; return how many."""
@@ -1154,13 +1203,14 @@ class Worker:
         self._cursors.clear()
 
     async def _register(self, streams: set[str]) -> None:
+        """Add output streams to their topics' registries before the first commit that writes them, and announce
+        those new to Redis (``fabric.registry``)."""
         new = streams - self._registered
         if new:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for s in new:
-                    pipe.sadd(self.keys.topic_registry(self.keys.parse_stream(s).topic), s)
-                await pipe.execute()
+            added = await register(self.client, self.keys, new)
             self._registered |= new
+            if added and self._announcing:
+                self._announcing = await announce(self.client, self.keys, added)
 
     # ---- keeping held entries, reclaiming others' ------------------------------------------------
 
