@@ -284,6 +284,48 @@ async def test_a_producer_and_a_worker_run_end_to_end_as_the_deploy_users(acl_re
     assert await worker.exit_code() == 0, worker.output()
     out = worker.output()
     assert "NOPERM" not in out and "retrying" not in out and "Traceback" not in out, out
+    assert "NOPERM" not in producer.output(), "the producer may announce its new streams"
+
+
+async def test_a_producer_that_may_not_announce_new_streams_warns_once_and_publishes(acl_redis: AclRedis,
+                                                                                     admin: Redis, run,
+                                                                                     topic: str) -> None:
+    # Given the deploy producer user without PUBLISH
+    acl_redis.set_user("mute", *_acl_rules()["fabric-producer"], "-publish")
+    lines, ids = _ticks(30)
+
+    # When it publishes to three new streams
+    producer = run("publish", "--topic", topic, "--namespace", NS, "--redis-url", acl_redis.user_url("mute"),
+                   stdin=lines)
+
+    # Then every event lands, and it said once what it could not do and how to allow it
+    assert await producer.exit_code() == 0, producer.output()
+    out = producer.output()
+    assert out.count("cannot announce new streams") == 1 and "+publish &fabric:streams:new" in out, out
+    assert "Traceback" not in out, out
+    streams = [Keys(NS).stream(topic, Priority.NORMAL, f"S{i}") for i in range(3)]
+    assert sum([await admin.xlen(s) for s in streams]) == len(ids)
+
+
+async def test_a_worker_that_may_not_follow_new_streams_warns_once_and_finds_them_by_discovery(
+        acl_redis: AclRedis, admin: Redis, run, topic: str) -> None:
+    # Given a worker as the deploy worker user without SUBSCRIBE
+    acl_redis.set_user("deaf", *_acl_rules()["fabric-worker"], "-subscribe")
+    worker = run(*_worker_args(acl_redis.user_url("deaf"), topic))
+
+    # When events are published to new streams of its topic
+    lines, ids = _ticks(30)
+    producer = run("publish", "--topic", topic, "--namespace", NS, "--redis-url",
+                   acl_redis.user_url("fabric-producer"), stdin=lines)
+    assert await producer.exit_code() == 0, producer.output()
+
+    # Then it handles every one (its periodic discovery joined the streams), having warned once
+    await eventually(lambda: _handled(admin, worker.record_ns, len(ids)), what="every event handled")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert await worker.exit_code() == 0, worker.output()
+    out = worker.output()
+    assert out.count("cannot follow new streams") == 1 and "+subscribe &fabric:streams:new" in out, out
+    assert "Traceback" not in out, out
 
 
 async def _handled(client: Redis, ns: str, n: int) -> bool:
