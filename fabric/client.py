@@ -371,9 +371,24 @@ class Line:
     again after an error; a reply cut short (a cancel, a timeout) closes the connection, so no stale reply is
     ever read as the answer to the next command."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, *, identified: bool = False) -> None:
         self._conn = own_connection(client)
         self._timeout_s = read_timeout_s(client)
+        self.client_id: int | None = None
+        """With ``identified``: the connection's CLIENT ID, asked at each (re)connect, for a CLIENT UNBLOCK of its
+        blocking command from another connection; None before the first connect, or when Redis refused it."""
+        self.id_refused: rex.ResponseError | None = None
+        """Why Redis refused CLIENT ID (a user without ``+client|id``), if it did."""
+        if identified:
+            self._conn.register_connect_callback(self._identify)  # type: ignore[no-untyped-call]
+
+    async def _identify(self, conn: AbstractConnection) -> None:
+        self.client_id = None
+        await conn.send_command("CLIENT", "ID", check_health=False)
+        try:
+            self.client_id = int(await conn.read_response())
+        except rex.ResponseError as exc:
+            self.id_refused = exc
 
     @classmethod
     def on(cls, conn: AbstractConnection, timeout_s: float) -> Line:

@@ -99,6 +99,9 @@ RECLAIM_COUNT = 100
 ERROR_BACKOFF_S = (0.1, 5.0)
 CANCEL_WAIT_S = 2.0
 CLUSTER_BLOCK_MS = 50
+UNBLOCK_TRIES = 3
+UNBLOCK_AGAIN_S = 0.002
+"""How often, and how far apart, ``_unblock`` asks again for a read that had not blocked yet."""
 """On a cluster, the longest a reader waits on one slot per node before reading every slot again."""
 OUTPUT_MARK_TTL_MS = 86_400_000
 """On a cluster, how long the mark of an output written in another slot than its input outlives a crash before
@@ -186,13 +189,35 @@ class _Reads:
     read at once anyway. A read sent ahead asks for what the lane had room for before the current one's entries
     were queued, so a lane can overfill by one read."""
 
-    def __init__(self, line: Line, block_ms: int) -> None:
+    def __init__(self, line: Line, block_ms: int, unblock: Callable[[_Reads], Awaitable[None]]) -> None:
         self.line = line
         self.waiting = 0
-        """Reads sent and not answered yet (at most two)."""
+        """Reads sent ahead and not answered yet (at most two)."""
         self.trickle = False
         """The last read took fewer than ``FEW`` entries while a lower lane held entries: send the next one ahead."""
         self._block_s = block_ms / 1000
+        self._in_redis = 0
+        """Reads sent and not answered, the plain round trip's included."""
+        self._stale = 0
+        """Of those, how many were sent before ``cut_short``: each is ended in turn as it becomes the one blocked."""
+        self._unblock = unblock
+
+    @property
+    def stale(self) -> bool:
+        """A read sent before ``cut_short`` still waits for its reply."""
+        return bool(self._stale and self._in_redis)
+
+    async def cut_short(self) -> None:
+        """End the blocked wait of the reads already sent (CLIENT UNBLOCK, as at their timeout: nothing delivered),
+        so that the next read is made at once: the lane gained streams, or the worker stops. A second read sent
+        ahead blocks once the first is answered: ``cut_again`` ends it then."""
+        self._stale = self._in_redis
+        await self.cut_again()
+
+    async def cut_again(self) -> None:
+        """``cut_short``'s end of the read now blocked, if it was sent before the cut."""
+        if self.stale:
+            await self._unblock(self)
 
     async def next(self, command: Packed | None) -> Any:
         """Send ``command`` unless a read waits already (and once more ahead of it while the lane trickles), then
@@ -200,28 +225,37 @@ class _Reads:
         stops): only a read already waiting is answered."""
         line = self.line
         if command is not None and not self.waiting and not self.trickle:
-            return await line.call_packed(command)  # one at a time: the plain round trip
+            self._in_redis = 1
+            try:
+                return await line.call_packed(command)  # one at a time: the plain round trip
+            finally:
+                self._in_redis = self._stale = 0
         try:
             if command is not None:
                 if not self.waiting:
                     await line.send_packed(command)
-                    self.waiting = 1
+                    self.waiting = self._in_redis = 1
                 if self.trickle and self.waiting == 1:
                     await line.send_packed(command)
-                    self.waiting = 2
+                    self.waiting = self._in_redis = 2
         except BaseException:
-            self.waiting = 0  # a failed send closed the connection, and the replies still to read with it
-            raise
+            self.waiting = self._in_redis = self._stale = 0  # a failed send closed the connection, and the replies
+            raise  # still to read with it
         try:
             reply = await line.receive(self._block_s)
         except rex.ResponseError:
-            self.waiting -= 1  # that reply was read; a read sent after it still waits for its own
+            self._answered()  # that reply was read; a read sent after it still waits for its own
             raise
         except BaseException:
-            self.waiting = 0  # the connection was closed, and the replies still to read with it
+            self.waiting = self._in_redis = self._stale = 0  # the connection was closed, with the replies to read
             raise
-        self.waiting -= 1
+        self._answered()
         return reply
+
+    def _answered(self) -> None:
+        self.waiting -= 1
+        self._in_redis -= 1
+        self._stale = max(0, self._stale - 1)
 
 
 async def finish(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> set[asyncio.Task[Any]]:
@@ -239,6 +273,15 @@ async def finish(tasks: Sequence[asyncio.Task[Any]], timeout_s: float) -> set[as
         if stuck:
             log.warning("%d tasks ignored their cancellation and were abandoned", len(stuck))
     return late
+
+
+async def first_done(tasks: Sequence[asyncio.Future[Any]], stop: asyncio.Event) -> None:
+    """Wait until one of ``tasks`` is done or ``stop`` is set."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([*tasks, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
 
 
 async def first_set(events: Sequence[asyncio.Event], timeout_s: float) -> None:
@@ -309,6 +352,9 @@ class Worker:
         self._released = asyncio.Event()
         self._changed = asyncio.Event()  # the joined streams changed
         self._discover_now = asyncio.Event()
+        self._lane_reads: dict[Priority, _Reads] = {}
+        """Each lane's reads on a single Redis (``_reader``), for ``_unblock``."""
+        self._unblock_refused = False
         """A producer announced a new stream of one of the topics (``_announced``): discover without waiting."""
         self._commits: list[_Commit] = []
         """Handled entries to commit with their outputs, or with their failure record cleared (redelivered)."""
@@ -435,11 +481,13 @@ class Worker:
         self, readers: list[asyncio.Task[None]], background: list[asyncio.Task[None]],
         dispatchers: list[asyncio.Task[None]], committer: asyncio.Task[None], heartbeat: asyncio.Task[None],
     ) -> None:
-        # The reader and the loops end by themselves on _stop (the reader after its current read returns, and the
-        # one it sent ahead if any, so entries Redis handed over are seen and released below); they are cancelled
-        # only if they hang.
+        # The reader and the loops end by themselves on _stop (the reader after its current read returns, ended at
+        # once by CLIENT UNBLOCK if it is blocked, and the one it sent ahead if any, so entries Redis handed over
+        # are seen and released below); they are cancelled only if they hang.
         self._stop.set()
         self._retries.close()  # parked after a failure: their next delivery is a real retry, by anyone
+        for reads in self._lane_reads.values():  # a read blocked in Redis ends now, not at its block_ms
+            await reads.cut_short()
         await finish([*readers, *background], self.config.block_ms / 1000 + 1)  # (two reads sent ahead: each half)
         unstarted = self._lanes.close()
         if await finish(dispatchers, self.config.grace_s):
@@ -496,19 +544,17 @@ class Worker:
         set ``_discover_now`` for those of this worker's topics, so a new symbol's first entries do not wait for
         the next discovery. A lost subscription is made again; meanwhile (and for an announcement missed while
         subscribing, which the discovery right after each subscription covers) ``discover_interval_ms`` holds."""
-        topics = {*self.config.topics, *(t.encode() for t in self.config.topics)}
-        channel = self.keys.new_streams_channel()
         delay = ERROR_BACKOFF_S[0]
         while not self._stop.is_set():
+            listening = asyncio.ensure_future(self._follow_announcements())
+            await first_done([listening], self._stop)
+            if not listening.done():  # the stop
+                listening.cancel()
+                await asyncio.gather(listening, return_exceptions=True)
+                return
+            channel = self.keys.new_streams_channel()
             try:
-                async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(channel)
-                    self._discover_now.set()
-                    while not self._stop.is_set():
-                        message = await pubsub.get_message(timeout=self.config.block_ms / 1000)
-                        if message is not None and message["data"] in topics:
-                            self._discover_now.set()
-                        delay = ERROR_BACKOFF_S[0]
+                listening.result()
             except rex.NoPermissionError as exc:
                 log.warning("cannot follow new streams on %s (%s): joining them every %d ms; grant this Redis user "
                             "+subscribe &%s (deploy/acl/users.acl)", channel, exc,
@@ -516,11 +562,50 @@ class Worker:
                 await self._stop.wait()  # (a loop that ends early would end the worker)
                 return
             except (FabricError, rex.RedisError, OSError) as exc:
-                raise_if_cancelled(exc)
                 log.warning("lost the channel of new streams (%s), joining them every %d ms until it is back; "
                             "retrying in %.1fs", exc, self.config.discover_interval_ms, delay)
                 await first_set([self._stop], delay)
                 delay = min(delay * 2, ERROR_BACKOFF_S[1])
+
+    async def _follow_announcements(self) -> None:
+        """Subscribe to the new streams' channel and set ``_discover_now`` at each topic of this worker's, and
+        once subscribed (for an announcement made meanwhile). Ends only with an error."""
+        topics = {*self.config.topics, *(t.encode() for t in self.config.topics)}
+        async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe(self.keys.new_streams_channel())
+            self._discover_now.set()
+            async for message in pubsub.listen():
+                if message.get("type") == "message" and message["data"] in topics:
+                    self._discover_now.set()
+
+    async def _unblock(self, reads: _Reads) -> None:
+        """End a lane's blocked read (CLIENT UNBLOCK of its connection, from the pool): it returns as at its
+        timeout, having delivered nothing. A read sent but not yet run by Redis is not blocked yet: asked again
+        a moment later, a few times. Best effort: on any failure the read runs to its end (``block_ms``)."""
+        line = reads.line
+        for _ in range(UNBLOCK_TRIES):
+            if line.client_id is None:
+                if line.id_refused is not None:
+                    self._cannot_unblock(line.id_refused)
+                return
+            try:
+                if await self.client.client_unblock(line.client_id) or not reads.stale:
+                    return
+            except rex.ResponseError as exc:
+                self._cannot_unblock(exc)
+                return
+            except (rex.RedisError, OSError) as exc:
+                raise_if_cancelled(exc)
+                log.debug("could not unblock a read (it ends at its block_ms): %s", exc)
+                return
+            await asyncio.sleep(UNBLOCK_AGAIN_S)
+
+    def _cannot_unblock(self, exc: Exception) -> None:
+        if not self._unblock_refused:
+            self._unblock_refused = True
+            log.warning("Redis refused CLIENT ID or CLIENT UNBLOCK (%s): a lane waiting on its streams reads new ones "
+                        "only when its read ends (block_ms %d ms), and a stop waits for it; grant this Redis user "
+                        "+client|id +client|unblock (deploy/acl/users.acl)", exc, self.config.block_ms)
 
     # ---- joining streams -------------------------------------------------------------------------
 
@@ -552,6 +637,9 @@ class Worker:
             self._by_priority.clear()
             self._by_name[stream.encode()] = ref
         self._changed.set()
+        for priority in {ref.priority for ref in refs.values()}:  # a lane blocked on its old streams reads again
+            if (reads := self._lane_reads.get(priority)) is not None:
+                await reads.cut_short()
         log.info("joined group %s on %d new streams", self.group, len(refs))
         return list(refs)
 
@@ -586,8 +674,7 @@ class Worker:
                         primed = self._prime()
                     if count and not streams:
                         self._changed.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._changed.wait(), self.config.block_ms / 1000)
+                        await first_set([self._changed, self._stop], self.config.block_ms / 1000)
                     continue
                 try:
                     taken = await read(streams, count, primed)
@@ -616,8 +703,8 @@ class Worker:
         does not block: what already waits in every lane is read before any is handled, so a worker starting on
         backlogs serves the critical one first), the next one sent ahead while the lane trickles (``_Reads``).
         Returns the connection, the read, and how many reads wait for their reply."""
-        line = Line(self.client)
-        reads = _Reads(line, self.config.block_ms)
+        line = Line(self.client, identified=True)
+        reads = self._lane_reads[priority] = _Reads(line, self.config.block_ms, self._unblock)
         commands = _ReadCommands(self._read_command)
 
         async def read(streams: list[str], count: int, primed: bool) -> int:
@@ -631,6 +718,8 @@ class Worker:
             reply = await reads.next(command)
             taken = self._take(priority, reply) if reply else 0
             reads.trickle = taken < FEW and self._lanes.busy_below(priority)
+            if reads.stale:
+                await reads.cut_again()
             return taken
 
         return line, read, lambda: reads.waiting
@@ -754,8 +843,7 @@ class Worker:
             self._commit_now.set()  # the reading waits for commits: the next one does not linger
             if not ahead:
                 self._released.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._released.wait(), self.config.block_ms / 1000)
+                await first_set([self._released, self._stop], self.config.block_ms / 1000)
             return 0
         if room <= 0:
             if not ahead:
@@ -768,8 +856,9 @@ class Worker:
         return self._fallback is not None or all(b.reading for b in self._breakers)
 
     async def _breaker_changed(self) -> None:
-        """Wait (at most ``block_ms``, so a stop is seen) until a closed-to-reading breaker changes."""
-        await first_set([b.changed() for b in self._breakers if not b.reading], self.config.block_ms / 1000)
+        """Wait (at most ``block_ms``) until a closed-to-reading breaker changes, or the worker stops."""
+        await first_set([*(b.changed() for b in self._breakers if not b.reading), self._stop],
+                        self.config.block_ms / 1000)
 
     def _take(self, priority: Priority, reply: Any) -> int:
         """Hold a read's entries and queue them in their lane; return how many."""

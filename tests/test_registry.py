@@ -11,6 +11,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from fabric import Publisher
 from fabric.events import Action, Event, Signal, Tick
 from fabric.handler import Context
@@ -77,6 +79,23 @@ async def test_a_worker_joins_a_new_symbols_stream_when_it_is_announced(redis, k
         # then the worker handles them long before its next discovery
         await eventually(lambda: _has(seen, "NEW", 2), what="the new symbol's ticks")
         await eventually(lambda: _has(seen, "HOT"), what="the new critical stream's tick")
+
+
+@pytest.mark.real_only
+@pytest.mark.single_redis
+async def test_a_lane_waiting_on_its_streams_reads_a_new_one_at_once(redis, keys: Keys) -> None:
+    """Its reads block for 10 s; the new stream's tick is handled in less than half that: joining it ended the
+    lane's blocked read (CLIENT UNBLOCK), so the next read includes it."""
+    seen: list[str] = []
+
+    async def record(tick: Tick) -> None:
+        seen.append(tick.symbol)
+
+    await publish(redis, keys, ticks(1, "A"))
+    async with running(make_worker(redis, keys, record, block_ms=10_000, **SLOW)):
+        await eventually(lambda: _has(seen, "A"), what="A's tick")
+        await publish(redis, keys, ticks(1, "NEW"))
+        await eventually(lambda: _has(seen, "NEW"), timeout_s=5, what="the new stream's tick")
 
 
 async def test_an_ordered_worker_owns_a_new_symbols_stream_when_it_is_announced(redis, keys: Keys) -> None:

@@ -3,6 +3,7 @@ once (``fabric.worker._ReadCommands``, ``fabric.client.Packed``)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from typing import Any
 
@@ -10,7 +11,10 @@ import pytest
 import redis.exceptions as rex
 
 from fabric.client import Line, Packed, connect
+from fabric.events import Tick
 from fabric.worker import MAX_READ_COMMANDS, _ReadCommands, _Reads
+from tests.contract.test_worker import make_worker, publish, ticks
+from tests.waiting import eventually
 
 
 class FakeLine:
@@ -33,9 +37,13 @@ class FakeLine:
         return ("reply to", self.sent.popleft())
 
 
+async def _unblocked(reads: _Reads) -> None:
+    raise AssertionError("no read was to be cut short")
+
+
 async def test_a_trickling_lane_keeps_one_read_sent_ahead_and_the_stop_collects_it():
     line = FakeLine()
-    reads = _Reads(line, block_ms=100)  # type: ignore[arg-type]
+    reads = _Reads(line, block_ms=100, unblock=_unblocked)  # type: ignore[arg-type]
     assert await reads.next(Packed("read", 1)) == ("reply to", ("read", 1)) and reads.waiting == 0  # one at a time
     reads.trickle = True
     assert await reads.next(Packed("read", 2)) == ("reply to", ("read", 2))
@@ -46,12 +54,58 @@ async def test_a_trickling_lane_keeps_one_read_sent_ahead_and_the_stop_collects_
 @pytest.mark.parametrize("error", [rex.ResponseError("NOPERM on reconnecting"), ConnectionError("reset")])
 async def test_a_failed_send_leaves_no_read_waiting(error):
     line = FakeLine()
-    reads = _Reads(line, block_ms=100)  # type: ignore[arg-type]
+    reads = _Reads(line, block_ms=100, unblock=_unblocked)  # type: ignore[arg-type]
     reads.trickle = True
     line.fail_send = error
     with pytest.raises(type(error)):
         await reads.next(Packed("read", 1))
     assert reads.waiting == 0
+
+
+class GatedLine(FakeLine):
+    """A FakeLine whose next reply comes only when ``gate`` is set (a read blocked in Redis until then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def receive(self, blocking_s: float = 0.0) -> Any:
+        await self.gate.wait()
+        self.gate.clear()
+        return await super().receive(blocking_s)
+
+
+async def test_a_cut_short_ends_each_read_sent_before_it_as_it_becomes_the_one_blocked():
+    # given a trickling lane with two reads sent: the first blocked in Redis, the second queued behind it
+    line = GatedLine()
+    cuts: list[int] = []
+
+    async def unblock(r: _Reads) -> None:
+        cuts.append(len(line.sent))  # how many reads were still unanswered when it was asked to end one
+
+    reads = _Reads(line, block_ms=100, unblock=unblock)  # type: ignore[arg-type]
+    reads.trickle = True
+    first = asyncio.create_task(reads.next(Packed("read", 1)))
+    await eventually(lambda: _sent(line, 2), what="two reads sent")
+    # when the lane is cut short, the blocked read is ended
+    await reads.cut_short()
+    assert cuts == [2] and reads.stale
+    # then, its reply taken, the one sent ahead is the one blocked now, and is ended too
+    line.gate.set()
+    await first
+    assert reads.stale
+    await reads.cut_again()
+    assert cuts == [2, 1]
+    # and once that one is answered, nothing sent before the cut is left to end
+    line.gate.set()
+    await reads.next(None)
+    assert not reads.stale and reads.waiting == 0
+    await reads.cut_again()
+    assert cuts == [2, 1]
+
+
+async def _sent(line: FakeLine, n: int) -> bool:
+    return len(line.sent) >= n
 
 
 def _read(streams: list[str], count: int, block_ms: int) -> tuple[Any, ...]:
@@ -92,3 +146,29 @@ async def test_a_packed_call_answers_as_a_call_and_waits_out_its_block(redis_url
     finally:
         await line.close()
         await client.aclose()
+
+
+@pytest.mark.real_only
+@pytest.mark.single_redis
+async def test_a_worker_whose_lanes_wait_in_redis_stops_without_waiting_out_their_reads(redis, keys) -> None:
+    """Its lanes' reads block for 10 s; it stops in less than half that (CLIENT UNBLOCK ends them at once)."""
+    seen: list[str] = []
+
+    async def record(tick: Tick) -> None:
+        seen.append(tick.symbol)
+
+    await publish(redis, keys, ticks(1, "A"))
+    worker = make_worker(redis, keys, record, block_ms=10_000)
+    run = asyncio.create_task(worker.run())
+    await eventually(lambda: _seen(seen), what="A's tick")
+    await eventually(lambda: _blocked(redis, 1), what="a lane's read blocked in Redis")
+    worker.stop()
+    await asyncio.wait_for(run, timeout=5)
+
+
+async def _seen(seen: list[str]) -> bool:
+    return bool(seen)
+
+
+async def _blocked(redis: Any, n: int) -> bool:
+    return int((await redis.info("clients"))["blocked_clients"]) >= n
