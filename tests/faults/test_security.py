@@ -307,10 +307,10 @@ async def test_a_producer_that_may_not_announce_new_streams_warns_once_and_publi
     assert sum([await admin.xlen(s) for s in streams]) == len(ids)
 
 
-async def test_a_worker_that_may_not_follow_new_streams_warns_once_and_finds_them_by_discovery(
+async def test_a_worker_that_may_not_follow_new_streams_nor_unblock_warns_once_and_loses_nothing(
         acl_redis: AclRedis, admin: Redis, run, topic: str) -> None:
-    # Given a worker as the deploy worker user without SUBSCRIBE
-    acl_redis.set_user("deaf", *_acl_rules()["fabric-worker"], "-subscribe")
+    # Given a worker as the deploy worker user without SUBSCRIBE, nor CLIENT ID and UNBLOCK
+    acl_redis.set_user("deaf", *_acl_rules()["fabric-worker"], "-subscribe", "-client|id", "-client|unblock")
     worker = run(*_worker_args(acl_redis.user_url("deaf"), topic))
 
     # When events are published to new streams of its topic
@@ -319,12 +319,14 @@ async def test_a_worker_that_may_not_follow_new_streams_warns_once_and_finds_the
                    acl_redis.user_url("fabric-producer"), stdin=lines)
     assert await producer.exit_code() == 0, producer.output()
 
-    # Then it handles every one (its periodic discovery joined the streams), having warned once
+    # Then it handles every one (its periodic discovery joined the streams), and stops (its blocked reads run to
+    # their end), having warned once of each
     await eventually(lambda: _handled(admin, worker.record_ns, len(ids)), what="every event handled")
     worker.proc.send_signal(signal.SIGTERM)
     assert await worker.exit_code() == 0, worker.output()
     out = worker.output()
     assert out.count("cannot follow new streams") == 1 and "+subscribe &fabric:streams:new" in out, out
+    assert out.count("refused CLIENT ID or CLIENT UNBLOCK") == 1 and "+client|id +client|unblock" in out, out
     assert "Traceback" not in out, out
 
 
