@@ -16,6 +16,7 @@ import redis
 from bench.latency import ping, stages
 from bench.machine import measure
 from bench.memory import padded_ticks, sweep
+from bench.newstreams import MODES, first_events
 from bench.server import Target
 from bench.settings import QUICK
 from bench.suite import Bench, Case, NotAvailable, Run, run_rounds
@@ -118,6 +119,20 @@ def test_the_latency_breakdown_stamps_a_worker_in_the_ordered_mode(redis_server:
     causal = ("harness", "publisher", "redis", "worker", "total")
     assert {len(found[stage]) for stage in causal} == {100}
     assert all(d >= 0 for stage in causal for d in found[stage]), found
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+async def test_the_new_streams_probe_times_every_first_event_and_cleans_up(redis_server: RedisServer,
+                                                                          mode: str) -> None:
+    # When the probe runs for two new symbols
+    client = connect(redis_server.url)
+    found = await first_events(redis_server.url, 2, MODES[mode])
+
+    # Then it timed each first tick and each steady one, and left no key of its namespace behind
+    assert {k: len(v) for k, v in found.items()} == {"new": 2, "steady": 2}
+    assert all(ms >= 0 for v in found.values() for ms in v)
+    assert [k async for k in client.scan_iter("newstreams*")] == []
+    await client.aclose()
 
 
 def test_the_latency_breakdown_under_a_flood_measures_only_the_critical_lane(redis_server: RedisServer) -> None:
