@@ -395,6 +395,7 @@ class Line:
         """A line over a connection made elsewhere (a cluster node's, see ``nodes.ClusterLine``)."""
         line = cls.__new__(cls)
         line._conn, line._timeout_s = conn, timeout_s
+        line.client_id, line.id_refused = None, None
         return line
 
     async def call(self, *args: Any) -> Any:
@@ -416,7 +417,7 @@ class Line:
         except rex.ResponseError:
             raise
         except BaseException:
-            await conn.disconnect(nowait=True)
+            await self._drop()
             raise
 
     async def send_packed(self, command: Packed) -> None:
@@ -427,7 +428,7 @@ class Line:
             async with _deadline(conn, self._timeout_s):
                 await conn.send_packed_command(command.data, check_health=False)
         except BaseException:
-            await conn.disconnect(nowait=True)
+            await self._drop()
             raise
 
     async def receive(self, blocking_s: float = 0.0) -> Any:
@@ -440,7 +441,7 @@ class Line:
         except rex.ResponseError:
             raise
         except BaseException:
-            await conn.disconnect(nowait=True)
+            await self._drop()
             raise
 
     async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -457,13 +458,20 @@ class Line:
                     except rex.ResponseError as exc:
                         replies.append(exc)
         except BaseException:
-            await conn.disconnect(nowait=True)
+            await self._drop()
             raise
         return replies
 
     async def close(self) -> None:
         """Close the connection."""
+        self.client_id = None
         await self._conn.disconnect()
+
+    async def _drop(self) -> None:
+        """Close the connection after an error or a reply cut short: the replies still to come go with it, and so
+        does its CLIENT ID (a CLIENT UNBLOCK must not reach whoever gets that id next)."""
+        self.client_id = None
+        await self._conn.disconnect(nowait=True)
 
 
 def raise_if_cancelled(exc: BaseException) -> None:

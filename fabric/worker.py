@@ -99,10 +99,10 @@ RECLAIM_COUNT = 100
 ERROR_BACKOFF_S = (0.1, 5.0)
 CANCEL_WAIT_S = 2.0
 CLUSTER_BLOCK_MS = 50
+"""On a cluster, the longest a reader waits on one slot per node before reading every slot again."""
 UNBLOCK_TRIES = 3
 UNBLOCK_AGAIN_S = 0.002
 """How often, and how far apart, ``_unblock`` asks again for a read that had not blocked yet."""
-"""On a cluster, the longest a reader waits on one slot per node before reading every slot again."""
 OUTPUT_MARK_TTL_MS = 86_400_000
 """On a cluster, how long the mark of an output written in another slot than its input outlives a crash before
 the input's ack (once the input is acked, the mark is deleted)."""
@@ -232,12 +232,12 @@ class _Reads:
                 self._in_redis = self._stale = 0
         try:
             if command is not None:
-                if not self.waiting:
-                    await line.send_packed(command)
+                if not self.waiting:  # (counted before it goes: a cut while it is sent ends it too)
                     self.waiting = self._in_redis = 1
-                if self.trickle and self.waiting == 1:
                     await line.send_packed(command)
+                if self.trickle and self.waiting == 1:
                     self.waiting = self._in_redis = 2
+                    await line.send_packed(command)
         except BaseException:
             self.waiting = self._in_redis = self._stale = 0  # a failed send closed the connection, and the replies
             raise  # still to read with it
@@ -352,10 +352,10 @@ class Worker:
         self._released = asyncio.Event()
         self._changed = asyncio.Event()  # the joined streams changed
         self._discover_now = asyncio.Event()
+        """A producer announced a new stream of one of the topics (``_announced``): discover without waiting."""
         self._lane_reads: dict[Priority, _Reads] = {}
         """Each lane's reads on a single Redis (``_reader``), for ``_unblock``."""
         self._unblock_refused = False
-        """A producer announced a new stream of one of the topics (``_announced``): discover without waiting."""
         self._commits: list[_Commit] = []
         """Handled entries to commit with their outputs, or with their failure record cleared (redelivered)."""
         self._acks: defaultdict[str, list[bytes]] = defaultdict(list)
@@ -547,10 +547,13 @@ class Worker:
         delay = ERROR_BACKOFF_S[0]
         while not self._stop.is_set():
             listening = asyncio.ensure_future(self._follow_announcements())
-            await first_done([listening], self._stop)
-            if not listening.done():  # the stop
-                listening.cancel()
-                await asyncio.gather(listening, return_exceptions=True)
+            try:
+                await first_done([listening], self._stop)
+            finally:
+                if not listening.done():  # the stop, or this task cancelled
+                    listening.cancel()
+                    await asyncio.gather(listening, return_exceptions=True)
+            if listening.cancelled():
                 return
             channel = self.keys.new_streams_channel()
             try:
@@ -561,7 +564,7 @@ class Worker:
                             self.config.discover_interval_ms, channel)
                 await self._stop.wait()  # (a loop that ends early would end the worker)
                 return
-            except (FabricError, rex.RedisError, OSError) as exc:
+            except (FabricError, rex.RedisError, rex.RedisClusterException, OSError) as exc:  # (a slot moving)
                 log.warning("lost the channel of new streams (%s), joining them every %d ms until it is back; "
                             "retrying in %.1fs", exc, self.config.discover_interval_ms, delay)
                 await first_set([self._stop], delay)
@@ -584,12 +587,14 @@ class Worker:
         a moment later, a few times. Best effort: on any failure the read runs to its end (``block_ms``)."""
         line = reads.line
         for _ in range(UNBLOCK_TRIES):
+            if not reads.stale:  # answered meanwhile (a read sent since is not to be ended)
+                return
             if line.client_id is None:
                 if line.id_refused is not None:
                     self._cannot_unblock(line.id_refused)
                 return
             try:
-                if await self.client.client_unblock(line.client_id) or not reads.stale:
+                if await self.client.client_unblock(line.client_id):
                     return
             except rex.ResponseError as exc:
                 self._cannot_unblock(exc)
