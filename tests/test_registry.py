@@ -17,6 +17,7 @@ from fabric import Publisher
 from fabric.events import Action, Event, Signal, Tick
 from fabric.handler import Context
 from fabric.keys import Keys, Priority
+from tests.backends import on_every_node
 from tests.contract.test_worker import make_worker, publish, ticks
 from tests.waiting import eventually
 from tests.workers import running
@@ -73,6 +74,7 @@ async def test_a_worker_joins_a_new_symbols_stream_when_it_is_announced(redis, k
     await publish(redis, keys, ticks(1, "A"))
     async with running(make_worker(redis, keys, record, **SLOW)):
         await eventually(lambda: _has(seen, "A"), what="A's tick")
+        await eventually(lambda: _subscribed(redis, keys, 1), what="the worker following the channel")
         # when a new symbol's first ticks are published, at another priority too
         await publish(redis, keys, ticks(2, "NEW"))
         await publish(redis, keys, ticks(1, "HOT"), priority=Priority.CRITICAL)
@@ -107,6 +109,7 @@ async def test_an_ordered_worker_owns_a_new_symbols_stream_when_it_is_announced(
     await publish(redis, keys, ticks(1, "A"))
     async with running(make_worker(redis, keys, record, ordered=True, lease_ms=600, **SLOW)):
         await eventually(lambda: _has(seen, "A"), what="A's tick")
+        await eventually(lambda: _subscribed(redis, keys, 1), what="the worker following the channel")
         await publish(redis, keys, ticks(3, "NEW"))
         await eventually(lambda: _has(seen, "NEW", 3), what="the new symbol's ticks")
 
@@ -124,10 +127,17 @@ async def test_a_workers_outputs_on_a_new_stream_are_announced_to_the_next_stage
     first = make_worker(redis, keys, signal, name="first", **SLOW)
     second = make_worker(redis, keys, record, name="second", group="next", topics=["signal"], **SLOW)
     async with running(first, second):
+        await eventually(lambda: _subscribed(redis, keys, 2), what="both stages following the channel")
         # when a tick of a new symbol is handled by the first stage
         await publish(redis, keys, ticks(1, "NEW"))
         # then the second stage joins the signal stream the first one created, and handles the signal
         await eventually(lambda: _has(signals, "NEW"), what="the new stream's signal")
+
+
+async def _subscribed(redis: Any, keys: Keys, n: int) -> bool:
+    """At least ``n`` subscribers to the new streams' channel (on a cluster, over its nodes: each counts its own)."""
+    replies = await on_every_node(redis, "PUBSUB", "NUMSUB", keys.new_streams_channel())
+    return sum(int(reply[1]) for reply in replies) >= n
 
 
 async def _has(seen: list[Any], item: Any, n: int = 1) -> bool:

@@ -12,6 +12,7 @@ import redis.exceptions as rex
 
 from fabric.client import Line, Packed, connect
 from fabric.events import Tick
+from fabric.keys import Priority
 from fabric.worker import MAX_READ_COMMANDS, _ReadCommands, _Reads
 from tests.contract.test_worker import make_worker, publish, ticks
 from tests.waiting import eventually
@@ -161,7 +162,7 @@ async def test_a_worker_whose_lanes_wait_in_redis_stops_without_waiting_out_thei
     worker = make_worker(redis, keys, record, block_ms=10_000)
     run = asyncio.create_task(worker.run())
     await eventually(lambda: _seen(seen), what="A's tick")
-    await eventually(lambda: _blocked(redis, 1), what="a lane's read blocked in Redis")
+    await eventually(lambda: _blocked(redis, worker), what="its lane's read blocked in Redis")
     worker.stop()
     await asyncio.wait_for(run, timeout=5)
 
@@ -170,5 +171,9 @@ async def _seen(seen: list[str]) -> bool:
     return bool(seen)
 
 
-async def _blocked(redis: Any, n: int) -> bool:
-    return int((await redis.info("clients"))["blocked_clients"]) >= n
+async def _blocked(redis: Any, worker: Any) -> bool:
+    """The worker's normal lane has a read blocked in Redis (its connection, by CLIENT ID, flagged ``b``)."""
+    reads = worker._lane_reads.get(Priority.NORMAL)
+    if reads is None or reads.line.client_id is None:
+        return False
+    return any(int(c["id"]) == reads.line.client_id and "b" in c["flags"] for c in await redis.client_list())
