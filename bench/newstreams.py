@@ -84,7 +84,7 @@ async def first_events(url: str, symbols: int, config: dict[str, object], seed: 
 
 def _row(label: str, ms: list[float]) -> str:
     ms = sorted(ms)
-    return (f"{label:<30} p50 {statistics.median(ms):8.2f} ms   p90 {ms[int(0.9 * (len(ms) - 1))]:8.2f} ms   "
+    return (f"{label:<32} p50 {statistics.median(ms):8.2f} ms   p90 {ms[int(0.9 * (len(ms) - 1))]:8.2f} ms   "
             f"max {ms[-1]:8.2f} ms")
 
 
