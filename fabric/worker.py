@@ -192,7 +192,8 @@ class _Reads:
     def __init__(self, line: Line, block_ms: int, unblock: Callable[[_Reads], Awaitable[None]]) -> None:
         self.line = line
         self.waiting = 0
-        """Reads sent ahead and not answered yet (at most two)."""
+        """Reads sent without waiting for their reply (the first, and one ahead of it), not answered yet: at most
+        two; the plain round trip's read is not counted here."""
         self.trickle = False
         """The last read took fewer than ``FEW`` entries while a lower lane held entries: send the next one ahead."""
         self._block_s = block_ms / 1000
@@ -546,7 +547,7 @@ class Worker:
         subscribing, which the discovery right after each subscription covers) ``discover_interval_ms`` holds."""
         delay = ERROR_BACKOFF_S[0]
         while not self._stop.is_set():
-            listening = asyncio.ensure_future(self._follow_announcements())
+            listening, started = asyncio.ensure_future(self._follow_announcements()), time.monotonic()
             try:
                 await first_done([listening], self._stop)
             finally:
@@ -555,6 +556,8 @@ class Worker:
                     await asyncio.gather(listening, return_exceptions=True)
             if listening.cancelled():
                 return
+            if time.monotonic() - started > ERROR_BACKOFF_S[1]:
+                delay = ERROR_BACKOFF_S[0]  # it had been following: a new loss starts the backoff again
             channel = self.keys.new_streams_channel()
             try:
                 listening.result()
@@ -567,8 +570,8 @@ class Worker:
             except (FabricError, rex.RedisError, rex.RedisClusterException, OSError) as exc:  # (a slot moving)
                 log.warning("lost the channel of new streams (%s), joining them every %d ms until it is back; "
                             "retrying in %.1fs", exc, self.config.discover_interval_ms, delay)
-                await first_set([self._stop], delay)
-                delay = min(delay * 2, ERROR_BACKOFF_S[1])
+            await first_set([self._stop], delay)  # (after an error, or a subscription that ended by itself)
+            delay = min(delay * 2, ERROR_BACKOFF_S[1])
 
     async def _follow_announcements(self) -> None:
         """Subscribe to the new streams' channel and set ``_discover_now`` at each topic of this worker's, and

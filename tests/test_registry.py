@@ -100,6 +100,25 @@ async def test_a_lane_waiting_on_its_streams_reads_a_new_one_at_once(redis, keys
         await eventually(lambda: _has(seen, "NEW"), timeout_s=5, what="the new stream's tick")
 
 
+@pytest.mark.real_only  # (CLIENT KILL)
+async def test_a_worker_whose_subscription_is_cut_follows_the_channel_again(redis, keys: Keys) -> None:
+    seen: list[str] = []
+
+    async def record(tick: Tick) -> None:
+        seen.append(tick.symbol)
+
+    await publish(redis, keys, ticks(1, "A"))
+    async with running(make_worker(redis, keys, record, **SLOW)):
+        await eventually(lambda: _has(seen, "A"), what="A's tick")
+        await eventually(lambda: _subscribed(redis, keys, 1), what="the worker following the channel")
+        # when Redis drops every pub/sub connection
+        await on_every_node(redis, "CLIENT", "KILL", "TYPE", "pubsub")
+        # then the worker subscribes again, and a new symbol's stream is joined when it is announced
+        await eventually(lambda: _subscribed(redis, keys, 1), what="the worker following the channel again")
+        await publish(redis, keys, ticks(1, "NEW"))
+        await eventually(lambda: _has(seen, "NEW"), what="the new stream's tick")
+
+
 async def test_an_ordered_worker_owns_a_new_symbols_stream_when_it_is_announced(redis, keys: Keys) -> None:
     seen: list[str] = []
 
