@@ -65,16 +65,24 @@ async def test_a_stream_new_to_redis_is_announced_once_with_its_topic(redis, key
     assert sorted(got) == [b"quote", b"tick"]
 
 
-async def test_a_worker_joins_a_new_symbols_stream_when_it_is_announced(redis, keys: Keys) -> None:
+@contextlib.asynccontextmanager
+async def worker_on_a(redis: Any, keys: Keys, **overrides: Any) -> AsyncIterator[list[str]]:
+    """A worker (``SLOW`` discovery) running on symbol A's stream, its first tick handled and the new streams'
+    channel followed; yields the symbols of the ticks it handles, in order."""
     seen: list[str] = []
 
     async def record(tick: Tick) -> None:
         seen.append(tick.symbol)
 
     await publish(redis, keys, ticks(1, "A"))
-    async with running(make_worker(redis, keys, record, **SLOW)):
+    async with running(make_worker(redis, keys, record, **{**SLOW, **overrides})):
         await eventually(lambda: _has(seen, "A"), what="A's tick")
         await eventually(lambda: _subscribed(redis, keys, 1), what="the worker following the channel")
+        yield seen
+
+
+async def test_a_worker_joins_a_new_symbols_stream_when_it_is_announced(redis, keys: Keys) -> None:
+    async with worker_on_a(redis, keys) as seen:
         # when a new symbol's first ticks are published, at another priority too
         await publish(redis, keys, ticks(2, "NEW"))
         await publish(redis, keys, ticks(1, "HOT"), priority=Priority.CRITICAL)
@@ -88,29 +96,14 @@ async def test_a_worker_joins_a_new_symbols_stream_when_it_is_announced(redis, k
 async def test_a_lane_waiting_on_its_streams_reads_a_new_one_at_once(redis, keys: Keys) -> None:
     """Its reads block for 10 s; the new stream's tick is handled in less than half that: joining it ended the
     lane's blocked read (CLIENT UNBLOCK), so the next read includes it."""
-    seen: list[str] = []
-
-    async def record(tick: Tick) -> None:
-        seen.append(tick.symbol)
-
-    await publish(redis, keys, ticks(1, "A"))
-    async with running(make_worker(redis, keys, record, block_ms=10_000, **SLOW)):
-        await eventually(lambda: _has(seen, "A"), what="A's tick")
+    async with worker_on_a(redis, keys, block_ms=10_000) as seen:
         await publish(redis, keys, ticks(1, "NEW"))
         await eventually(lambda: _has(seen, "NEW"), timeout_s=5, what="the new stream's tick")
 
 
 @pytest.mark.real_only  # (CLIENT KILL)
 async def test_a_worker_whose_subscription_is_cut_follows_the_channel_again(redis, keys: Keys) -> None:
-    seen: list[str] = []
-
-    async def record(tick: Tick) -> None:
-        seen.append(tick.symbol)
-
-    await publish(redis, keys, ticks(1, "A"))
-    async with running(make_worker(redis, keys, record, **SLOW)):
-        await eventually(lambda: _has(seen, "A"), what="A's tick")
-        await eventually(lambda: _subscribed(redis, keys, 1), what="the worker following the channel")
+    async with worker_on_a(redis, keys) as seen:
         # when Redis drops every pub/sub connection
         await on_every_node(redis, "CLIENT", "KILL", "TYPE", "pubsub")
         # then the worker subscribes again, and a new symbol's stream is joined when it is announced
@@ -120,15 +113,7 @@ async def test_a_worker_whose_subscription_is_cut_follows_the_channel_again(redi
 
 
 async def test_an_ordered_worker_owns_a_new_symbols_stream_when_it_is_announced(redis, keys: Keys) -> None:
-    seen: list[str] = []
-
-    async def record(tick: Tick) -> None:
-        seen.append(tick.symbol)
-
-    await publish(redis, keys, ticks(1, "A"))
-    async with running(make_worker(redis, keys, record, ordered=True, lease_ms=600, **SLOW)):
-        await eventually(lambda: _has(seen, "A"), what="A's tick")
-        await eventually(lambda: _subscribed(redis, keys, 1), what="the worker following the channel")
+    async with worker_on_a(redis, keys, ordered=True, lease_ms=600) as seen:
         await publish(redis, keys, ticks(3, "NEW"))
         await eventually(lambda: _has(seen, "NEW", 3), what="the new symbol's ticks")
 
