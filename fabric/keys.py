@@ -47,8 +47,9 @@ key                                type         written by                  read
 
 Breakers live in the slot of the system stream their transitions are written to
 (``ns:s:breaker_state_changed:critical:{~breaker_state_changed}``), so a transition and its event are one script.
-Every transition is also announced on the pub/sub channel ``ns:breakers:changed`` (the breaker's name). A producer
-that adds a stream to a topic's registry announces the topic on ``ns:streams:new``, so that workers join it at once.
+Every transition is also announced on the pub/sub channel ``ns:breakers:changed`` (the breaker's name). Whoever adds
+a stream to a topic's registry (a producer, a worker for its outputs) announces the topic on ``ns:streams:new``, so
+that the topic's workers join the stream at once.
 """
 
 from __future__ import annotations
@@ -209,8 +210,8 @@ class Keys:
         return f"{self.ns}:breakers:changed"
 
     def new_streams_channel(self) -> str:
-        """The pub/sub channel a topic's name is published on when a producer adds a stream to its registry (not a
-        key): workers of the topic join the stream then, not at their next discovery."""
+        """The pub/sub channel a topic's name is published on when a stream is added to its registry (not a key):
+        workers of the topic join the stream then, not at their next discovery."""
         return f"{self.ns}:streams:new"
 
     def breaker_events(self) -> str:
