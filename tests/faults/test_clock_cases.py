@@ -98,6 +98,7 @@ async def case_clocks_hours_apart(w: World, events: int) -> Score:
     workers = await joined(*(w.spawn(name, sleep_ms=HANDLER_MS, concurrency=_concurrency(events),
                                      env={"LD_PRELOAD": str(libfaketime), "FAKETIME": skew})
                              for name, skew in (("ahead", "+2h"), ("behind", "-2h"))))
+    await until(lambda: _reading(w, len(workers)), what="both workers reading the streams")
 
     # When they share a backlog
     await w.publish(events)
@@ -136,6 +137,13 @@ async def case_wall_clock_stepped(w: World, events: int) -> Score:
     # Then nothing was reclaimed (and the score: nothing handled twice or lost)
     w.notes["reclaimed"] = sum(p.stat("reclaimed") for p in workers)
     return await w.score()
+
+
+async def _reading(w: World, workers: int) -> bool:
+    """As many reads blocked in the run's Redis as workers (joining the group is logged before the first read: a
+    worker slow to start, under libfaketime on a loaded machine, could find the backlog taken by the other)."""
+    clients = await w.client.client_list()
+    return sum(1 for c in clients if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")) >= workers
 
 
 async def _calls_skewed(w: World, hours: int) -> bool:
