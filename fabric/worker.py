@@ -197,22 +197,23 @@ class _Reads:
         self.trickle = False
         """The last read took fewer than ``FEW`` entries while a lower lane held entries: send the next one ahead."""
         self._block_s = block_ms / 1000
-        self._in_redis = 0
-        """Reads sent and not answered, the plain round trip's included."""
+        self._calling = False
+        """The plain round trip's read is out (not counted in ``waiting``)."""
         self._stale = 0
-        """Of those, how many were sent before ``cut_short``: each is ended in turn as it becomes the one blocked."""
+        """Of the reads out (``waiting``, or the plain round trip's), how many were sent before ``cut_short``: each
+        is ended in turn as it becomes the one blocked."""
         self._unblock = unblock
 
     @property
     def stale(self) -> bool:
         """A read sent before ``cut_short`` still waits for its reply."""
-        return bool(self._stale and self._in_redis)
+        return bool(self._stale and (self.waiting or self._calling))
 
     async def cut_short(self) -> None:
         """End the blocked wait of the reads already sent (CLIENT UNBLOCK, as at their timeout: nothing delivered),
         so that the next read is made at once: the lane gained streams, or the worker stops. A second read sent
         ahead blocks once the first is answered: ``cut_again`` ends it then."""
-        self._stale = self._in_redis
+        self._stale = self.waiting or int(self._calling)
         await self.cut_again()
 
     async def cut_again(self) -> None:
@@ -226,36 +227,35 @@ class _Reads:
         stops): only a read already waiting is answered."""
         line = self.line
         if command is not None and not self.waiting and not self.trickle:
-            self._in_redis = 1
+            self._calling = True
             try:
                 return await line.call_packed(command)  # one at a time: the plain round trip
             finally:
-                self._in_redis = self._stale = 0
+                self._calling, self._stale = False, 0
         try:
             if command is not None:
                 if not self.waiting:  # (counted before it goes: a cut while it is sent ends it too)
-                    self.waiting = self._in_redis = 1
+                    self.waiting = 1
                     await line.send_packed(command)
                 if self.trickle and self.waiting == 1:
-                    self.waiting = self._in_redis = 2
+                    self.waiting = 2
                     await line.send_packed(command)
         except BaseException:
-            self.waiting = self._in_redis = self._stale = 0  # a failed send closed the connection, and the replies
-            raise  # still to read with it
+            self.waiting = self._stale = 0  # a failed send closed the connection, and the replies still to read
+            raise
         try:
             reply = await line.receive(self._block_s)
         except rex.ResponseError:
             self._answered()  # that reply was read; a read sent after it still waits for its own
             raise
         except BaseException:
-            self.waiting = self._in_redis = self._stale = 0  # the connection was closed, with the replies to read
+            self.waiting = self._stale = 0  # the connection was closed, and the replies still to read with it
             raise
         self._answered()
         return reply
 
     def _answered(self) -> None:
         self.waiting -= 1
-        self._in_redis -= 1
         self._stale = max(0, self._stale - 1)
 
 
